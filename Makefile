@@ -1,0 +1,44 @@
+# MedM-VL for 3D Slicer. Two commands: `make demo` and `make test` (each sets everything up).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# Where a machine without a GPU and without a local torch wheel gets the CPU-only build.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+EXTRAS ?= train,viewer,eval,dev
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test bench clean help
+
+help:
+	@echo "make demo   - set up and run the demo on the embedded model"
+	@echo "make test   - set up and run the whole test suite"
+	@echo "make bench  - run the CPU benchmarks under bench/"
+
+$(STAMP): pyproject.toml scripts/install_torch.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	TORCH_VERSION=$(TORCH_VERSION) TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) bash scripts/install_torch.sh $(PY)
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	bash scripts/setup_test_data.sh $(PY)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/medmvl demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .venv-slicer
