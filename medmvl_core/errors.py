@@ -59,3 +59,13 @@ class TokenizationMismatchError(MedMVLError, ValueError):
 
 class DataError(MedMVLError, ValueError):
     code = "bad_data"
+
+
+class SequenceTooLongError(MedMVLError, ValueError):
+    """Truncating to the maximum length would cut through (or drop) an image placeholder run."""
+
+    code = "sequence_too_long"
+
+
+class BoxParseError(MedMVLError, ValueError):
+    code = "bad_box"

@@ -1,0 +1,1 @@
+"""Slicer-side helpers of the MedMVLSlicer module (MRML node geometry). VTK + numpy only."""

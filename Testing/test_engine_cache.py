@@ -1,0 +1,207 @@
+"""Engine: caches, session KV reuse == recomputation, decoding vs transformers, cancel, OOM."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from medmvl_core.engine import Engine
+from medmvl_core.engine.cache import LRUCache
+from medmvl_core.engine.decode import SamplingParams, choose_token
+from medmvl_core.engine.errors import (CancelledError, EngineOutOfMemoryError, RequestError,
+                                       RequestTimeoutError)
+from medmvl_core.engine.hashing import content_hash, geometry_dict, volume_hash
+from medmvl_core.engine.testing import ToyVolume, load_toy
+
+QUESTIONS = ["Is there a nodule?", "Where is it located?", "How large is it?"]
+
+
+@pytest.fixture(scope="module")
+def toy(reference_dir):
+    model, proc = load_toy(str(reference_dir / "base" / "llm"))
+    return model, proc
+
+
+@pytest.fixture()
+def volume():
+    return ToyVolume(np.random.RandomState(0).randn(8, 16, 16).astype(np.float32),
+                     spacing=(0.7, 0.7, 2.5), origin=(-100.0, -120.0, 30.0))
+
+
+def test_lru_cache_evicts_least_recently_used():
+    c = LRUCache(10, sizeof=len)
+    assert c.put("a", "xxxx") and c.put("b", "xxxx")
+    assert c.get("a") == "xxxx"          # a is now most recent
+    assert c.put("c", "xxxx")            # evicts b
+    assert "b" not in c and "a" in c and "c" in c
+    assert c.used_bytes == 8 and c.evictions == 1
+    assert not c.put("big", "x" * 11)    # larger than the whole budget: refused
+    assert c.pop("a") == "xxxx" and c.used_bytes == 4
+
+
+def test_content_hash_depends_on_bytes_and_geometry():
+    a = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    g = geometry_dict((1, 1, 1), (0, 0, 0), np.eye(3), "CT")
+    h = content_hash(a, g)
+    assert h == content_hash(a.copy(), g)
+    assert h == content_hash(a.astype(">i2"), g)  # byte order does not change identity
+    b = a.copy()
+    b[0, 0, 0] = 99
+    assert content_hash(b, g) != h
+    assert content_hash(a, geometry_dict((1, 1, 2), (0, 0, 0), np.eye(3), "CT")) != h
+    assert content_hash(a.reshape(2, 4, 3), g) != h
+
+
+def test_top_p_sampling_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(choose_token(logits, SamplingParams(do_sample=True, top_p=0.8), gen)[0])
+             for _ in range(200)}
+    assert draws == {0, 1}
+    assert int(choose_token(logits, SamplingParams())[0]) == 0
+
+
+def test_first_turn_matches_transformers_generate(toy, volume):
+    model, proc = toy
+    eng = Engine(model, proc)
+    ans = eng.answer(volume, QUESTIONS[0], max_new_tokens=12)
+    ids = eng.encode_prompt(eng.conversation([], QUESTIONS[0]))
+    assert ids.count(-201) == 8
+    # reference: transformers' own greedy generate over the same embeddings
+    tensor, _ = proc.preprocess_volume(volume)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = model.generate(x, torch.ones_like(x), images3d=torch.from_numpy(tensor)[None],
+                             max_new_tokens=12, do_sample=False,
+                             pad_token_id=proc.tokenizer.pad_token_id,
+                             eos_token_id=proc.tokenizer.eos_token_id)
+    assert ans.token_ids == ref[0].tolist()
+    assert ans.text == proc.tokenizer.decode(ref[0], skip_special_tokens=True)
+
+
+def test_follow_ups_reuse_the_kv_cache_and_equal_recomputation(toy, volume):
+    model, proc = toy
+    eng = Engine(model, proc)
+    ref = Engine(model, proc, use_cache=False)
+    s = eng.create_session(volume)
+    for i, q in enumerate(QUESTIONS):
+        pieces: list[str] = []
+        ans = eng.answer(question=q, session=s, max_new_tokens=10, on_token=pieces.append)
+        assert "".join(pieces) == ans.text
+        # reference: a fresh session with the same history, everything recomputed
+        rs = ref.create_session(volume)
+        rs.turns = list(s.turns[:-1])
+        expect = ref.answer(question=q, session=rs, max_new_tokens=10)
+        assert ans.token_ids == expect.token_ids, f"turn {i}"
+        if i == 0:
+            assert ans.timings["cached_tokens"] == 0
+        else:
+            # only the new tokens were prefilled
+            assert ans.timings["cached_tokens"] > 8
+            assert ans.timings["prefill_tokens"] < expect.timings["prefill_tokens"] / 2
+            assert ans.timings["encode_s"] < 1e-3
+    # the multi-turn prompt is MedM-VL's: history then the new question
+    prompt = proc.prompt(eng.conversation(s.turns[:-1], QUESTIONS[-1]))
+    assert prompt.count("<image3d>") == 1 and prompt.endswith(f"USER: {QUESTIONS[-1]} ASSISTANT:")
+
+
+def test_kv_budget_eviction_keeps_answers_correct(toy, volume):
+    model, proc = toy
+    eng = Engine(model, proc, kv_cache_bytes=1)  # nothing fits: every turn recomputes
+    s = eng.create_session(volume)
+    a1 = eng.answer(question=QUESTIONS[0], session=s, max_new_tokens=6)
+    assert s.past is None and eng.kv_bytes_used() == 0
+    a2 = eng.answer(question=QUESTIONS[1], session=s, max_new_tokens=6)
+    assert a2.timings["cached_tokens"] == 0
+    full = Engine(model, proc)
+    s2 = full.create_session(volume)
+    assert full.answer(question=QUESTIONS[0], session=s2, max_new_tokens=6).token_ids == a1.token_ids
+    assert full.answer(question=QUESTIONS[1], session=s2, max_new_tokens=6).token_ids == a2.token_ids
+
+
+def test_cancel_stops_within_one_step_and_session_recovers(toy, volume):
+    model, proc = toy
+    eng = Engine(model, proc)
+    s = eng.create_session(volume)
+    cancel = threading.Event()
+    steps = []
+
+    def on_token(_piece):
+        steps.append(1)
+        if len(steps) == 3:
+            cancel.set()
+
+    with pytest.raises(CancelledError):
+        eng.answer(question=QUESTIONS[0], session=s, max_new_tokens=50, on_token=on_token,
+                   cancel=cancel)
+    assert len(steps) == 3 and s.turns == []
+    ok = eng.answer(question=QUESTIONS[0], session=s, max_new_tokens=6)
+    ref = Engine(model, proc, use_cache=False).answer(volume, QUESTIONS[0], max_new_tokens=6)
+    assert ok.token_ids == ref.token_ids
+
+
+def test_deadline_and_validation_errors(toy, volume):
+    model, proc = toy
+    eng = Engine(model, proc)
+    with pytest.raises(RequestTimeoutError):
+        eng.answer(volume, QUESTIONS[0], deadline=0.0)
+    with pytest.raises(RequestError, match="max_new_tokens"):
+        eng.answer(volume, QUESTIONS[0], max_new_tokens=0)
+    with pytest.raises(RequestError, match="non-empty question"):
+        eng.answer(volume, "  ")
+    with pytest.raises(RequestError, match="unknown task"):
+        eng.answer(volume, "x", task="segment")
+    with pytest.raises(RequestError, match="needs a box"):
+        eng.answer(volume, None, task="describe")
+    with pytest.raises(RequestError, match="6 numbers"):
+        eng.answer(volume, "x", task="crop_ask", box=[0, 0, 0, 1])
+
+
+def test_simulated_oom_fails_that_request_only(toy, volume):
+    model, proc = toy
+    fail = {"on": True}
+
+    def hook(stage):
+        if stage == "prefill" and fail["on"]:
+            fail["on"] = False
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    eng = Engine(model, proc, fault_hook=hook)
+    s = eng.create_session(volume)
+    with pytest.raises(EngineOutOfMemoryError, match="out of memory"):
+        eng.answer(question=QUESTIONS[0], session=s, max_new_tokens=4)
+    assert eng.answer(question=QUESTIONS[0], session=s, max_new_tokens=4).text is not None
+
+
+def test_tasks_build_the_expected_prompts_and_boxes(toy, volume):
+    model, proc = toy
+    eng = Engine(model, proc)
+    rep = eng.answer(volume, None, task="report", max_new_tokens=2)
+    assert rep.question == "Generate radiology report for the CT."
+    desc = eng.answer(volume, None, task="describe", box=[2, 4, 8, 6, 12, 16], max_new_tokens=2)
+    # voxel (k, j, i) box / shape (8, 16, 16) -> model box in array order, 3 decimals
+    assert desc.question == "What is in the region [0.250, 0.250, 0.500, 0.750, 0.750, 1.000]? Describe it."
+    find = eng.answer(volume, "nodule", task="find", max_new_tokens=2)
+    assert "nodule" in find.question and "bounding box" in find.question
+    crop = eng.answer(volume, "What is this?", task="crop_ask", box=[0, 0, 0, 4, 8, 8],
+                      max_new_tokens=2)
+    assert crop.question == "What is this?"
+    assert len(eng.images) == 2  # full image and the crop are cached separately
+
+
+def test_box_in_answer_maps_to_voxels_and_lps(toy, volume):
+    from medmvl_core.engine import tasks as T
+    _, proc = toy
+    _, geom = proc.preprocess_volume(volume)
+    boxes = T.find_model_boxes("It is at [0.250, 0.500, 0.500, 0.750, 1.000, 1.000].", "image3d")
+    assert boxes == [[0.25, 0.5, 0.5, 0.75, 1.0, 1.0]]
+    m = T.map_box(boxes[0], geom, volume, "image3d")
+    assert m["voxel"] == [2.0, 8.0, 8.0, 6.0, 16.0, 16.0]
+    # LPS = origin + spacing * (i, j, k) with identity direction
+    assert m["physical_lps"] == pytest.approx([-100 + 0.7 * 8, -120 + 0.7 * 8, 30 + 2.5 * 2,
+                                               -100 + 0.7 * 16, -120 + 0.7 * 16, 30 + 2.5 * 6])
+    assert volume_hash(volume) == volume_hash(ToyVolume(volume.array.copy(), volume.spacing,
+                                                        volume.origin))

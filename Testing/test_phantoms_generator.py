@@ -1,0 +1,133 @@
+"""Phantom generator: determinism, splits, geometry on disk, findings really drawn, annotations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medmvl_core.data.phantom_dataset import generate_dataset, model_box_fn
+from medmvl_core.data.phantom_tasks import parse_report, report_text
+from medmvl_core.data.phantoms import (CT_SHAPE, HU, make_ct_phantom, make_phantom, make_xray_phantom,
+                                       write_phantom)
+from medmvl_core.errors import DataError
+
+
+def test_same_seed_same_phantom_and_splits_differ():
+    a, b = make_ct_phantom(3, "train", 5), make_ct_phantom(3, "train", 5)
+    np.testing.assert_array_equal(a.array, b.array)
+    assert a.truth() == b.truth()
+    t = make_ct_phantom(3, "test", 5)
+    assert t.id != a.id
+    assert not np.array_equal(t.array, a.array)
+    assert not np.array_equal(make_ct_phantom(4, "train", 5).array, a.array)
+
+
+def test_ct_anatomy_and_findings_are_in_the_volume():
+    kinds_seen = set()
+    for index in range(12):
+        ph = make_ct_phantom(0, "train", index)
+        assert ph.array.shape == CT_SHAPE and ph.array.dtype == np.float32
+        assert ph.array.min() >= -1100 and (ph.array < -700).any()  # air and lung present
+        assert len(ph.findings) <= 2 and len({f.kind for f in ph.findings}) == len(ph.findings)
+        for f in ph.findings:
+            kinds_seen.add(f.kind)
+            k1, j1, i1, k2, j2, i2 = f.box
+            assert 0 <= k1 < k2 <= CT_SHAPE[0] and 0 <= j1 < j2 <= CT_SHAPE[1] and 0 <= i1 < i2 <= CT_SHAPE[2]
+            center = ph.array[(k1 + k2) // 2, (j1 + j2) // 2, (i1 + i2) // 2]
+            if f.kind != "effusion":  # convex lesions: the box centre is the lesion, within noise
+                assert abs(center - HU[f.kind]) < 80, (f, center)
+            side = f.location.split()[0]
+            if side in ("right", "left"):  # patient's right is at low i (LPS, identity direction)
+                assert ((i1 + i2) / 2 < CT_SHAPE[2] / 2) == (side == "right"), f
+    assert len(kinds_seen) >= 3
+
+
+def test_xray_is_uint8_and_findings_stand_out():
+    ph = make_xray_phantom(0, "val", 2)
+    assert ph.array.dtype == np.uint8 and ph.array.shape == (128, 128)
+    for index in range(10):
+        ph = make_xray_phantom(0, "val", index)
+        for f in ph.findings:
+            if f.kind in ("nodule", "mass", "calcification"):
+                j1, i1, j2, i2 = f.box
+                inside = ph.array[(j1 + j2) // 2, (i1 + i2) // 2]
+                assert inside > 120, f  # lesions are bright against dark lung (~40)
+
+
+def test_nifti_and_dicom_keep_geometry(tmp_path):
+    import SimpleITK as sitk
+
+    ph = make_ct_phantom(1, "test", 0)
+    name = write_phantom(ph, tmp_path, dicom=True)
+    img = sitk.ReadImage(str(tmp_path / name))
+    np.testing.assert_allclose(img.GetSpacing(), ph.spacing)
+    np.testing.assert_allclose(img.GetOrigin(), ph.origin, atol=1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), np.round(ph.array).astype(np.int16))
+    reader = sitk.ImageSeriesReader()
+    files = reader.GetGDCMSeriesFileNames(str(tmp_path / f"{ph.id}_dicom"))
+    assert len(files) == CT_SHAPE[0]
+    reader.SetFileNames(files)
+    ser = reader.Execute()
+    np.testing.assert_allclose(ser.GetSpacing(), ph.spacing, atol=1e-3)
+    np.testing.assert_allclose(ser.GetOrigin(), ph.origin, atol=1e-3)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ser), np.round(ph.array).astype(np.int16))
+
+
+def test_report_roundtrip_and_box_mapping():
+    for index in range(15):
+        ph = make_ct_phantom(2, "train", index)
+        assert parse_report(report_text(ph.findings)) == {(f.kind, f.location) for f in ph.findings}
+        fn = model_box_fn(ph, None)
+        for f in ph.findings:
+            box = fn(f.box)
+            # no cropping: model box * input-array shape gives the voxel edges back
+            back = [round(v * n) for v, n in zip(box, CT_SHAPE * 2)]
+            assert back == list(f.box)
+
+
+def test_generate_dataset_files(tmp_path):
+    man = generate_dataset(tmp_path, {"train": 3, "test": 2}, seed=7, kind="both")
+    assert len(man["phantoms"]) == 10
+    train = json.loads((tmp_path / "train.json").read_text())
+    tasks = json.loads((tmp_path / "test_tasks.json").read_text())
+    assert {e["id"] for e in train}.isdisjoint({t["phantom"] for t in tasks})
+    for e in train:
+        key = "image3d" if e["id"].startswith("ct") else "image"
+        assert (tmp_path / e[key][0]).is_file()
+        conv = e["conversations"]
+        assert conv[0]["value"].startswith("<image3d>\n" if key == "image3d" else "<image>\n")
+        assert sum("<image" in t["value"] for t in conv) == 1
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+    assert {t["task"] for t in tasks} >= {"report", "closed", "choice", "open", "region"}
+    for t in tasks:
+        if t["task"] == "choice":
+            assert t["conversations"][1]["value"].startswith(f"({t['truth']['letter']})")
+
+
+def test_bad_arguments_raise_typed_errors(tmp_path):
+    with pytest.raises(DataError, match="unknown split"):
+        make_ct_phantom(0, "holdout", 0)
+    with pytest.raises(DataError, match="ct.*xray"):
+        make_phantom("mri", 0, "train", 0)
+    with pytest.raises(DataError, match="unknown --kind"):
+        generate_dataset(tmp_path, {"train": 1}, kind="pet")
+
+
+def test_cli_writes_dataset_and_tokenizer(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from medmvl_core.cli import main
+
+    out = tmp_path / "ds"
+    assert main(["phantoms", "--out", str(out), "--n", "4", "--n-val", "1", "--n-test", "1",
+                 "--tokenizer", str(tmp_path / "tok"), "--vocab-size", "300"]) == 0
+    assert (out / "val_tasks.json").is_file() and (out / "manifest.json").is_file()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert min(tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])) >= 256
+    text = "Findings: A 25 mm nodule is seen in the left upper lobe. [0.125, 0.5, 0.75, 0.875, 1.0, 0.0]"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert main(["phantoms", "--out", str(out), "--splits", "train,holdout"]) == 1
+    assert "unknown split" in capsys.readouterr().err

@@ -1,0 +1,243 @@
+"""MedMVLSlicer.py imported with stub slicer/qt/ctk (real MRML from slicer-core): the widget
+wires up from the real .ui, buttons call the Logic, errors are displayed, nothing is
+pip-installed and torch is never imported."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer_core = pytest.importorskip("slicer", reason="slicer-core is installed by `make test`")
+if not hasattr(slicer_core, "vtkMRMLScene"):
+    pytest.skip("the installed `slicer` is not slicer-core", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_slicer_stubs as stubs  # noqa: E402
+
+TESTING = Path(__file__).resolve().parent
+
+
+@pytest.fixture()
+def env(monkeypatch):
+    """Install the stubs, import the module fresh, restore sys.modules afterwards."""
+    saved = {n: sys.modules.get(n) for n in stubs.STUB_NAMES}
+    calls = []
+
+    def no_subprocess(*a, **k):
+        calls.append(a)
+        raise AssertionError(f"unexpected subprocess at import/setup: {a}")
+
+    rec = stubs.install()
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "check_call", no_subprocess)
+    sys.modules.pop("MedMVLSlicer", None)
+    mod = importlib.import_module("MedMVLSlicer")
+    monkeypatch.undo()  # the Logic may start processes later, on request
+    yield mod, rec
+    for n, m in saved.items():
+        if m is None:
+            sys.modules.pop(n, None)
+        else:
+            sys.modules[n] = m
+
+
+def _widget(mod):
+    w = mod.MedMVLSlicerWidget()
+    w.setup()
+    return w
+
+
+class Spy:
+    def __init__(self, fail=None):
+        self.calls, self.fail = [], fail
+
+    def __call__(self, *args, **kw):
+        self.calls.append(args)
+        if self.fail:
+            raise self.fail
+
+
+def test_import_pulls_no_torch_and_installs_nothing():
+    code = ("import sys; sys.path.insert(0, %r); import test_slicer_stubs as s; s.install(); "
+            "import subprocess\n"
+            "def boom(*a, **k): raise SystemExit('subprocess at import: %%r' %% (a,))\n"
+            "subprocess.Popen = subprocess.run = subprocess.check_call = boom\n"
+            "import MedMVLSlicer; w = MedMVLSlicer.MedMVLSlicerWidget(); w.setup()\n"
+            "bad = [m for m in ('torch', 'transformers', 'pip') if m in sys.modules]\n"
+            "print('HEAVY', bad)" % str(TESTING))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
+
+
+def test_widget_wires_up_from_the_ui(env):
+    mod, rec = env
+    w = _widget(mod)
+    tasks = [w.ui.taskComboBox.itemData(i) for i in range(len(w.ui.taskComboBox._items))]
+    assert tasks == ["ask", "report", "describe", "find", "crop_ask"]
+    assert [t for t, _ in w.ui.quantizationComboBox._items] == ["none", "8bit", "4bit"]
+    assert rec.timers and rec.timers[0].active and rec.timers[0].interval == 100
+    assert rec.timers[0].slots == [w.logic.controller.poll]
+    assert rec.app_slots["aboutToQuit()"] == [w.logic.shutdown]
+    assert w.ui.askButton.enabled is False  # no worker yet
+    assert w.ui.urlLineEdit.enabled is False and w.ui.pythonPathLineEdit.enabled is True
+    w.ui.localRadioButton.checked = False
+    w.ui.remoteRadioButton.checked = True
+    w.ui.localRadioButton.emit("toggled(bool)", False)
+    assert w.ui.urlLineEdit.enabled is True and w.ui.checkpointPathLineEdit.enabled is False
+    assert w.ui.startButton.text == "Connect"
+    w.ui.taskComboBox.setCurrentIndex(2)  # describe: no question, needs a box
+    assert w.ui.questionLineEdit.enabled is False and w.ui.askButton.text == "Describe region"
+
+
+def test_buttons_call_the_logic(env, tmp_path):
+    mod, rec = env
+    w = _widget(mod)
+    for name in ("startLocalWorker", "connectRemoteWorker", "runTask", "cancel", "stopWorker",
+                 "downloadModel"):
+        setattr(w.logic, name, Spy())
+    w.ui.pythonPathLineEdit.currentPath = "/opt/env/bin/python"
+    w.ui.checkpointPathLineEdit.currentPath = str(tmp_path)
+    w.ui.deviceComboBox.setCurrentIndex(1)
+    w.ui.quantizationComboBox.setCurrentIndex(2)
+    w.ui.startButton.click()
+    assert w.logic.startLocalWorker.calls == [("/opt/env/bin/python", str(tmp_path), "cuda", "4bit")]
+
+    w.ui.localRadioButton.checked, w.ui.remoteRadioButton.checked = False, True
+    w.ui.localRadioButton.emit("toggled(bool)", False)
+    w.ui.urlLineEdit.text, w.ui.tokenLineEdit.text = "http://gpu-box:8765", "s3cret-token"
+    w.ui.testConnectionButton.click()
+    assert w.logic.connectRemoteWorker.calls == [("http://gpu-box:8765", "s3cret-token")]
+    w.ui.startButton.click()
+    assert len(w.logic.connectRemoteWorker.calls) == 2
+    assert "s3cret-token" not in repr(rec.settings)  # the token never reaches the settings
+    assert rec.settings["MedMVLSlicer/python"] == "/opt/env/bin/python"
+
+    scene = stubs.sys.modules["slicer"].mrmlScene
+    vol = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    w.ui.inputSelector.setCurrentNode(vol)
+    w.ui.roiSelector.setCurrentNode(roi)
+    w.ui.askButton.enabled = True
+    w.ui.taskComboBox.setCurrentIndex(w.ui.taskComboBox.findData("crop_ask"))
+    w.ui.questionLineEdit.text = "Is this a nodule?"
+    w.ui.askButton.click()
+    w.ui.taskComboBox.setCurrentIndex(w.ui.taskComboBox.findData("report"))
+    w.ui.askButton.click()
+    assert w.logic.runTask.calls == [(vol, "crop_ask", "Is this a nodule?", roi), (vol, "report", None, None)]
+    w.ui.cancelButton.enabled = True
+    w.ui.cancelButton.click()
+    assert w.logic.cancel.calls == [()]
+    w.ui.stopButton.enabled = True
+    w.ui.stopButton.click()
+    assert w.logic.stopWorker.calls == [()]
+    rec.dialog_dir = str(tmp_path)
+    w.ui.localRadioButton.checked, w.ui.remoteRadioButton.checked = True, False
+    w.updateModeWidgets()
+    w.ui.downloadButton.click()
+    assert w.logic.downloadModel.calls == [
+        ("/opt/env/bin/python", "shiym2000/MedM-VL-CT-Chest-3B-en", str(tmp_path / "MedM-VL-CT-Chest-3B-en"))]
+    assert rec.errors == []
+
+
+def test_errors_are_displayed_not_raised(env, tmp_path):
+    mod, rec = env
+    w = _widget(mod)
+    w.ui.pythonPathLineEdit.currentPath = ""
+    w.ui.checkpointPathLineEdit.currentPath = str(tmp_path)
+    w.ui.startButton.click()  # real Logic: no interpreter chosen
+    assert len(rec.errors) == 1 and "Python interpreter" in rec.errors[0]
+    w.ui.pythonPathLineEdit.currentPath = sys.executable
+    w.ui.checkpointPathLineEdit.currentPath = str(tmp_path / "missing")
+    w.ui.startButton.click()
+    assert "does not exist" in rec.errors[1]
+    w.ui.askButton.enabled = True
+    w.ui.askButton.click()  # no image selected
+    assert "Select an image" in rec.errors[2]
+
+
+def _rgb_volume(scene):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    import vtk
+
+    img = vtk.vtkImageData()
+    img.SetDimensions(12, 10, 6)
+    img.AllocateScalars(vtk.VTK_SHORT, 1)
+    node.SetAndObserveImageData(img)
+    arr = sys.modules["slicer"].util.arrayFromVolume(node)
+    arr[...] = -1000
+    node.SetSpacing(0.7, 0.7, 2.0)
+    node.SetOrigin(10, 20, 30)
+    return node
+
+
+def test_find_streams_into_chat_and_creates_a_named_roi(env, tmp_path):
+    mod, rec = env
+    w = _widget(mod)
+    scene = sys.modules["slicer"].mrmlScene
+    vol = _rgb_volume(scene)
+    w.ui.inputSelector.setCurrentNode(vol)
+    box = [1, 2, 3, 4, 8, 9]
+    w.logic.controller._client_factory = functools.partial(
+        stubs.FakeWorkerClient, tokens=["Nodule ", "at ", "[0.1, 0.2]"], boxes=[{"voxel": box}])
+    w.logic.connectRemoteWorker("http://fake:1", "tok")
+    w.logic.controller.wait(10)
+    assert w.ui.workerStatusLabel.text.startswith("ready")
+    assert w.ui.askButton.enabled is True
+    w.ui.taskComboBox.setCurrentIndex(w.ui.taskComboBox.findData("find"))
+    w.ui.questionLineEdit.text = "the nodule"
+    w.ui.askButton.click()
+    assert rec.errors == []
+    w.logic.controller.wait(10)
+    chat = w.ui.chatTextEdit.toPlainText()
+    assert "You: the nodule" in chat and "MedM-VL: Nodule at [0.1, 0.2]" in chat
+    roi = w.ui.roiSelector.currentNode()
+    assert roi is not None and roi.GetName().startswith("MedM-VL the nodule")
+    assert tuple(w.logic.roiVoxelBox(roi, vol)) == tuple(box)
+    client = stubs.FakeWorkerClient.instances[-1]
+    assert client.uploads[0]["shape"] == (6, 10, 12) and client.uploads[0]["modality"] == "CT"
+    np.testing.assert_allclose(client.uploads[0]["origin"], (-10, -20, 30))
+
+    # Copy / Save as text node / Save file / Clear
+    w.ui.copyButton.click()
+    assert rec.clipboard == chat
+    w.ui.saveTextNodeButton.click()
+    text_node = scene.GetFirstNodeByClass("vtkMRMLTextNode")
+    assert text_node is not None and text_node.GetText() == chat
+    rec.dialog_file = str(tmp_path / "chat.txt")
+    w.ui.saveFileButton.click()
+    assert (tmp_path / "chat.txt").read_text().strip() == chat
+    w.ui.clearButton.click()
+    assert w.ui.chatTextEdit.toPlainText() == ""
+    w.logic.shutdown()
+
+
+def test_describe_region_sends_the_roi_voxel_box(env):
+    mod, rec = env
+    logic = mod.MedMVLSlicerLogic()
+    scene = sys.modules["slicer"].mrmlScene
+    vol = _rgb_volume(scene)
+    roi = logic.createRoiFromBox(vol, (2, 1, 1, 5, 6, 7), "r")
+    logic.controller._client_factory = stubs.FakeWorkerClient
+    logic.connectRemoteWorker("http://fake:1", "tok")
+    logic.controller.wait(10)
+    with pytest.raises(ValueError, match="needs a region"):
+        logic.runTask(vol, "describe")
+    logic.runTask(vol, "describe", roiNode=roi)
+    logic.controller.wait(10)
+    assert stubs.FakeWorkerClient.instances[-1].asked[-1]["box"] == [2, 1, 1, 5, 6, 7]
+    assert [e.role for e in logic.controller.history(vol.GetID())] == ["user", "assistant"]
+
+
+def test_worker_environment_blanks_what_slicer_added(env, monkeypatch):
+    mod, rec = env
+    monkeypatch.setenv("PYTHONHOME", "/slicer/python")
+    over = mod.MedMVLSlicerLogic()._launcherOverrides()
+    assert over["PYTHONHOME"] == "" and over["HOME"] == "/tmp"

@@ -1,0 +1,429 @@
+"""Stub ``slicer`` / ``qt`` / ``ctk`` modules to import and drive MedMVLSlicer.py outside Slicer (no tests here).
+
+Widgets are built from the module's real ``.ui`` file (every ``<widget name=...>`` becomes a
+:class:`FakeWidget`), so code that uses a widget the .ui lacks fails. MRML classes and the
+scene are the real ones from the ``slicer-core`` package (headless), so the Logic's geometry
+runs for real; ``vtk`` is slicer-core's VTK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import types
+import unittest
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "MedMVLSlicer"
+
+
+def _max_args(fn, n):
+    """PythonQt passes a slot only as many signal arguments as the slot accepts."""
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return n
+    return min(n, sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params))
+
+
+class FakeWidget:
+    """A Qt widget stand-in: attributes, signals (connect/emit), combo items, MRML node."""
+
+    def __init__(self, name: str = "", cls: str = "QWidget", props: dict | None = None):
+        self.objectName, self.cls = name, cls
+        self.enabled, self.visible, self.checked = True, True, False
+        self.text, self.toolTip, self.currentPath = "", "", ""
+        self.value, self.maximum, self.buttonsVisible = 0, 100, True
+        self.currentIndex = 0
+        self._items: list[tuple[str, object]] = []
+        self._slots: dict[str, list] = {}
+        self._node = None
+        self._plain = ""
+        for k, v in (props or {}).items():
+            setattr(self, k, v)
+
+    # signals
+    def connect(self, signal, slot):
+        self._slots.setdefault(signal, []).append(slot)
+
+    def emit(self, signal, *args):
+        for slot in list(self._slots.get(signal, [])):
+            slot(*args[:_max_args(slot, len(args))])
+
+    def click(self):
+        if self.enabled:
+            self.emit("clicked(bool)", False)
+
+    # combo boxes
+    def addItem(self, text, data=None):
+        self._items.append((text, data))
+
+    def itemData(self, i):
+        return self._items[i][1] if 0 <= i < len(self._items) else None
+
+    def findData(self, data):
+        return next((i for i, (_, d) in enumerate(self._items) if d == data), -1)
+
+    def setCurrentIndex(self, i):
+        self.currentIndex = i
+        self.emit("currentIndexChanged(int)", i)
+
+    @property
+    def currentText(self):
+        if self._items:
+            return self._items[self.currentIndex][0]
+        return self.text
+
+    # node selectors / place widget
+    def currentNode(self):
+        return self._node
+
+    def setCurrentNode(self, node):
+        self._node = node
+        self.emit("currentNodeChanged(vtkMRMLNode*)", node)
+
+    @property
+    def currentNodeID(self):
+        return self._node.GetID() if self._node is not None else ""
+
+    def setMRMLScene(self, scene):
+        self.scene = scene
+
+    def placeButton(self):
+        return FakeWidget("placeButton", "QToolButton")
+
+    def show(self):
+        self.visible = True
+
+    # text views
+    def setPlainText(self, text):
+        self._plain = text
+
+    def toPlainText(self):
+        return self._plain
+
+
+class FakeUI(types.SimpleNamespace):
+    def __getattr__(self, name):  # a widget missing from the .ui is a test failure
+        raise AttributeError(f"the .ui file has no widget named {name!r}")
+
+
+def load_ui_widgets(path: str) -> FakeUI:
+    root = ET.parse(path).getroot()
+    widgets = {}
+    for w in root.iter("widget"):
+        props = {}
+        for p in w.findall("property"):
+            name = p.get("name")
+            child = list(p)[0] if list(p) else None
+            if child is None:
+                continue
+            if child.tag == "string" and name in ("text", "toolTip"):
+                props[name] = child.text or ""
+            elif child.tag == "bool" and name in ("checked", "enabled"):
+                props[name] = child.text == "true"
+        widgets[w.get("name")] = FakeWidget(w.get("name"), w.get("class"), props)
+    return FakeUI(**widgets)
+
+
+class _Recorder:
+    """Keeps what the stubs were asked to do (error dialogs, app signals...)."""
+
+    def __init__(self):
+        self.errors: list[str] = []
+        self.app_slots: dict[str, list] = {}
+        self.clipboard = ""
+        self.settings: dict[str, object] = {}
+        self.dialog_dir = ""
+        self.dialog_file = ""
+        self.timers: list = []
+
+
+def install(recorder: _Recorder | None = None) -> _Recorder:
+    """Put stub slicer/qt/ctk into sys.modules (real slicer-core MRML classes inside)."""
+    rec = recorder or _Recorder()
+    import slicer as real_slicer  # slicer-core: MRML classes, headless
+    import vtk  # noqa: F401  (slicer-core's VTK stays the real one)
+
+    scene = real_slicer.vtkMRMLScene()
+
+    # ---- qt
+    qt = types.ModuleType("qt")
+
+    class QTimer:
+        def __init__(self):
+            self.interval, self.active, self.slots = 0, False, []
+            rec.timers.append(self)
+
+        def setInterval(self, ms):
+            self.interval = ms
+
+        def connect(self, signal, slot):
+            assert signal == "timeout()"
+            self.slots.append(slot)
+
+        def start(self):
+            self.active = True
+
+        def stop(self):
+            self.active = False
+
+        def fire(self):
+            for s in self.slots:
+                s()
+
+    class QSettings:
+        def value(self, key, default=None):
+            return rec.settings.get(key, default)
+
+        def setValue(self, key, value):
+            rec.settings[key] = value
+
+    class _Clipboard:
+        def setText(self, text):
+            rec.clipboard = text
+
+    class QApplication:
+        @staticmethod
+        def clipboard():
+            return _Clipboard()
+
+    class QFileDialog:
+        @staticmethod
+        def getExistingDirectory(*args):
+            return rec.dialog_dir
+
+        @staticmethod
+        def getSaveFileName(*args):
+            return rec.dialog_file
+
+    qt.QTimer, qt.QSettings, qt.QApplication, qt.QFileDialog = QTimer, QSettings, QApplication, QFileDialog
+    ctk = types.ModuleType("ctk")
+
+    # ---- slicer
+    sl = types.ModuleType("slicer")
+    sl.__path__ = []  # a package, for "from slicer.x import y"
+    for name in dir(real_slicer):
+        if name.startswith("vtkMRML"):
+            setattr(sl, name, getattr(real_slicer, name))
+    sl.mrmlScene = scene
+
+    class _App:
+        def connect(self, signal, slot):
+            rec.app_slots.setdefault(signal, []).append(slot)
+
+    sl.app = _App()
+
+    # slicer.ScriptedLoadableModule
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class _Layout:
+        def __init__(self):
+            self.widgets = []
+
+        def addWidget(self, w):
+            self.widgets.append(w)
+
+        def addStretch(self, n=0):
+            pass
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent or types.SimpleNamespace(isEntered=True)
+            self.moduleName = type(self).__name__[: -len("Widget")]
+
+        def setup(self):
+            self.layout = _Layout()
+
+        def resourcePath(self, rel):
+            return str(MODULE_DIR / "Resources" / rel)
+
+    class _ParameterNode:
+        def __init__(self):
+            self.params = {}
+
+    class ScriptedLoadableModuleLogic:
+        _param = None
+
+        def __init__(self):
+            pass
+
+        def getParameterNode(self):
+            if ScriptedLoadableModuleLogic._param is None:
+                ScriptedLoadableModuleLogic._param = _ParameterNode()
+            return ScriptedLoadableModuleLogic._param
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=0):
+            pass
+
+    slm.ScriptedLoadableModule = ScriptedLoadableModule
+    slm.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
+    slm.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
+    slm.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
+
+    # slicer.util
+    util = types.ModuleType("slicer.util")
+
+    class VTKObservationMixin:
+        def __init__(self):
+            self.observations = []
+
+        def addObserver(self, obj, event, method):
+            self.observations.append((obj, event, method))
+
+        def removeObserver(self, obj, event, method):
+            self.observations = [o for o in self.observations if o != (obj, event, method)]
+
+        def removeObservers(self, method=None):
+            self.observations = []
+
+    def errorDisplay(text, detailedText=None, **kw):
+        rec.errors.append(text + ("\n" + detailedText if detailedText else ""))
+
+    @contextlib.contextmanager
+    def tryWithErrorDisplay(message=None, show=True, waitCursor=False):
+        # Same contract as Slicer's: exceptions become an error dialog, not a crash.
+        try:
+            yield
+        except Exception as exc:
+            if show:
+                errorDisplay(message or "Error", detailedText=str(exc))
+
+    class _UIRoot:
+        def __init__(self, path):
+            self.path = path
+
+        def setMRMLScene(self, s):
+            self.scene = s
+
+    util.VTKObservationMixin = VTKObservationMixin
+    util.errorDisplay = errorDisplay
+    util.tryWithErrorDisplay = tryWithErrorDisplay
+    util.loadUI = lambda path: _UIRoot(path)
+    util.childWidgetVariables = lambda root: load_ui_widgets(root.path)
+    util.startupEnvironment = lambda: {"PATH": os.environ.get("PATH", ""), "HOME": "/tmp"}
+    util.arrayFromVolume = real_slicer.util.arrayFromVolume
+    util.arrayFromVolumeModified = real_slicer.util.arrayFromVolumeModified
+
+    # slicer.i18n
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+
+    # slicer.parameterNodeWrapper
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+
+    def parameterNodeWrapper(cls):
+        names = list(getattr(cls, "__annotations__", {}))
+
+        class Wrapped:
+            def __init__(self, node):
+                object.__setattr__(self, "_node", node)
+                for n in names:
+                    node.params.setdefault(n, getattr(cls, n, None))
+
+            def __getattr__(self, name):
+                if name in names:
+                    return self._node.params[name]
+                raise AttributeError(name)
+
+            def __setattr__(self, name, value):
+                if name not in names:
+                    raise AttributeError(f"{cls.__name__} has no parameter {name!r}")
+                self._node.params[name] = value
+
+            def connectGui(self, ui):
+                self._node.params["_gui"] = ui
+                return "tag"
+
+            def disconnectGui(self, tag):
+                self._node.params.pop("_gui", None)
+
+        Wrapped.__name__ = cls.__name__
+        return Wrapped
+
+    pnw.parameterNodeWrapper = parameterNodeWrapper
+
+    sl.ScriptedLoadableModule, sl.util, sl.i18n, sl.parameterNodeWrapper = slm, util, i18n, pnw
+    sys.modules.update({
+        "qt": qt, "ctk": ctk, "slicer": sl, "slicer.ScriptedLoadableModule": slm,
+        "slicer.util": util, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": pnw,
+    })
+    if str(MODULE_DIR) not in sys.path:
+        sys.path.insert(0, str(MODULE_DIR))
+    return rec
+
+
+STUB_NAMES = ("qt", "ctk", "slicer", "slicer.ScriptedLoadableModule", "slicer.util", "slicer.i18n",
+              "slicer.parameterNodeWrapper", "MedMVLSlicer")
+
+
+class FakeWorkerClient:
+    """A scripted stand-in for WorkerClient (same method signatures) for controller tests."""
+
+    instances: list = []
+
+    def __init__(self, url="http://fake", token="", timeout=30.0, *, tokens=("The ", "lungs ", "are ", "clear."),
+                 boxes=None, api=1, slow=0.0, missing_session_once=False):
+        import threading
+
+        self.url, self.token = url, token
+        self.tokens, self.boxes, self.api, self.slow = list(tokens), boxes, api, slow
+        self.missing_session_once = missing_session_once
+        self.uploads, self.sessions, self.asked, self.cancelled = [], [], [], []
+        self._cancel = threading.Event()
+        FakeWorkerClient.instances.append(self)
+
+    def health(self):
+        return {"status": "ready", "model": "fake-model", "device": "cpu",
+                "memory": {"gpu_allocated_mb": 0}, "version": "0.1.0", "api": self.api}
+
+    def wait_ready(self, timeout=120.0):
+        return self.health()
+
+    def upload_volume(self, array, spacing, origin, direction, modality="CT"):
+        self.uploads.append({"shape": tuple(array.shape), "spacing": tuple(spacing),
+                             "origin": tuple(origin), "direction": [list(r) for r in direction],
+                             "modality": modality})
+        return f"vol{len(self.uploads)}"
+
+    def create_session(self, volume_id):
+        self.sessions.append(volume_id)
+        return f"sess{len(self.sessions)}"
+
+    def ask(self, session_id, task="ask", question=None, box=None, on_token=None,
+            max_new_tokens=256, **kw):
+        import time
+
+        from medmvl_core.client import errors
+        from medmvl_core.client.client import Answer
+
+        self.asked.append({"session": session_id, "task": task, "question": question, "box": box})
+        if self.missing_session_once:
+            self.missing_session_once = False
+            raise errors.NotFoundError("unknown session", code="unknown_session", status=404)
+        text = ""
+        for t in self.tokens:
+            if self._cancel.is_set():
+                self._cancel.clear()
+                raise errors.CancelledError("the answer was cancelled", status=499)
+            time.sleep(self.slow)
+            text += t
+            if on_token:
+                on_token(t)
+        return Answer(text=text, boxes=list(self.boxes or []), timings={"generate_s": 0.01},
+                      num_tokens=len(self.tokens), task=task, prompt_question=question or "")
+
+    def cancel(self, session_id):
+        self.cancelled.append(session_id)
+        self._cancel.set()
+        return True

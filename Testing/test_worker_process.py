@@ -1,0 +1,77 @@
+"""The worker as a real process: `medmvl serve` via the launcher, kill mid-answer, restart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from medmvl_core.client import WorkerLauncher, errors, ready_file_for
+
+
+@pytest.fixture(scope="module")
+def toy_checkpoint(tmp_path_factory, reference_dir):
+    d = tmp_path_factory.mktemp("toyck")
+    (d / "medmvl_toy.json").write_text(json.dumps(
+        {"tokenizer_dir": str(reference_dir / "base" / "llm"), "step_delay_s": 0.05}))
+    return d
+
+
+def test_kill_mid_answer_gives_a_clear_error_and_restart_works(toy_checkpoint):
+    launcher = WorkerLauncher(python=sys.executable, checkpoint=toy_checkpoint, device="cpu",
+                              start_timeout=120)
+    try:
+        client = launcher.start()
+        info = json.loads(ready_file_for(launcher.token_file).read_text())
+        assert info["port"] > 0 and info["url"] == client.url and info["pid"] == launcher.process.pid
+        assert client.health()["status"] == "ready"
+        arr = np.random.RandomState(0).randn(8, 16, 16).astype(np.float32)
+        sid = client.create_session(client.upload_volume(arr))
+        pieces, result = [], {}
+
+        def ask():
+            try:
+                client.ask(sid, question="Describe everything.", max_new_tokens=200,
+                           on_token=pieces.append)
+            except errors.WorkerError as exc:
+                result["exc"] = exc
+
+        t = threading.Thread(target=ask)
+        t.start()
+        deadline = time.monotonic() + 30
+        while len(pieces) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pieces, "no token streamed"
+        launcher.kill()
+        t.join(10)
+        assert isinstance(result.get("exc"), errors.WorkerConnectionLostError), result
+        assert "restart" in str(result["exc"])
+        with pytest.raises(errors.WorkerUnavailableError):
+            client.health()
+        client2 = launcher.restart()
+        sid2 = client2.create_session(client2.upload_volume(arr))
+        ans = client2.ask(sid2, question="Is there a nodule?", max_new_tokens=3)
+        assert ans.num_tokens == 3 and ans.timings["total_s"] > 0
+    finally:
+        launcher.close()
+    assert not launcher.running()
+
+
+def test_serve_refuses_a_network_host_without_a_token_file(toy_checkpoint):
+    out = subprocess.run([sys.executable, "-m", "medmvl_core.cli", "serve", "--checkpoint",
+                          str(toy_checkpoint), "--host", "0.0.0.0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "--token-file" in out.stderr
+
+
+def test_launcher_reports_a_worker_that_dies_at_start(tmp_path):
+    launcher = WorkerLauncher(python=sys.executable, checkpoint=tmp_path / "missing", device="cpu")
+    with pytest.raises(errors.LaunchError, match="does not exist"):
+        launcher.start()
+    launcher.close()

@@ -1,0 +1,171 @@
+"""Benchmark: a 512x512x300 CT as a 300-file DICOM series -> the model tensor.
+
+Times our reader + preprocessing (``medmvl_core.imaging``) against the reference pipeline as
+MedM-VL runs it (SimpleITK series read, HU window in numpy, MONAI CropForeground + Resize,
+``.to(uint8)``, transformers' SiglipImageProcessor per slice), each in a fresh subprocess so
+peak RSS is measured per pipeline. Targets: ours <= 1.0 s and <= 1.5 GB peak RSS on 2 cores.
+
+    python bench/bench_preprocess.py [--cache DIR] [--repeats 3] [--size 256]
+
+The series is generated once (synthetic chest phantom, uint16 stored values with rescale
+intercept -1024) and cached under ``--cache`` (default: $TMPDIR/medmvl_bench_ct512).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (300, 512, 512)
+
+
+def make_series(folder: Path) -> None:
+    """Write the synthetic CT as 300 single-frame DICOM files (skipped when already there)."""
+    import numpy as np
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    if folder.is_dir() and len(list(folder.glob("*.dcm"))) == SHAPE[0]:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    d, h, w = SHAPE
+    yy, xx = np.mgrid[0:h, 0:w]
+    body = ((yy - h / 2) / (h * 0.38)) ** 2 + ((xx - w / 2) / (w * 0.45)) ** 2 < 1
+    lungs = (((yy - h * 0.45) / (h * 0.22)) ** 2 + ((np.abs(xx - w / 2) - w * 0.2) / (w * 0.12)) ** 2) < 1
+    series, study, frame = generate_uid(), generate_uid(), generate_uid()
+    for k in range(d):
+        hu = np.full((h, w), -1000, np.int16)
+        if 10 <= k < d - 10:
+            hu[body] = 40
+            hu[lungs & body] = -850
+        hu = hu + rng.integers(-20, 20, size=(h, w), dtype=np.int16) * (hu > -1000)
+        stored = (hu.astype(np.int32) + 1024).clip(0, 4095).astype(np.uint16)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", series, study
+        ds.FrameOfReferenceUID = frame
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [-250.0, -250.0, -300.0 + 2.0 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.9765625, 0.9765625]
+        ds.SliceThickness = 2.0
+        ds.Rows, ds.Columns = h, w
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = stored.tobytes()
+        ds.save_as(folder / f"slice_{k:04d}.dcm", enforce_file_format=True)
+
+
+OURS = r"""
+import resource, sys, time, json
+t0 = time.perf_counter()
+from medmvl_core.imaging import read_image, preprocess, default_spec
+vol = read_image(sys.argv[1])
+t1 = time.perf_counter()
+x, geom = preprocess(vol, default_spec("siglip_slices", int(sys.argv[2])))
+t2 = time.perf_counter()
+import numpy as np
+np.save(sys.argv[3], x)
+print(json.dumps({"read_s": t1 - t0, "preprocess_s": t2 - t1, "total_s": t2 - t0,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+REFERENCE = r"""
+import resource, sys, time, json
+import numpy as np, torch, SimpleITK as sitk
+import monai.transforms as mtf
+from transformers import SiglipImageProcessor
+torch.set_num_threads(2)
+s = int(sys.argv[2])
+proc = SiglipImageProcessor(size={"height": s, "width": s}, resample=3, rescale_factor=1 / 255,
+                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
+transform = mtf.Compose([mtf.CropForeground(), mtf.Resize(spatial_size=[32, s, s], mode="bilinear"),
+                         mtf.ToTensor(dtype=torch.float)])
+t0 = time.perf_counter()
+r = sitk.ImageSeriesReader()
+r.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(sys.argv[1]))
+arr = sitk.GetArrayFromImage(r.Execute())
+t1 = time.perf_counter()
+x = (np.clip(arr, -1000, 1000) + 1000) / 2000 * 255
+x = transform(x[np.newaxis]).as_tensor()
+x = x.to(torch.uint8).permute(1, 0, 2, 3).expand(-1, 3, -1, -1)
+x = proc(x, return_tensors="pt")["pixel_values"].permute(1, 0, 2, 3).numpy()
+t2 = time.perf_counter()
+np.save(sys.argv[3], x)
+print(json.dumps({"read_s": t1 - t0, "preprocess_s": t2 - t1, "total_s": t2 - t0,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def run_child(code: str, series: Path, size: int, out: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-c", code, str(series), str(size), str(out)],
+                         capture_output=True, text=True, env=env, cwd=str(REPO))
+    if res.returncode:
+        raise RuntimeError(res.stderr[-2000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "medmvl_bench_ct512")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--size", type=int, default=256, help="in-plane model size S (32 x S x S)")
+    ap.add_argument("--skip-reference", action="store_true")
+    args = ap.parse_args()
+    t = time.perf_counter()
+    make_series(args.cache)
+    print(f"series: {args.cache} ({SHAPE[0]} files of {SHAPE[1]}x{SHAPE[2]}), ready in {time.perf_counter() - t:.1f} s")
+    import numpy as np
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pipelines = [("ours", OURS)] + ([] if args.skip_reference else [("reference", REFERENCE)])
+        for name, code in pipelines:
+            runs = [run_child(code, args.cache, args.size, Path(tmp) / f"{name}.npy") for _ in range(args.repeats)]
+            best = min(runs, key=lambda r: r["total_s"])
+            best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+            results[name] = best
+            print(f"{name:9s} total {best['total_s']:.3f} s (read {best['read_s']:.3f} s, preprocess "
+                  f"{best['preprocess_s']:.3f} s), peak RSS {best['peak_rss_mb']:.0f} MB, best of {args.repeats}")
+        if "reference" in results:
+            a, b = np.load(Path(tmp) / "ours.npy"), np.load(Path(tmp) / "reference.npy")
+            print(f"max |ours - reference| = {float(np.abs(a - b).max()):.3g} (shape {a.shape})")
+            print(f"speed-up vs reference: {results['reference']['total_s'] / results['ours']['total_s']:.2f}x")
+    ours = results["ours"]
+    ok = ours["total_s"] <= 1.0 and ours["peak_rss_mb"] <= 1536
+    print(f"machine: {machine()}")
+    print(f"targets (<= 1.0 s, <= 1536 MB): {'met' if ok else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""The panel controller shared by the Slicer module and the standalone viewer.
+
+One controller, two thin view bindings: the view hands it voxel arrays and geometry
+(:class:`VolumeData`) and calls :meth:`PanelController.run_task`; every network call runs on a
+background thread, and results come back as events on a queue that the view drains on its GUI
+thread with :meth:`PanelController.poll` (a ``QTimer`` in both bindings). Listener methods are
+only ever called from ``poll``, so views may touch Qt / MRML there. Standard library + numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from medmvl_core import __version__
+from medmvl_core.client import errors
+from medmvl_core.client.client import TASKS, Answer, WorkerClient
+from medmvl_core.client.launcher import WorkerLauncher
+from medmvl_core.client.roi_geometry import lps_from_ijk_to_ras
+
+logger = logging.getLogger(__name__)
+
+#: The worker API version this client speaks (``health()["api"]``).
+API_VERSION = 1
+#: Released checkpoints offered by "Download a released model".
+RELEASED_MODELS = ("shiym2000/MedM-VL-CT-Chest-3B-en", "shiym2000/MedM-VL-2D-3B-en")
+#: Task id -> (label, needs a question, needs a box).
+TASK_INFO: dict[str, tuple[str, bool, bool]] = {
+    "ask": ("Ask", True, False),
+    "report": ("Generate report", False, False),
+    "describe": ("Describe region", False, True),
+    "find": ("Find", True, False),
+    "crop_ask": ("Ask about region", True, True),
+}
+
+# Controller states.
+DISCONNECTED, STARTING, READY, BUSY, DEAD, ERROR = (
+    "disconnected", "starting", "ready", "busy", "dead", "error")
+
+
+@dataclass
+class VolumeData:
+    """What a view hands over: voxels and geometry only (no names from DICOM, no tags).
+
+    key: a stable view-side id (Slicer node ID, file path) that keys history and uploads.
+    array: [k, j, i] or [1, H, W(, 3)]; ijk_to_ras: 4x4 (parent transforms included).
+    """
+
+    key: str
+    array: np.ndarray
+    ijk_to_ras: np.ndarray
+    modality: str = "CT"
+
+
+@dataclass
+class ChatEntry:
+    """One line of a volume's history. role: "user" | "assistant" | "error"."""
+
+    role: str
+    text: str
+    task: str = "ask"
+    boxes: list = field(default_factory=list)
+
+
+class ControllerListener:
+    """What a view implements (all optional). Called on the GUI thread from ``poll``."""
+
+    def on_state(self, state: str, detail: str) -> None: ...
+    def on_health(self, health: dict) -> None: ...
+    def on_token(self, key: str, piece: str) -> None: ...
+    def on_answer(self, key: str, answer: Answer) -> None: ...
+    def on_error(self, key: str | None, message: str) -> None: ...
+    def on_progress(self, text: str, fraction: float | None) -> None: ...
+
+
+def content_key(array: np.ndarray) -> str:
+    """A cheap fingerprint of the voxels (shape, dtype, bytes) to know when to re-upload."""
+    a = np.ascontiguousarray(array)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((a.shape, a.dtype.str)).encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def format_memory(memory: dict | None) -> str:
+    """Health's ``memory`` dict as a short line (``*_bytes`` shown in MiB)."""
+    if not memory:
+        return "-"
+    parts = []
+    for k, v in sorted(memory.items()):
+        if k.endswith("_bytes") and isinstance(v, (int, float)):
+            parts.append(f"{k[:-6].replace('_', ' ')}: {v / 2**20:.0f} MiB")
+        else:
+            parts.append(f"{k.replace('_', ' ')}: {v}")
+    return ", ".join(parts)
+
+
+def task_prompt_check(task: str, question: str | None, box: Sequence[int] | None) -> None:
+    """Raise a clear error when a task misses its question or box."""
+    if task not in TASK_INFO:
+        raise errors.BadRequestError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}",
+                                     code="bad_task")
+    label, needs_q, needs_box = TASK_INFO[task]
+    if needs_q and not (question or "").strip():
+        what = "what to find" if task == "find" else "a question"
+        raise errors.BadRequestError(f"{label} needs {what}: type it in the question box",
+                                     code="missing_question")
+    if needs_box and box is None:
+        raise errors.BadRequestError(f"{label} needs a region: select or draw an ROI first",
+                                     code="missing_box")
+
+
+class PanelController:
+    """State, history and background work of the MedM-VL panel (see the module docstring)."""
+
+    def __init__(self, listener: ControllerListener | None = None,
+                 launcher_factory: Callable[..., WorkerLauncher] = WorkerLauncher,
+                 client_factory: Callable[..., WorkerClient] = WorkerClient):
+        self.listener = listener or ControllerListener()
+        self._launcher_factory = launcher_factory
+        self._client_factory = client_factory
+        self.launcher: WorkerLauncher | None = None
+        self.client: WorkerClient | None = None
+        self.state, self.detail = DISCONNECTED, ""
+        self.health: dict = {}
+        self.histories: dict[str, list[ChatEntry]] = {}
+        self.max_new_tokens = 256
+        self._events: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._uploads: dict[str, tuple[str, str, str]] = {}  # key -> (fingerprint, vid, sid)
+        self._session: str | None = None
+        self._cancel = threading.Event()
+        self._download: subprocess.Popen | None = None
+        self._partial: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ events
+    def _emit(self, kind: str, *args: Any) -> None:
+        self._events.put((kind, args))
+
+    def poll(self) -> int:
+        """Drain queued events into the listener (call on the GUI thread). Returns the count."""
+        n = 0
+        while True:
+            try:
+                kind, args = self._events.get_nowait()
+            except queue.Empty:
+                break
+            n += 1
+            self._dispatch(kind, args)
+        if self.launcher is not None and self.state in (READY, BUSY) and not self.launcher.running():
+            self._set_state(DEAD, "the worker process exited; press Start to restart it\n"
+                            + self.launcher.log_tail(5))
+        return n
+
+    def _dispatch(self, kind: str, args: tuple) -> None:
+        lst = self.listener
+        if kind == "state":
+            self._set_state(*args)
+        elif kind == "health":
+            self.health = args[0]
+            lst.on_health(args[0])
+        elif kind == "token":
+            key, piece = args
+            self._partial[key] = self._partial.get(key, "") + piece
+            lst.on_token(key, piece)
+        elif kind == "answer":
+            key, ans = args
+            self._partial.pop(key, None)
+            self.histories.setdefault(key, []).append(
+                ChatEntry("assistant", ans.text, ans.task, list(ans.boxes)))
+            lst.on_answer(key, ans)
+        elif kind == "error":
+            key, message = args
+            if key is not None:
+                self._partial.pop(key, None)
+                self.histories.setdefault(key, []).append(ChatEntry("error", message))
+            lst.on_error(key, message)
+        elif kind == "progress":
+            lst.on_progress(*args)
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        self.state, self.detail = state, detail
+        self.listener.on_state(state, detail)
+
+    def busy(self) -> bool:
+        """True while a background job runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self, timeout: float = 600.0) -> None:
+        """Block until the background job ends, dispatching events (for scripts and tests)."""
+        deadline = time.monotonic() + timeout
+        while self.busy():
+            if time.monotonic() > deadline:
+                raise errors.WorkerTimeoutError(f"the job did not finish within {timeout:.0f} s")
+            self.poll()
+            time.sleep(0.02)
+        self.poll()
+
+    def _run(self, name: str, fn: Callable[[], None]) -> None:
+        if self.busy():
+            raise errors.ConflictError("the panel is busy; wait for the answer or press Cancel",
+                                       code="panel_busy")
+
+        def body() -> None:
+            try:
+                fn()
+            except errors.MedMVLError as exc:
+                self._fail(exc)
+            except Exception as exc:  # a bug must not kill the thread silently
+                logger.exception("%s failed", name)
+                self._fail(exc)
+
+        self._thread = threading.Thread(target=body, name=f"medmvl-{name}", daemon=True)
+        self._thread.start()
+
+    def _fail(self, exc: Exception, key: str | None = None) -> None:
+        message = str(exc) or exc.__class__.__name__
+        dead = isinstance(exc, (errors.WorkerUnavailableError, errors.LaunchError))
+        self._emit("error", key, message)
+        if dead and self.launcher is not None and not self.launcher.running():
+            self._emit("state", DEAD, message)
+        elif dead:
+            self._emit("state", ERROR, message)
+        else:
+            self._emit("state", READY if self.client is not None else DISCONNECTED, "")
+
+    # ------------------------------------------------------------------ worker
+    def _check_health(self, client: WorkerClient) -> dict:
+        h = client.health()
+        if int(h.get("api", -1)) != API_VERSION:
+            raise errors.WorkerError(
+                f"the worker speaks API {h.get('api')!r}, this panel speaks {API_VERSION}; "
+                "install matching versions of the worker and the module", code="api_mismatch")
+        if h.get("version") and str(h["version"]).split(".")[:2] != __version__.split(".")[:2]:
+            logger.warning("worker version %s differs from client %s", h["version"], __version__)
+        return h
+
+    def start_local(self, python: str, checkpoint: str, device: str = "auto",
+                    quantize: str = "none", env: dict[str, str] | None = None) -> None:
+        """Start (or restart) a local worker in the background."""
+        if not checkpoint or not os.path.isdir(checkpoint):
+            raise errors.LaunchError(f"checkpoint folder {checkpoint!r} does not exist; choose a "
+                                     "model folder or download a released model", code="bad_argument")
+        self.stop()
+        self._set_state(STARTING, f"starting the worker on {device}")
+
+        def job() -> None:
+            t0 = time.monotonic()
+            launcher = self._launcher_factory(python=python or sys.executable,
+                                              checkpoint=checkpoint, device=device,
+                                              quantize=quantize, env=env)
+            self.launcher = launcher
+            client = launcher.start()
+            h = self._check_health(client)
+            self.client, self._uploads = client, {}
+            logger.info("worker ready in %.1f s (device %s)", time.monotonic() - t0, h.get("device"))
+            self._emit("health", h)
+            self._emit("state", READY, f"{h.get('model', '')} on {h.get('device', '?')}")
+
+        self._run("start", job)
+
+    def connect_remote(self, url: str, token: str) -> None:
+        """Use a running worker (token kept in memory only); checks health in the background."""
+        self.stop()
+        self._set_state(STARTING, f"connecting to {url}")
+
+        def job() -> None:
+            client = self._client_factory(url, token)
+            h = self._check_health(client)
+            if h.get("status") != "ready":
+                client.wait_ready(timeout=300)
+                h = self._check_health(client)
+            self.client, self._uploads = client, {}
+            self._emit("health", h)
+            self._emit("state", READY, f"{h.get('model', '')} on {h.get('device', '?')} at {url}")
+
+        self._run("connect", job)
+
+    def refresh_health(self) -> None:
+        """Fetch health (GPU memory) in the background, when idle."""
+        if self.client is None or self.busy():
+            return
+        client = self.client
+
+        def job() -> None:
+            self._emit("health", self._check_health(client))
+
+        self._run("health", job)
+
+    def stop(self) -> None:
+        """Stop the local worker (if this panel started one) and forget the connection."""
+        self._cancel.set()
+        if self.launcher is not None:
+            self.launcher.stop()
+            self.launcher = None
+        self.client, self._uploads, self.health = None, {}, {}
+        if self.state != DISCONNECTED:
+            self._set_state(DISCONNECTED, "")
+
+    def shutdown(self) -> None:
+        """Stop everything (application exit)."""
+        if self._download is not None and self._download.poll() is None:
+            self._download.kill()
+        self.stop()
+
+    # ------------------------------------------------------------------ download
+    def download(self, python: str, repo_id: str, local_dir: str,
+                 env: dict[str, str] | None = None) -> None:
+        """Run ``medmvl download REPO_ID --local-dir DIR`` in the worker's interpreter (with
+        ``env``, e.g. Slicer's startup environment), with progress events from its output."""
+        cmd = [python or sys.executable, "-m", "medmvl_core.cli", "download", repo_id,
+               "--local-dir", local_dir]
+        self._emit("progress", f"downloading {repo_id}", 0.0)
+
+        def job() -> None:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env)
+            self._download = proc
+            tail: list[str] = []
+            assert proc.stdout is not None
+            for line in _split_progress(proc.stdout):
+                tail = (tail + [line])[-5:]
+                pct = re.findall(r"(\d{1,3})%", line)
+                self._emit("progress", line[-120:], int(pct[-1]) / 100.0 if pct else None)
+            if proc.wait() != 0:
+                raise errors.WorkerError(f"download of {repo_id} failed:\n" + "\n".join(tail),
+                                         code="download_failed")
+            self._emit("progress", f"downloaded {repo_id} to {local_dir}", 1.0)
+
+        self._run("download", job)
+
+    # ------------------------------------------------------------------ asking
+    def history(self, key: str) -> list[ChatEntry]:
+        return list(self.histories.get(key, []))
+
+    def clear_history(self, key: str) -> None:
+        self.histories.pop(key, None)
+
+    def transcript(self, key: str) -> str:
+        """The volume's conversation as plain text (Copy / Save)."""
+        names = {"user": "You", "assistant": "MedM-VL", "error": "Error"}
+        return "\n\n".join(f"{names.get(e.role, e.role)}: {e.text}" for e in self.history(key))
+
+    def partial(self, key: str) -> str:
+        """The answer streamed so far (while busy)."""
+        return self._partial.get(key, "")
+
+    def run_task(self, volume: VolumeData, task: str, question: str | None = None,
+                 box: Sequence[int] | None = None) -> None:
+        """Ask the worker about ``volume`` in the background; events stream to the listener."""
+        if self.client is None:
+            raise errors.WorkerUnavailableError("no worker: start a local worker or connect to "
+                                                "a remote one first")
+        task_prompt_check(task, question, box)
+        label = TASK_INFO[task][0]
+        shown = question.strip() if question and question.strip() else label
+        if box is not None:
+            shown += f"  [box {list(int(v) for v in box)}]"
+        self.histories.setdefault(volume.key, []).append(ChatEntry("user", shown, task))
+        self._cancel.clear()
+        self._set_state(BUSY, f"{label}…")
+        client = self.client
+
+        def job() -> None:
+            try:
+                self._ask(client, volume, task, question, box)
+            except errors.MedMVLError as exc:
+                if isinstance(exc, errors.CancelledError) or self._cancel.is_set():
+                    self._emit("error", volume.key, "cancelled")
+                    self._emit("state", READY, "cancelled")
+                else:
+                    self._fail(exc, volume.key)
+
+        self._run("ask", job)
+
+    def _session_for(self, client: WorkerClient, volume: VolumeData, fresh: bool) -> str:
+        fp = content_key(volume.array)
+        cached = self._uploads.get(volume.key)
+        if cached and cached[0] == fp and not fresh:
+            return cached[2]
+        t0 = time.monotonic()
+        spacing, origin, direction = lps_from_ijk_to_ras(volume.ijk_to_ras)
+        self._emit("progress", "uploading the volume", None)
+        vid = client.upload_volume(volume.array, spacing, origin, direction, modality=volume.modality)
+        sid = client.create_session(vid)
+        self._uploads[volume.key] = (fp, vid, sid)
+        logger.info("stage upload+session: %.2f s (%s voxels)", time.monotonic() - t0,
+                    "x".join(str(s) for s in volume.array.shape))
+        return sid
+
+    def _ask(self, client: WorkerClient, volume: VolumeData, task: str, question: str | None,
+             box: Sequence[int] | None) -> None:
+        t0 = time.monotonic()
+        for attempt in (0, 1):
+            sid = self._session_for(client, volume, fresh=attempt > 0)
+            self._session = sid
+            if self._cancel.is_set():
+                raise errors.CancelledError("cancelled")
+            self._emit("progress", "answering", None)
+            try:
+                ans = client.ask(sid, task=task, question=question,
+                                 box=None if box is None else [int(v) for v in box],
+                                 on_token=lambda piece: self._emit("token", volume.key, piece),
+                                 max_new_tokens=self.max_new_tokens)
+                break
+            except errors.NotFoundError:
+                if attempt:  # the worker restarted or evicted the volume: upload once more
+                    raise
+                logger.info("session unknown to the worker; uploading again")
+        self._session = None
+        timings = dict(ans.timings)
+        timings["client_total_s"] = round(time.monotonic() - t0, 3)
+        logger.info("stage timings for %s: %s", task,
+                    ", ".join(f"{k}={v}" for k, v in sorted(timings.items())))
+        if ans.finish_reason == "cancelled" or self._cancel.is_set():
+            self._emit("answer", volume.key, ans)
+            self._emit("state", READY, "cancelled")
+            return
+        self._emit("answer", volume.key, ans)
+        self._emit("progress", "done", 1.0)
+        self._emit("state", READY, f"answered in {timings['client_total_s']:.1f} s")
+
+    def cancel(self) -> None:
+        """Stop the running answer (the worker stops generating) or the download."""
+        self._cancel.set()
+        if self._download is not None and self._download.poll() is None:
+            self._download.kill()
+        sid, client = self._session, self.client
+        if sid and client is not None:
+            def job() -> None:
+                try:
+                    client.cancel(sid)
+                except errors.WorkerError as exc:  # the answer may just have ended
+                    logger.info("cancel: %s", exc)
+
+            threading.Thread(target=job, name="medmvl-cancel", daemon=True).start()
+
+
+def _split_progress(stream) -> Iterator[str]:
+    """Lines of a subprocess output, also split on carriage returns (tqdm redraws)."""
+    buf = b""
+    while True:
+        chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
+        if not chunk:
+            break
+        buf += chunk
+        parts = re.split(rb"[\r\n]", buf)
+        buf = parts.pop()
+        for p in parts:
+            if p.strip():
+                yield p.decode("utf-8", "replace").strip()
+    if buf.strip():
+        yield buf.decode("utf-8", "replace").strip()

@@ -1,0 +1,77 @@
+"""`medmvl serve`: run the local inference worker (HTTP API, see medmvl_core.worker.app)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "serve"
+HELP = "run the inference worker (HTTP API for the Slicer module, the viewer and `medmvl ask`)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="model folder (ours or MedM-VL's)")
+    parser.add_argument("--device", default="auto", help="auto | cuda | cpu (default auto)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                        help="weights dtype (default bf16/fp16 on GPU, fp32 on CPU)")
+    parser.add_argument("--quantize", choices=["none", "8bit", "4bit"], default="none")
+    parser.add_argument("--host", default=None,
+                        help="address to bind (default 127.0.0.1; another address exposes the "
+                             "worker on the network and requires --token-file)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port (0 = any free port)")
+    parser.add_argument("--token-file", default=None,
+                        help="file holding the access token (created with a random token if "
+                             "missing); the port and URL are written to FILE.json")
+    parser.add_argument("--max-queue", type=int, default=8,
+                        help="questions that may wait for the GPU (more get HTTP 429)")
+    parser.add_argument("--max-upload-mb", type=float, default=1024.0)
+    parser.add_argument("--request-timeout", type=float, default=300.0,
+                        help="seconds one answer may take, queue wait included")
+    parser.add_argument("--cache-mb", type=float, default=2048.0,
+                        help="budget for preprocessed images + encoder outputs")
+    parser.add_argument("--kv-cache-mb", type=float, default=4096.0,
+                        help="budget for all sessions' KV caches (LRU)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from medmvl_core.client.launcher import ready_file_for
+    from medmvl_core.errors import ConfigError
+    from medmvl_core.worker.settings import WorkerSettings, is_loopback, read_or_create_token
+
+    if not Path(args.checkpoint).is_dir():
+        raise ConfigError(f"checkpoint folder {args.checkpoint!r} does not exist")
+    host = args.host or "127.0.0.1"
+    if not is_loopback(host) and not args.token_file:
+        raise ConfigError(f"--host {host} exposes the worker beyond this machine: give "
+                          "--token-file FILE (the token clients must send)")
+    if args.token_file:
+        token_file = Path(args.token_file)
+    else:
+        token_file = Path(tempfile.mkdtemp(prefix="medmvl-worker-")) / "token"
+    token = read_or_create_token(token_file)
+    settings = WorkerSettings(
+        token=token, max_queue=args.max_queue,
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        request_timeout_s=args.request_timeout, model_name=Path(args.checkpoint).name)
+
+    def loader():
+        return load_engine(args.checkpoint, args.device, args.dtype, args.quantize,
+                           cache_bytes=int(args.cache_mb * (1 << 20)),
+                           kv_cache_bytes=int(args.kv_cache_mb * (1 << 20)),
+                           max_new_tokens_limit=settings.max_new_tokens)
+
+    from medmvl_core.worker.loading import load_engine
+    from medmvl_core.worker.server import WorkerServer
+
+    level = "info" if logging.getLogger().level <= logging.INFO else "warning"
+    server = WorkerServer(settings, host=host, port=args.port, loader=loader,
+                          ready_file=ready_file_for(token_file), log_level=level)
+    print(f"medmvl worker ready on {server.url} (pid {os.getpid()}); token in {token_file}; "
+          f"port file {ready_file_for(token_file)}; the model loads in the background "
+          f"(GET /v1/health says when)", flush=True)
+    server.run()
+    return 0

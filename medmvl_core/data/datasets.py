@@ -1,0 +1,313 @@
+"""MedM-VL JSON datasets for training: records, the torch dataset, mixing by ratio.
+
+The JSON format is MedM-VL's: a list of items ``{"id", "conversations": [{"from": "human"|"gpt",
+"value": str}, ...], "image": [relative paths] | str, "image3d": [relative paths] | str}``.
+Image paths are relative to the dataset's ``image_dir`` / ``image3d_dir`` and may be in any
+format :func:`medmvl_core.imaging.read_image` supports (DICOM folder, NIfTI, NRRD, MHA, npy, PNG...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from medmvl_core.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE3D_PLACEHOLDER = "<image3d>"
+
+
+@dataclass
+class Record:
+    """One conversation of a dataset, with image paths resolved (not read)."""
+
+    id: str
+    conversations: list
+    images: list = field(default_factory=list)     # list[Path]
+    images3d: list = field(default_factory=list)   # list[Path]
+    source: str = ""                                # dataset file (for messages)
+    index: int = 0                                  # row in that file
+
+
+@dataclass
+class RowProblem:
+    """A problem of one row: ``kind`` is a stable name (missing_file, bad_placeholder, ...)."""
+
+    source: str
+    index: int
+    id: str
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{Path(self.source).name}[{self.index}] (id {self.id}): {self.kind}: {self.detail}"
+
+
+def _as_list(v: Any) -> list:
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def read_json_rows(path: str | Path) -> list:
+    """Read a MedM-VL JSON file (a list of items; ``.jsonl`` with one item per line also works)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {p} does not exist; check data.datasets[].path")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"data file {p} is not valid JSON ({exc}); it must be a list of MedM-VL items") from exc
+    if not isinstance(rows, list):
+        raise DataError(f"data file {p} must hold a JSON list of items, got {type(rows).__name__}")
+    return rows
+
+
+def row_problems(row: Any, index: int, source: str, image_dir: Optional[Path], image3d_dir: Optional[Path],
+                 *, require_answer: bool = True, check_files: bool = True) -> tuple[Optional[Record], list[RowProblem]]:
+    """Check one JSON row's structure, placeholders and files. Returns (record or None, problems)."""
+    rid = str(row.get("id", index)) if isinstance(row, dict) else str(index)
+    probs: list[RowProblem] = []
+
+    def bad(kind: str, detail: str) -> None:
+        probs.append(RowProblem(source, index, rid, kind, detail))
+
+    if not isinstance(row, dict):
+        bad("bad_row", "item is not a JSON object")
+        return None, probs
+    conv = row.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        bad("bad_conversations", "'conversations' must be a non-empty list of {from, value}")
+        return None, probs
+    for t, turn in enumerate(conv):
+        if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(turn.get("value"), str):
+            bad("bad_conversations", f"turn {t} must be {{'from': 'human'|'gpt', 'value': str}}")
+            return None, probs
+        if turn["from"] != ("human" if t % 2 == 0 else "gpt"):
+            bad("bad_conversations", f"turn {t} is from {turn['from']!r}; turns must alternate human, gpt, ...")
+            return None, probs
+    if require_answer and conv[-1]["from"] != "gpt":
+        bad("no_answer", "the last turn must be from 'gpt' (nothing to learn otherwise)")
+    images = _as_list(row.get("image"))
+    images3d = _as_list(row.get("image3d"))
+    for key, ph, files in (("image", IMAGE_PLACEHOLDER, images), ("image3d", IMAGE3D_PLACEHOLDER, images3d)):
+        n_human = sum(turn["value"].count(ph) for turn in conv if turn["from"] == "human")
+        n_gpt = sum(turn["value"].count(ph) for turn in conv if turn["from"] == "gpt")
+        if n_gpt:
+            bad("bad_placeholder", f"{ph} appears in an answer; placeholders belong in human turns")
+        if n_human != len(files):
+            bad("bad_placeholder", f"{n_human} {ph} placeholder(s) but {len(files)} '{key}' file(s)")
+    resolved: dict[str, list[Path]] = {"image": [], "image3d": []}
+    for key, files, base in (("image", images, image_dir), ("image3d", images3d, image3d_dir)):
+        for f in files:
+            if not isinstance(f, str) or not f:
+                bad("bad_path", f"'{key}' entries must be non-empty strings")
+                continue
+            p = Path(f)
+            if not p.is_absolute():
+                if base is None:
+                    bad("missing_dir", f"'{key}' path {f!r} is relative but no {key}_dir was given")
+                    continue
+                p = Path(base) / p
+            if check_files and not p.exists():
+                bad("missing_file", f"{key} file {p} does not exist")
+            resolved[key].append(p)
+    rec = Record(rid, conv, resolved["image"], resolved["image3d"], source, index)
+    return (None if probs else rec), probs
+
+
+def load_records(path: str | Path, image_dir: Optional[str | Path] = None, image3d_dir: Optional[str | Path] = None,
+                 *, on_bad_row: str = "error", require_answer: bool = True,
+                 problems_out: Optional[list] = None) -> list[Record]:
+    """Read a MedM-VL JSON file into :class:`Record` s, checking structure, placeholders and files.
+
+    ``on_bad_row="error"`` raises :class:`DataError` listing the first problems; ``"skip"`` drops
+    the bad rows, logs how many and why, and appends the problems to ``problems_out``.
+    """
+    rows = read_json_rows(path)
+    idir = Path(image_dir) if image_dir else None
+    i3dir = Path(image3d_dir) if image3d_dir else None
+    records: list[Record] = []
+    problems: list[RowProblem] = []
+    for i, row in enumerate(rows):
+        rec, probs = row_problems(row, i, str(path), idir, i3dir, require_answer=require_answer)
+        problems.extend(probs)
+        if rec is not None:
+            records.append(rec)
+    if problems:
+        _report_problems(problems, on_bad_row, len(rows), str(path))
+        if problems_out is not None:
+            problems_out.extend(problems)
+    return records
+
+
+def _report_problems(problems: list[RowProblem], on_bad_row: str, total: int, what: str) -> None:
+    rows = {(p.source, p.index) for p in problems}
+    shown = "\n  ".join(str(p) for p in problems[:10])
+    more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    if on_bad_row == "error":
+        raise DataError(f"{len(rows)} of {total} rows of {what} are bad:\n  {shown}{more}\n"
+                        "Fix them (medmvl-train validate --data FILE shows all), or set data.on_bad_row=skip "
+                        "to skip and count them.")
+    kinds: dict[str, int] = {}
+    for p in problems:
+        kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    logger.warning("skipping %d of %d rows of %s (%s)", len(rows), total, what,
+                   ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())))
+
+
+def mixture_plan(sizes: Sequence[int], ratios: Sequence[float], epoch: int, seed: int) -> list[tuple[int, int]]:
+    """The (dataset, row) order of one epoch of a mixture.
+
+    Dataset ``d`` contributes ``round(ratio_d * size_d)`` rows: whole repetitions of a fresh
+    permutation plus a random subset for the fractional part, drawn from ``seed`` and ``epoch``;
+    then all rows are shuffled together. Deterministic: the same (sizes, ratios, epoch, seed)
+    always gives the same list, which is what makes resuming exact.
+    """
+    if len(sizes) != len(ratios):
+        raise DataError("mixture_plan: one ratio per dataset")
+    rng = np.random.Generator(np.random.PCG64([seed, epoch, 0x6D6978]))
+    plan: list[tuple[int, int]] = []
+    for d, (n, r) in enumerate(zip(sizes, ratios)):
+        if n == 0:
+            continue
+        want = int(round(r * n))
+        full, rest = divmod(want, n)
+        for _ in range(full):
+            plan.extend((d, int(i)) for i in rng.permutation(n))
+        if rest:
+            plan.extend((d, int(i)) for i in rng.permutation(n)[:rest])
+    order = rng.permutation(len(plan))
+    return [plan[i] for i in order]
+
+
+def file_digest(path: Path, extra: str = "") -> str:
+    """sha256 of a file's bytes (or of every file of a folder, e.g. a DICOM series) + ``extra``."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    h.update(extra.encode())
+    return h.hexdigest()
+
+
+def random_flip_rot90(volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """MedM-VL-style 3D train augmentation on [C, D, H, W]: rot90 in (H, W) with p=0.5 (k in 1..3),
+    then a flip of each of D, H, W with p=0.5."""
+    out = volume
+    if rng.random() < 0.5:
+        out = np.rot90(out, k=int(rng.integers(1, 4)), axes=(-2, -1))
+    for ax in (-3, -2, -1):
+        if rng.random() < 0.5:
+            out = np.flip(out, axis=ax)
+    return np.ascontiguousarray(out)
+
+
+class MedMVLDataset:
+    """Torch-style dataset over records: item ``i`` -> one training sample.
+
+    A sample is ``{"input_ids": LongTensor[L], "labels": LongTensor[L], "images": FloatTensor[n, 3, H, W]
+    or None, "images3d": FloatTensor[m, C, D, H, W] or None, "image_keys": list[str], "id": str}``
+    (placeholders already expanded by the processor, labels -100 outside answers).
+    ``image_keys`` are content hashes (file bytes + preprocessing spec) used by the encoder cache;
+    when ``skip_pixels(key)`` returns True for every image of a sample the pixels are not read.
+    """
+
+    def __init__(self, records: Sequence[Record], processor: Any, *, max_length: Optional[int] = None, augment: bool = False, seed: int = 0,
+                 skip_pixels: Optional[Callable[[str], bool]] = None):
+        self.records = list(records)
+        self.processor = processor
+        self.max_length = max_length
+        self.augment = augment
+        self.seed = seed
+        self.skip_pixels = skip_pixels
+        self.epoch = 0
+        self._key_memo: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def encode_text(self, rec: Record) -> dict:
+        """input_ids / labels of a record (lists of int), via the processor's train encoding."""
+        enc = encode_train(self.processor, rec.conversations)
+        if self.max_length is not None and len(enc["input_ids"]) > self.max_length:
+            raise DataError(f"{Path(rec.source).name}[{rec.index}] (id {rec.id}) has {len(enc['input_ids'])} tokens "
+                            f"(with image tokens), more than model.max_length={self.max_length}; raise max_length, "
+                            "shorten the sample, or set data.on_bad_row=skip")
+        return enc
+
+    def image_key(self, path: Path, kind: str) -> str:
+        memo = f"{kind}:{path}"
+        if memo not in self._key_memo:
+            spec = getattr(self.processor, "preprocessing", {}) or {}
+            self._key_memo[memo] = file_digest(path, json.dumps(spec.get(kind, {}), sort_keys=True) + kind)
+        return self._key_memo[memo]
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        rec = self.records[i]
+        enc = self.encode_text(rec)
+        sample: dict = {"id": rec.id,
+                        "input_ids": torch.as_tensor(enc["input_ids"], dtype=torch.long),
+                        "labels": torch.as_tensor(enc["labels"], dtype=torch.long),
+                        "images": None, "images3d": None, "image_keys": []}
+        use_keys = self.skip_pixels is not None and not self.augment
+        for kind, paths, out_key in (("image", rec.images, "images"), ("image3d", rec.images3d, "images3d")):
+            if not paths:
+                continue
+            keys = [self.image_key(p, kind) for p in paths] if use_keys else []
+            sample["image_keys"].extend(keys)
+            if keys and all(self.skip_pixels(k) for k in keys):
+                sample[out_key] = keys  # pixels not needed: the encoder cache has them
+                continue
+            arrays = []
+            for j, p in enumerate(paths):
+                if kind == "image":
+                    arr, _ = self.processor.preprocess_image(str(p))
+                else:
+                    arr, _ = self.processor.preprocess_volume(str(p))
+                arr = np.asarray(arr, dtype=np.float32)
+                if self.augment and kind == "image3d":
+                    rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch, i, j]))
+                    arr = random_flip_rot90(arr, rng)
+                arrays.append(torch.from_numpy(arr))
+            sample[out_key] = torch.stack(arrays)
+        return sample
+
+
+def encode_train(processor: Any, conversations: list) -> dict:
+    """Train-mode ``{"input_ids", "labels"}`` (lists of int) with every placeholder expanded into
+    ``processor.num_image_tokens[kind]`` copies of its negative id (labels -100 there)."""
+    enc = processor.encode(conversations, mode="train")
+    ids, labels = list(enc["input_ids"]), list(enc["labels"])
+    n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) + t["value"].count(IMAGE3D_PLACEHOLDER)
+                         for t in conversations)
+    n_sentinels = sum(1 for v in ids if v in (-200, -201))
+    if n_sentinels == n_placeholders and hasattr(processor, "expand"):  # not yet expanded
+        ids, labels = processor.expand(ids, labels)
+    return {"input_ids": ids, "labels": labels}
+
+
+def num_supervised(labels: Sequence[int]) -> int:
+    """Count of tokens that contribute to the loss: positions t with labels[t+1] != -100."""
+    return int(sum(1 for v in list(labels)[1:] if v != -100))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return int(math.ceil(a / b))

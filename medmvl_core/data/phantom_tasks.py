@@ -1,0 +1,202 @@
+"""Templated text for the phantom benchmark: reports, questions, answers and their parsers.
+
+Every task is a single question about one phantom, as a dict::
+
+    {"task": "report" | "closed" | "choice" | "open" | "find" | "region",
+     "question": str, "answer": str, "truth": {...task-specific...}}
+
+``truth`` holds what the metrics need: ``findings`` ([[kind, location], ...]) for reports,
+``yes`` (bool) for closed questions, ``letter`` for multiple choice, ``box`` (model-space box,
+3D ``[z1, y1, x1, z2, y2, x2]`` in 0-1 or 2D ``[x1, y1, x2, y2]`` in 0-100) for find, ``kind``
+(a finding kind or ``"normal"``) and ``location`` for region descriptions.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+
+from medmvl_core.data.phantoms import FINDING_KINDS, LOBES, Finding, Phantom
+
+TASKS = ("report", "closed", "choice", "open", "find", "region")
+REPORT_QUESTION = {"CT": "Generate radiology report for the CT.",
+                   "XR": "Generate radiology report for the chest X-ray."}
+KIND_TEXT = {"nodule": "nodule", "mass": "mass", "calcification": "calcification", "cyst": "cyst",
+             "effusion": "pleural effusion"}
+CHOICE_OPTIONS = ("nodule", "mass", "calcification", "cyst", "pleural effusion", "no abnormality")
+NORMAL_REGION = "Normal lung."
+
+BoxFn = Callable[[tuple[int, ...]], list[float]]   # voxel/pixel box -> model-space box
+BoxTextFn = Callable[[list[float]], str]           # model-space box -> text
+
+
+def finding_sentence(f: Finding) -> str:
+    """One Findings sentence, e.g. "A 25 mm nodule is seen in the right upper lobe."."""
+    if f.kind == "effusion":
+        return f"A {f.grade} {f.location.split()[0]} pleural effusion is seen."
+    return f"A {f.size_mm} mm {f.kind} is seen in the {f.location}."
+
+
+def report_text(findings: Sequence[Finding]) -> str:
+    """Structured "Findings: ... Impression: ..." report for a list of findings."""
+    kinds = {f.kind for f in findings}
+    parts = [finding_sentence(f) for f in findings]
+    if not kinds & {"nodule", "mass", "calcification"}:
+        parts.append("The lungs are clear.")
+    if "effusion" not in kinds:
+        parts.append("No pleural effusion is seen.")
+    if "cyst" not in kinds:
+        parts.append("The liver is normal.")
+    parts.append("The heart size is normal.")
+    if findings:
+        imp = "; ".join(_impression_item(f) for f in findings)
+        imp = imp[0].upper() + imp[1:] + "."
+    else:
+        imp = "No acute abnormality."
+    return "Findings: " + " ".join(parts) + " Impression: " + imp
+
+
+def _impression_item(f: Finding) -> str:
+    if f.kind == "effusion":
+        return f"{f.grade} {f.location.split()[0]} pleural effusion"
+    return f"{f.kind} in the {f.location}"
+
+
+_LESION_RE = re.compile(r"(\d+)\s*mm\s+(nodule|mass|calcification|cyst)\s+is seen in the\s+([a-z ]+?)\s*\.")
+_EFFUSION_RE = re.compile(r"(small|moderate|large)\s+(right|left)\s+pleural effusion")
+
+
+def parse_report(text: str) -> set[tuple[str, str]]:
+    """The set of (kind, location) findings stated in the Findings section of a report.
+
+    Text after "Impression:" is ignored (it repeats the findings); without a "Findings:" header
+    the whole text is read.
+    """
+    text = text.lower()
+    if "findings:" in text:
+        text = text.split("findings:", 1)[1]
+    text = text.split("impression:", 1)[0]
+    out = {(m.group(2), m.group(3).strip()) for m in _LESION_RE.finditer(text)}
+    out |= {("effusion", f"{m.group(2)} pleural space") for m in _EFFUSION_RE.finditer(text)}
+    return out
+
+
+def parse_yes_no(text: str) -> bool | None:
+    """True for an answer starting with "yes", False for "no", None otherwise."""
+    m = re.match(r"\W*(yes|no)\b", text.strip().lower())
+    return None if m is None else m.group(1) == "yes"
+
+
+def parse_choice(text: str) -> str | None:
+    """The option letter (a-d) of a multiple-choice answer, or None."""
+    m = re.search(r"\(([a-d])\)", text.lower()) or re.match(r"\s*([a-d])\b", text.lower())
+    return m.group(1) if m else None
+
+
+def parse_kind(text: str) -> str | None:
+    """The finding kind named in a region description, "normal", or None if neither."""
+    t = text.lower()
+    for kind in FINDING_KINDS:
+        if kind in t:
+            return kind
+    return "normal" if "normal" in t else None
+
+
+def _side_region(f: Finding) -> str:
+    if f.kind == "cyst":
+        return "the liver"
+    return f"the {f.location.split()[0]} lung"
+
+
+def _closed_question(kind: str, region: str) -> str:
+    if kind == "effusion":
+        return f"Is there a pleural effusion on the {region.split()[1]} side?"
+    return f"Is there a {kind} in {region}?"
+
+
+_CLOSED_SPACE = [(k, f"the {s} lung") for k in ("nodule", "mass", "calcification") for s in ("right", "left")] \
+    + [("cyst", "the liver"), ("effusion", "the right lung"), ("effusion", "the left lung")]
+
+
+def make_tasks(ph: Phantom, rng: np.random.Generator, box_fn: BoxFn, box_text: BoxTextFn,
+               all_findings: bool = False) -> list[dict]:
+    """The questions for one phantom (report, 2 closed, choice, open, find, region).
+
+    ``box_fn`` maps a voxel (3D) or pixel (2D) box to the model-space box; ``box_text`` formats it.
+    With ``all_findings`` (training), there is one find question per finding instead of one.
+    """
+    fs = ph.findings
+    tasks = [{"task": "report", "question": REPORT_QUESTION[ph.modality], "answer": report_text(fs),
+              "truth": {"findings": sorted([f.kind, f.location] for f in fs)}}]
+    present = {(f.kind, _side_region(f)) for f in fs}
+    absent = [c for c in _CLOSED_SPACE if c not in present]
+    picks = []
+    if present:
+        picks.append(sorted(present)[rng.integers(len(present))])
+    picks.append(absent[rng.integers(len(absent))])
+    if rng.random() < 0.5 and len(picks) > 1:
+        picks.reverse()
+    for kind, region in picks:
+        yes = (kind, region) in present
+        tasks.append({"task": "closed", "question": _closed_question(kind, region),
+                      "answer": "Yes." if yes else "No.", "truth": {"yes": yes}})
+    tasks.append(_choice_task(ph, rng))
+    tasks.append(_open_task(ph, rng))
+    targets = fs if all_findings else ([fs[rng.integers(len(fs))]] if fs else [])
+    for f in targets:
+        mbox = box_fn(f.box)
+        tasks.append({"task": "find", "question": f"Find the {KIND_TEXT[f.kind]} and give its bounding box.",
+                      "answer": box_text(mbox), "truth": {"box": mbox, "kind": f.kind}})
+    tasks.append(_region_task(ph, rng, box_fn, box_text))
+    return tasks
+
+
+def _choice_task(ph: Phantom, rng) -> dict:
+    present = {KIND_TEXT[f.kind] for f in ph.findings}
+    correct = sorted(present)[rng.integers(len(present))] if present else "no abnormality"
+    wrong = [o for o in CHOICE_OPTIONS if o not in present and o != correct]
+    if present:
+        wrong = [o for o in wrong if o != "no abnormality"] + ["no abnormality"]
+    options = [correct] + [str(o) for o in rng.choice(wrong, size=3, replace=False)]
+    options = [options[i] for i in rng.permutation(4)]
+    letter = "abcd"[options.index(correct)]
+    noun = "CT" if ph.modality == "CT" else "chest X-ray"
+    q = f"Which abnormality is seen in this {noun}? " + " ".join(f"({l}) {o}" for l, o in zip("abcd", options))
+    return {"task": "choice", "question": q, "answer": f"({letter}) {correct}.", "truth": {"letter": letter}}
+
+
+def _open_task(ph: Phantom, rng) -> dict:
+    if not ph.findings:
+        return {"task": "open", "question": "How many abnormalities are seen?", "answer": "None.",
+                "truth": {}}
+    f = ph.findings[rng.integers(len(ph.findings))]
+    name = KIND_TEXT[f.kind]
+    if f.kind == "effusion" or rng.random() < 0.5:
+        loc = f"the {f.location}" if f.kind != "effusion" else f"the {f.location.split()[0]} side"
+        return {"task": "open", "question": f"Where is the {name}?", "answer": f"In {loc}.", "truth": {}}
+    return {"task": "open", "question": f"How large is the {name}?", "answer": f"{f.size_mm} mm.", "truth": {}}
+
+
+def _region_task(ph: Phantom, rng, box_fn: BoxFn, box_text: BoxTextFn) -> dict:
+    if ph.findings and rng.random() < 0.7:
+        f = ph.findings[rng.integers(len(ph.findings))]
+        ans = f"A {KIND_TEXT[f.kind]} in the {f.location}."
+        if f.kind == "effusion":
+            ans = f"A {f.grade} pleural effusion in the {f.location}."
+        box, kind, loc = f.box, f.kind, f.location
+    else:
+        box, kind, loc, ans = ph.normal_box, "normal", "", NORMAL_REGION
+    mbox = box_fn(box)
+    return {"task": "region", "question": f"What is in the region {box_text(mbox)}?", "answer": ans,
+            "truth": {"kind": kind, "location": loc, "box": mbox}}
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation and extra spaces removed (open-question exact match)."""
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+
+
+__all__ = ["TASKS", "REPORT_QUESTION", "make_tasks", "report_text", "parse_report", "parse_yes_no",
+           "parse_choice", "parse_kind", "normalize_answer", "LOBES"]

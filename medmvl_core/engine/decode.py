@@ -1,0 +1,116 @@
+"""The token loop: greedy or sampled choice, streaming text pieces, cancel, KV bookkeeping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from medmvl_core.engine.errors import RequestError
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings. Greedy unless ``do_sample``; ``seed`` makes sampling repeatable."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def validate(self, max_new_tokens_limit: int = 4096) -> None:
+        if not 1 <= int(self.max_new_tokens) <= max_new_tokens_limit:
+            raise RequestError(f"max_new_tokens must be in 1..{max_new_tokens_limit}, "
+                               f"got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise RequestError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def choose_token(logits: torch.Tensor, params: SamplingParams,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row. logits: [B, V] -> LongTensor [B]."""
+    if not params.do_sample:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(scores, min(params.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, idx = torch.sort(scores, descending=True, dim=-1)
+        probs = sorted_scores.softmax(-1)
+        # drop tokens whose preceding cumulative mass already exceeds top_p (keep at least one)
+        drop = probs.cumsum(-1) - probs > params.top_p
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, idx, sorted_scores)
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class TextStreamer:
+    """Turns a growing list of token ids into text pieces (holds back incomplete UTF-8)."""
+
+    def __init__(self, tokenizer, on_piece: Callable[[str], None] | None):
+        self.tokenizer = tokenizer
+        self.on_piece = on_piece
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def finish(self) -> None:
+        """Emit whatever is left (an incomplete character at the very end stays as U+FFFD)."""
+        if self.on_piece is None:
+            return
+        text = self.text()
+        if len(text) > self.emitted:
+            piece, self.emitted = text[self.emitted:], len(text)
+            self.on_piece(piece)
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(int(token_id))
+        if self.on_piece is None:
+            return
+        text = self.text()
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return
+        if len(text) > self.emitted:
+            piece, self.emitted = text[self.emitted:], len(text)
+            self.on_piece(piece)
+
+
+def run_decode(first_logits: torch.Tensor, step: Callable[[int], torch.Tensor],
+               params: SamplingParams, eos_ids: set[int], streamer: TextStreamer,
+               check: Callable[[], None], generator: torch.Generator | None = None,
+               on_token_id: Callable[[int], None] | None = None,
+               ) -> tuple[list[int], str, int]:
+    """Generate up to ``params.max_new_tokens`` tokens for one sequence.
+
+    first_logits: [1, V] at the last prompt position. ``step(token)`` feeds one token into the
+    model (extending its KV cache) and returns the next [1, V] logits. ``check()`` runs before
+    every step and raises to cancel or time out. Returns (new token ids, finish reason
+    "stop" | "length", number of generated tokens that were fed into the KV cache).
+    """
+    tokens: list[int] = []
+    fed = 0
+    logits = first_logits
+    while True:
+        check()
+        tok = int(choose_token(logits, params, generator)[0])
+        tokens.append(tok)
+        if on_token_id is not None:
+            on_token_id(tok)
+        if tok in eos_ids:
+            return tokens, "stop", fed
+        streamer.push(tok)
+        if len(tokens) >= params.max_new_tokens:
+            return tokens, "length", fed
+        logits = step(tok)
+        fed += 1

@@ -1,0 +1,380 @@
+"""The inference engine: caches, per-session KV caches, streaming greedy/sampled decoding.
+
+One engine wraps one model + processor (the same processor as training, so prompts are
+byte-identical to MedM-VL's). It is driven by one thread at a time (the worker's GPU thread);
+sessions and caches are safe to inspect from others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from medmvl_core.engine import tasks as T
+from medmvl_core.engine.cache import LRUCache
+from medmvl_core.engine.decode import SamplingParams, TextStreamer, run_decode
+from medmvl_core.engine.errors import (CancelledError, EngineOutOfMemoryError, NotFoundError,
+                                       RequestError, RequestTimeoutError, SessionBusyError)
+from medmvl_core.engine.hashing import volume_hash
+from medmvl_core.engine.session import Session, cache_nbytes
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN_INDEX, IMAGE3D_TOKEN_INDEX = -200, -201
+_PLACEHOLDER_ID = {"image": IMAGE_TOKEN_INDEX, "image3d": IMAGE3D_TOKEN_INDEX}
+
+
+@dataclass
+class Answer:
+    """text; boxes ``[{"model", "voxel", "physical_lps"}]``; timings in seconds and counts."""
+
+    text: str
+    boxes: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"
+    question: str = ""
+    task: str = "ask"
+
+
+@dataclass
+class ImageEntry:
+    """A preprocessed image (tensor [C, (D,) H, W]) with its geometry record and encoder output."""
+
+    key: tuple
+    tensor: torch.Tensor
+    geom: Any
+    embeds: torch.Tensor | None = None
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA out-of-memory errors (and RuntimeErrors that say so, e.g. from other backends)."""
+    oom_cls = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if oom_cls is not None and isinstance(exc, oom_cls):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def detect_kind(model: Any, processor: Any) -> str:
+    """``"image3d"`` when the checkpoint takes volumes, else ``"image"``."""
+    for attr in ("preprocessing", "preprocessing_specs"):
+        spec = getattr(processor, attr, None)
+        if isinstance(spec, dict) and spec:
+            return "image3d" if spec.get("image3d") else "image"
+    counts = getattr(processor, "num_image_tokens", None)
+    if isinstance(counts, dict):
+        return "image3d" if counts.get("image3d") else "image"
+    try:
+        return "image3d" if model.num_image_tokens("image3d") else "image"
+    except Exception:  # noqa: BLE001 - the model has no 3D path
+        return "image"
+
+
+class Engine:
+    """Answers questions about images with caching.
+
+    cache_bytes: budget of the preprocessed-tensor + encoder-output cache (LRU).
+    kv_cache_bytes: budget of all sessions' KV caches together (LRU over sessions; an evicted
+    session keeps its history and re-prefills on its next turn).
+    use_cache=False gives the reference path (re-preprocess, re-encode, re-prefill every turn).
+    fault_hook(stage) is called at "preprocess", "encode", "prefill" and every "decode" step
+    (tests inject failures and delays through it).
+    """
+
+    def __init__(self, model: Any, processor: Any, *, kind: str | None = None,
+                 cache_bytes: int = 2 << 30, kv_cache_bytes: int = 4 << 30,
+                 use_cache: bool = True, max_new_tokens_limit: int = 2048,
+                 fault_hook: Callable[[str], None] | None = None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", None)
+        self.kind = kind or detect_kind(model, processor)
+        params = list(model.parameters())
+        self.device = params[0].device if params else torch.device("cpu")
+        floats = [p.dtype for p in params if p.dtype.is_floating_point]
+        self.dtype = floats[0] if floats else torch.float32
+        self.use_cache = use_cache
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.fault_hook = fault_hook
+        self.images: LRUCache[ImageEntry] = LRUCache(
+            cache_bytes, lambda e: _tensor_bytes(e.tensor) + _tensor_bytes(e.embeds))
+        self.kv_cache_bytes = kv_cache_bytes
+        self.sessions: dict[str, Session] = {}
+        self._kv_lru: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_ids = {int(eos)} if eos is not None else set()
+
+    # ------------------------------------------------------------------ images
+    def _hook(self, stage: str) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(stage)
+
+    def prepare(self, volume: Any, roi: Sequence[float] | None = None,
+                timings: dict | None = None, vhash: str | None = None) -> ImageEntry:
+        """Preprocess + encode ``volume`` (optionally cropped to a voxel ``roi``), with caching."""
+        timings = timings if timings is not None else {}
+        key = (vhash or volume_hash(volume), tuple(float(v) for v in roi) if roi else None)
+        entry = self.images.get(key) if self.use_cache else None
+        t0 = time.perf_counter()
+        if entry is None:
+            self._hook("preprocess")
+            try:
+                if self.kind == "image3d":
+                    arr, geom = self.processor.preprocess_volume(volume, roi=roi)
+                elif roi is not None:
+                    arr, geom = self.processor.preprocess_image(volume, roi=roi)
+                else:
+                    arr, geom = self.processor.preprocess_image(volume)
+            except TypeError as exc:
+                raise RequestError(f"this model cannot crop its input to a box: {exc}") from exc
+            tensor = torch.as_tensor(np.asarray(arr)).to(self.device, self.dtype)
+            entry = ImageEntry(key, tensor, geom)
+        timings["preprocess_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if entry.embeds is None:
+            self._hook("encode")
+            with torch.inference_mode():
+                if self.kind == "image3d":
+                    embeds = self.model.encode_images(images3d=entry.tensor[None])
+                else:
+                    embeds = self.model.encode_images(images=entry.tensor[None])
+            entry.embeds = embeds
+            if self.use_cache:
+                self.images.put(key, entry)
+        timings["encode_s"] = time.perf_counter() - t0
+        return entry
+
+    # ------------------------------------------------------------------ sessions
+    def create_session(self, volume: Any, volume_id: str | None = None,
+                       session_id: str | None = None) -> Session:
+        """Open a conversation about ``volume``; returns the session (id in ``.id``)."""
+        s = Session(volume=volume, volume_id=volume_id or volume_hash(volume))
+        if session_id:
+            s.id = session_id
+        with self._lock:
+            self.sessions[s.id] = s
+        return s
+
+    def get_session(self, session_id: str) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise NotFoundError(f"unknown session {session_id!r}: create one with POST /v1/sessions",
+                                code="unknown_session")
+        return s
+
+    def delete_session(self, session_id: str) -> None:
+        with self._lock:
+            s = self.sessions.pop(session_id, None)
+            self._kv_lru.pop(session_id, None)
+        if s is None:
+            raise NotFoundError(f"unknown session {session_id!r}", code="unknown_session")
+        s.drop_kv()
+
+    def kv_bytes_used(self) -> int:
+        return sum(self._kv_lru.values())
+
+    def _account_kv(self, s: Session) -> None:
+        s.kv_bytes = cache_nbytes(s.past)
+        with self._lock:
+            self._kv_lru.pop(s.id, None)
+            if s.past is None:
+                return
+            self._kv_lru[s.id] = s.kv_bytes
+            while sum(self._kv_lru.values()) > self.kv_cache_bytes and len(self._kv_lru) > 0:
+                victim_id, _ = self._kv_lru.popitem(last=False)
+                victim = self.sessions.get(victim_id)
+                if victim is not None:
+                    victim.drop_kv()
+                    logger.info("KV cache of session %s evicted (budget %d bytes)",
+                                victim_id[:8], self.kv_cache_bytes)
+
+    # ------------------------------------------------------------------ prompts
+    def conversation(self, turns: Sequence[tuple[str, str]], question: str) -> list[dict]:
+        """MedM-VL conversation JSON: placeholder + newline + first question, then the turns."""
+        ph = T.PLACEHOLDERS[self.kind]
+        conv: list[dict] = []
+        for i, (q, a) in enumerate(turns):
+            conv.append({"from": "human", "value": f"{ph}\n{q}" if i == 0 else q})
+            conv.append({"from": "gpt", "value": a})
+        conv.append({"from": "human", "value": f"{ph}\n{question}" if not turns else question})
+        return conv
+
+    def encode_prompt(self, conversation: list[dict]) -> list[int]:
+        """Generation-prompt ids with the placeholder expanded to the model's image-token count."""
+        ids = [int(t) for t in self.processor.encode(conversation, mode="generate")["input_ids"]]
+        pid = _PLACEHOLDER_ID[self.kind]
+        n = int(self.model.num_image_tokens(self.kind))
+        if ids.count(pid) == 1 and n > 1:
+            at = ids.index(pid)
+            ids = ids[:at] + [pid] * n + ids[at + 1:]
+        return ids
+
+    # ------------------------------------------------------------------ model calls
+    def _forward(self, ids: list[int], total_len: int, past: Any,
+                 image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        mask = torch.ones(1, total_len, dtype=torch.long, device=self.device)
+        kwargs: dict[str, Any] = {"input_ids": x, "attention_mask": mask,
+                                  "past_key_values": past, "use_cache": True}
+        if image_embeds is not None:
+            kwargs["image_embeds"] = image_embeds
+        with torch.inference_mode():
+            out = self.model(**kwargs)
+        return out.logits[:, -1, :], out.past_key_values
+
+    # ------------------------------------------------------------------ answer
+    def answer(self, volume_or_image: Any = None, question: str | None = None, task: str = "ask",
+               box: Sequence[float] | None = None, max_new_tokens: int = 256,
+               do_sample: bool = False, on_token: Callable[[str], None] | None = None,
+               cancel: Any = None, *, session: Session | None = None,
+               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+               seed: int | None = None, deadline: float | None = None) -> Answer:
+        """Answer one question and, with a ``session``, extend its conversation.
+
+        box: voxel box (k1, j1, i1, k2, j2, i2) (2D: (j1, i1, j2, i2)), inclusive-exclusive,
+        for "describe" and "crop_ask". on_token(piece) streams text. cancel: an Event-like
+        (``is_set()``) or a callable returning True; checked before every decode step.
+        deadline: ``time.monotonic()`` value after which the request fails with a timeout.
+        """
+        params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+        params.validate(self.max_new_tokens_limit)
+        if task not in T.TASKS:
+            raise RequestError(f"unknown task {task!r}; use one of {', '.join(T.TASKS)}",
+                               code="bad_task")
+        if session is None:
+            if volume_or_image is None:
+                raise RequestError("answer() needs an image or a session")
+            session = Session(volume=volume_or_image, volume_id=volume_hash(volume_or_image))
+        if not session.lock.acquire(blocking=False):
+            raise SessionBusyError(f"session {session.id[:8]} is already answering; wait or cancel")
+        try:
+            return self._answer(session, question, task, box, params, on_token, cancel, deadline)
+        except BaseException as exc:
+            if is_oom(exc):
+                session.drop_kv()
+                self.images.clear()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                raise EngineOutOfMemoryError(
+                    "the device ran out of memory for this request; ask a shorter question, "
+                    "use a smaller max_new_tokens, or start the worker with --quantize 8bit/4bit"
+                ) from exc
+            raise
+        finally:
+            session.last_used = time.monotonic()
+            session.lock.release()
+
+    def _check_factory(self, cancel: Any, deadline: float | None) -> Callable[[], None]:
+        def check() -> None:
+            if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+                raise CancelledError("the answer was cancelled")
+            if deadline is not None and time.monotonic() > deadline:
+                raise RequestTimeoutError("the answer took longer than the request's time limit; "
+                                          "ask for fewer tokens or raise timeout_s")
+        return check
+
+    def _answer(self, s: Session, question: str | None, task: str, box: Sequence[float] | None,
+                params: SamplingParams, on_token: Callable[[str], None] | None, cancel: Any,
+                deadline: float | None) -> Answer:
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+        check = self._check_factory(cancel, deadline)
+        check()
+        if box is not None and len(box) != (6 if self.kind == "image3d" else 4):
+            raise RequestError(f"box must have {6 if self.kind == 'image3d' else 4} numbers "
+                               f"(voxel, inclusive-exclusive), got {len(box)}", code="bad_box")
+        ephemeral = task == "crop_ask"
+        if ephemeral and box is None:
+            raise RequestError("task 'crop_ask' needs a box (k1, j1, i1, k2, j2, i2) in voxels",
+                               code="bad_box")
+        entry = self.prepare(s.volume, roi=box if ephemeral else None, timings=timings,
+                             vhash=s.volume_id)
+        box_text = None
+        if task == "describe":
+            if box is None:
+                raise RequestError("task 'describe' needs a box (k1, j1, i1, k2, j2, i2) in voxels",
+                                   code="bad_box")
+            box_text = T.format_box(entry.geom.voxel_box_to_model(list(box)), self.kind)
+        q = T.build_question(task, self.kind, question, box_text)
+        turns = [] if ephemeral else s.turns
+        ids = self.encode_prompt(self.conversation(turns, q))
+        check()
+
+        # Reuse the longest prefix whose KV is cached; never split the image span.
+        past, lcp = (None, 0)
+        if self.use_cache and not ephemeral and s.past is not None:
+            lcp = 0
+            for a, b in zip(s.kv_ids, ids):
+                if a != b:
+                    break
+                lcp += 1
+            lcp = min(lcp, len(ids) - 1)
+            img = [i for i, t in enumerate(ids) if t < 0]
+            if img and lcp <= img[-1]:
+                lcp = 0
+            if lcp > 0:
+                s.past.crop(lcp)
+                past = s.past
+        s.past, s.kv_ids = None, []  # invalid until this answer completes
+        self._hook("prefill")
+        t0 = time.perf_counter()
+        suffix = ids[lcp:]
+        has_img = any(t < 0 for t in suffix)
+        logits, past = self._forward(suffix, len(ids), past, entry.embeds if has_img else None)
+        timings["prefill_s"] = time.perf_counter() - t0
+        timings["prefill_tokens"] = len(suffix)
+        timings["cached_tokens"] = lcp
+
+        total = len(ids)
+        generator = None
+        if params.do_sample and params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(params.seed))
+        first: list[float] = []
+        t_dec = time.perf_counter()
+
+        def on_token_id(_tok: int) -> None:
+            if not first:
+                first.append(time.perf_counter())
+
+        def step(tok: int) -> torch.Tensor:
+            nonlocal past, total
+            self._hook("decode")
+            total += 1
+            lg, past = self._forward([tok], total, past, None)
+            return lg
+
+        streamer = TextStreamer(self.tokenizer, on_token)
+        tokens, reason, fed = run_decode(logits, step, params, self.eos_ids, streamer, check,
+                                         generator, on_token_id)
+        streamer.finish()
+        t_end = time.perf_counter()
+        text = streamer.text()
+        timings["ttft_s"] = (first[0] if first else t_end) - t_start
+        timings["decode_s"] = t_end - t_dec
+        timings["new_tokens"] = len(tokens)
+        timings["total_s"] = t_end - t_start
+        if not ephemeral:
+            s.turns.append((q, text.strip()))
+            if self.use_cache:
+                s.past, s.kv_ids = past, ids + tokens[:fed]
+                self._account_kv(s)
+        boxes = []
+        for mb in T.find_model_boxes(text, self.kind):
+            try:
+                boxes.append(T.map_box(mb, entry.geom, s.volume, self.kind))
+            except Exception as exc:  # noqa: BLE001 - a malformed box must not fail the answer
+                logger.debug("box %s could not be mapped: %s", mb, exc)
+        return Answer(text=text, boxes=boxes, timings=timings, token_ids=tokens,
+                      finish_reason=reason, question=q, task=task)

@@ -1,0 +1,106 @@
+"""What each task sends to the model, and how boxes in answers map back to voxels and mm.
+
+A free question reaches the model as MedM-VL's data writes it: ``<image3d>\\n{question}`` (or
+``<image>\\n...``) in the first human turn, later turns the bare question. Box text follows the
+training data (``medmvl_core.processing.boxes``): 2D ``{<x1><y1><x2><y2>}`` integers 0-100, 3D
+``[z1, y1, x1, z2, y2, x2]`` floats 0-1 in model-input array order.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from medmvl_core.engine.errors import RequestError
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("ask", "report", "describe", "find", "crop_ask")
+PLACEHOLDERS = {"image": "<image>", "image3d": "<image3d>"}
+REPORT_PROMPTS = {"image3d": "Generate radiology report for the CT.",
+                  "image": "Generate radiology report for the chest X-ray."}
+DESCRIBE_PROMPT = "What is in the region {box}? Describe it."
+FIND_PROMPT = "Where is the {target} in this image? Please output the bounding box."
+
+_BOX3D = re.compile(r"\[\s*([-+]?\d*\.?\d+)\s*,\s*([-+]?\d*\.?\d+)\s*,\s*([-+]?\d*\.?\d+)\s*,"
+                    r"\s*([-+]?\d*\.?\d+)\s*,\s*([-+]?\d*\.?\d+)\s*,\s*([-+]?\d*\.?\d+)\s*\]")
+_BOX2D = re.compile(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\}")
+
+
+def format_box(box: Sequence[float], kind: str) -> str:
+    """Model-space box -> the model's native text (through processing.boxes when present)."""
+    try:
+        from medmvl_core.processing import boxes as pb
+        return pb.format_box_3d(box) if kind == "image3d" else pb.format_box_2d(box)
+    except (ImportError, AttributeError):
+        if kind == "image3d":
+            return "[" + ", ".join(f"{float(v):.3f}" for v in box) + "]"
+        return "{" + "".join(f"<{int(round(float(v)))}>" for v in box) + "}"
+
+
+def find_model_boxes(text: str, kind: str) -> list[list[float]]:
+    """All boxes written in ``text``, in model space (3D: 6 floats, 2D: 4 ints 0-100)."""
+    try:
+        from medmvl_core.processing import boxes as pb
+        found = pb.find_boxes(text)
+        out = []
+        for b in found:
+            vals = getattr(b, "box", None) or getattr(b, "values", None) or b
+            if isinstance(vals, dict):
+                vals = vals.get("box") or vals.get("values") or []
+            vals = [float(v) for v in vals]
+            if (kind == "image3d" and len(vals) == 6) or (kind == "image" and len(vals) == 4):
+                out.append(vals)
+        return out
+    except (ImportError, AttributeError, TypeError, ValueError):
+        pat = _BOX3D if kind == "image3d" else _BOX2D
+        return [[float(v) for v in m.groups()] for m in pat.finditer(text)]
+
+
+def voxel_to_physical(volume: Any, ijk: np.ndarray) -> np.ndarray:
+    """Continuous voxel indices (i, j, k) [N, 3] -> LPS mm [N, 3]: origin + D @ (spacing * ijk)."""
+    spacing = np.asarray(getattr(volume, "spacing", (1, 1, 1)), dtype=float)[:3]
+    origin = np.asarray(getattr(volume, "origin", (0, 0, 0)), dtype=float)[:3]
+    direction = np.asarray(getattr(volume, "direction", np.eye(3)), dtype=float).reshape(3, 3)
+    return origin + (direction @ (np.asarray(ijk, dtype=float) * spacing).T).T
+
+
+def map_box(model_box: list[float], geom: Any, volume: Any, kind: str) -> dict:
+    """One model-space box -> ``{"model", "voxel", "physical_lps"}``.
+
+    voxel: 3D ``(k1, j1, i1, k2, j2, i2)``, 2D ``(j1, i1, j2, i2)`` (row, column),
+    inclusive-exclusive, from the geometry record. physical_lps: the two corners at continuous
+    index (i1, j1, k1) and (i2, j2, k2) in LPS mm.
+    """
+    voxel = [float(v) for v in geom.model_box_to_voxel(model_box)]
+    if kind == "image3d" or len(voxel) == 6:
+        k1, j1, i1, k2, j2, i2 = voxel
+        corners = np.array([[i1, j1, k1], [i2, j2, k2]])
+    else:
+        j1, i1, j2, i2 = voxel
+        corners = np.array([[i1, j1, 0.0], [i2, j2, 0.0]])
+    phys = voxel_to_physical(volume, corners)
+    return {"model": model_box, "voxel": voxel, "physical_lps": phys.reshape(-1).tolist()}
+
+
+def build_question(task: str, kind: str, question: str | None, box_text: str | None) -> str:
+    """The user-turn text (without the image placeholder) for a task."""
+    q = (question or "").strip()
+    if task == "ask" or task == "crop_ask":
+        if not q:
+            raise RequestError(f"task {task!r} needs a non-empty question")
+        return q
+    if task == "report":
+        return q or REPORT_PROMPTS[kind]
+    if task == "describe":
+        if box_text is None:
+            raise RequestError("task 'describe' needs a box (k1, j1, i1, k2, j2, i2) in voxels")
+        return q.replace("{box}", box_text) if "{box}" in q else DESCRIBE_PROMPT.format(box=box_text)
+    if task == "find":
+        if not q:
+            raise RequestError("task 'find' needs the thing to find as the question, e.g. 'nodule'")
+        return FIND_PROMPT.format(target=q)
+    raise RequestError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")

@@ -1,0 +1,472 @@
+"""Readers: every common medical image format into a :class:`Volume`.
+
+Chosen by content first (a DICOM preamble, a folder), then by extension:
+
+=====================  ===========================================================
+folder                 DICOM series (SimpleITK/GDCM; several series: the one named by
+                       ``series_uid``, else the largest; multi-frame files via pydicom)
+``.dcm`` / DICOM file  multi-frame enhanced CT/MR -> 3D; CR/DX/MG/... radiographs and
+                       secondary captures -> 2D uint8 (modality LUT, VOI LUT/window,
+                       MONOCHROME1 inverted); a single CT/MR slice -> a 1-slice volume
+``.nii`` ``.nii.gz``   SimpleITK (LPS geometry)
+``.nrrd`` ``.nhdr``    SimpleITK
+``.mha`` ``.mhd``      SimpleITK
+``.npy``               MedM-VL's data: a [D, H, W] HU array (or [1, D, H, W]); no geometry,
+                       so spacing 1 mm, origin 0, identity direction (LPS axes)
+``.png`` ``.jpg``      Pillow: 8-bit grey -> [1, H, W] uint8, colour -> [1, H, W, 3] uint8
+``.bmp`` ``.tif``      (as ``convert("RGB")``), 16-bit / float kept as is -> [1, H, W]
+=====================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from medmvl_core.errors import ImageReadError, InvalidImageError
+from medmvl_core.imaging.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+ITK_EXTS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+PIL_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+RADIOGRAPH_MODALITIES = {"CR", "DX", "MG", "RG", "RF", "XA", "IO", "PX", "OT", "SC", "US", "ES", "XC", "GM"}
+NON_IMAGE_SOP = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "a segmentation (SEG)",
+    "1.2.840.10008.5.1.4.1.1.481.3": "an RT structure set",
+    "1.2.840.10008.5.1.4.1.1.66": "raw data",
+    "1.2.840.10008.5.1.4.1.1.104.1": "an encapsulated PDF",
+    "1.2.840.10008.5.1.4.1.1.11.1": "a presentation state",
+}
+
+
+def _sop_kind(sop: str) -> str | None:
+    if sop in NON_IMAGE_SOP:
+        return NON_IMAGE_SOP[sop]
+    if sop.startswith("1.2.840.10008.5.1.4.1.1.88."):
+        return "a structured report (SR)"
+    if sop.startswith("1.2.840.10008.5.1.4.1.1.481."):
+        return "an RT object"
+    return None
+
+
+def read_image(path: str | os.PathLike, series_uid: str | None = None) -> Volume:
+    """Read any supported image (file or DICOM folder) into a :class:`Volume`.
+
+    Raises:
+        ImageReadError: missing, unreadable or truncated files, unknown formats, empty folders.
+        InvalidImageError: files that are not images (DICOM SR/SEG), 4D data, ambiguous series.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(f"{p} does not exist; check the path")
+    if p.is_dir():
+        return read_dicom_folder(p, series_uid)
+    name = p.name.lower()
+    if _is_dicom_file(p) or name.endswith(".dcm"):
+        return read_dicom_file(p)
+    if name.endswith(".npy"):
+        return read_npy(p)
+    if name.endswith(ITK_EXTS):
+        return read_itk(p)
+    if name.endswith(PIL_EXTS):
+        return read_2d(p)
+    raise ImageReadError(
+        f"{p.name}: unknown image format; supported: DICOM files or folders, "
+        f"{', '.join(ITK_EXTS + PIL_EXTS)}, .npy")
+
+
+def _is_dicom_file(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            head = f.read(132)
+    except OSError as exc:
+        raise ImageReadError(f"cannot open {p}: {exc}") from exc
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+# --------------------------------------------------------------------------- npy
+def read_npy(p: Path) -> Volume:
+    """A MedM-VL ``.npy`` (HU [D, H, W], or [1, D, H, W] v1.0 data) with identity geometry."""
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ImageReadError(f"{p.name} is not a readable .npy array ({exc}); re-save it with numpy.save") from exc
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 2:
+        return Volume(arr[None], modality="image", source="npy")
+    if arr.ndim != 3:
+        raise InvalidImageError(f"{p.name}: expected a [D, H, W] array, got shape {arr.shape}; "
+                                "4D data must be split into 3D volumes")
+    return Volume(arr, modality="CT", source="npy")
+
+
+# --------------------------------------------------------------------------- ITK formats
+def _sitk_to_volume(img, source: str, modality: str = "unknown") -> Volume:
+    import SimpleITK as sitk
+
+    if img.GetDimension() == 2:
+        arr = sitk.GetArrayFromImage(img)[None]
+        sp = tuple(img.GetSpacing()) + (1.0,)
+        org = tuple(img.GetOrigin()) + (0.0,)
+        d2 = np.array(img.GetDirection()).reshape(2, 2)
+        direction = np.eye(3)
+        direction[:2, :2] = d2
+    elif img.GetDimension() == 3:
+        arr = sitk.GetArrayFromImage(img)
+        sp, org = img.GetSpacing(), img.GetOrigin()
+        direction = np.array(img.GetDirection()).reshape(3, 3)
+    else:
+        raise InvalidImageError(f"{img.GetDimension()}D data is not supported; split it into 3D volumes")
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        if arr.shape[0] == 1 and arr.shape[-1] == 3:
+            return Volume(arr.astype(np.uint8), sp, org, direction, "image", source)
+        raise InvalidImageError(
+            f"the image has {img.GetNumberOfComponentsPerPixel()} components per voxel (vector or "
+            "4D data); extract a single scalar 3D volume first")
+    return Volume(arr, sp, org, direction, modality, source)
+
+
+def read_itk(p: Path) -> Volume:
+    """NIfTI / NRRD / MetaImage via SimpleITK (geometry in LPS)."""
+    import SimpleITK as sitk
+
+    kind = _itk_kind(p.name.lower())
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+        dim = reader.GetDimension()
+        size = reader.GetSize()
+        if dim == 4 and size[3] == 1:
+            reader.SetExtractIndex([0, 0, 0, 0])
+            reader.SetExtractSize([size[0], size[1], size[2], 0])
+        elif dim > 3:
+            raise InvalidImageError(
+                f"{p.name} is {dim}D (size {size}); only 3D volumes and 2D images are supported — "
+                "extract one 3D volume (e.g. one time point) first")
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise ImageReadError(f"cannot read {p.name} as {kind}: {_first_line(exc)}; "
+                             "the file may be truncated or corrupt") from exc
+    return _sitk_to_volume(img, kind)
+
+
+def _itk_kind(name: str) -> str:
+    if name.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if name.endswith((".nrrd", ".nhdr")):
+        return "nrrd"
+    return "metaimage"
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- 2D
+def read_2d(p: Path) -> Volume:
+    """PNG/JPEG/BMP/TIFF via Pillow. 8-bit -> uint8 (colour as ``convert("RGB")``); 16-bit kept."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                raise InvalidImageError(
+                    f"{p.name} has {im.n_frames} pages/frames; multi-page images are not supported — "
+                    "save the volume as NIfTI or a DICOM series")
+            im.load()
+            mode = im.mode
+            if mode in ("L", "1"):
+                arr = np.asarray(im.convert("L"))
+            elif mode.startswith("I") or mode == "F":
+                arr = np.asarray(im)
+                if arr.dtype.byteorder == ">":
+                    arr = arr.astype(arr.dtype.newbyteorder("="))
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except InvalidImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"cannot read {p.name} as an image ({exc}); the file may be truncated "
+                             "or not an image") from exc
+    if arr.ndim == 3 and arr.shape[-1] > 3:
+        arr = arr[..., :3]
+    return Volume(np.ascontiguousarray(arr)[None], modality="image", source=p.suffix.lower().lstrip("."))
+
+
+# --------------------------------------------------------------------------- DICOM
+def _dcmread(p: Path, **kw):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(p), **kw)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        raise ImageReadError(f"cannot read {p.name} as DICOM ({_first_line(exc)}); the file may be "
+                             "truncated or not DICOM") from exc
+
+
+def _check_is_image(ds, name: str) -> None:
+    kind = _sop_kind(str(ds.get("SOPClassUID", "")))
+    if kind or ds.get("Modality") in ("SR", "SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "PR", "KO", "DOC"):
+        what = kind or f"a {ds.get('Modality')} object"
+        raise InvalidImageError(f"{name} is {what}, not an image; select the image series it refers to")
+    has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    if not has_pixels and "Rows" not in ds:  # headers read with stop_before_pixels keep Rows
+        raise InvalidImageError(f"{name} holds no pixel data; select an image file or series")
+
+
+def _pixels(ds, name: str) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for truncated/compressed data
+        raise ImageReadError(f"cannot decode the pixels of {name} ({_first_line(exc)}); the file may "
+                             "be truncated or use a compression without an installed decoder") from exc
+
+
+def read_dicom_file(p: Path) -> Volume:
+    """One DICOM file: enhanced multi-frame CT/MR -> 3D; radiographs -> 2D uint8; a slice -> [1, H, W]."""
+    ds = _dcmread(p)
+    _check_is_image(ds, p.name)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    modality = str(ds.get("Modality", "unknown"))
+    if frames > 1 and "PerFrameFunctionalGroupsSequence" in ds:
+        return _read_multiframe(ds, p.name)
+    if frames > 1:
+        raise InvalidImageError(f"{p.name}: a multi-frame {modality} without per-frame geometry "
+                                "(e.g. a cine loop) is not supported")
+    if modality in RADIOGRAPH_MODALITIES or int(ds.get("SamplesPerPixel", 1)) == 3:
+        return _read_radiograph(ds, p.name)
+    return _read_slice(ds, p.name)
+
+
+def _read_slice(ds, name: str) -> Volume:
+    from pydicom.pixels import apply_modality_lut
+
+    arr = apply_modality_lut(_pixels(ds, name), ds)
+    ps = [float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])]
+    thick = float(ds.get("SliceThickness", 1.0) or 1.0)
+    direction, origin = _plane_geometry(ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient"))
+    return Volume(np.asarray(arr)[None], (ps[1], ps[0], thick), origin, direction,
+                  str(ds.get("Modality", "unknown")), "dicom-file")
+
+
+def _plane_geometry(iop, ipp):
+    if iop is None:
+        return np.eye(3), (0.0, 0.0, 0.0)
+    row = np.array([float(v) for v in iop[:3]])
+    col = np.array([float(v) for v in iop[3:]])
+    normal = np.cross(row, col)
+    direction = np.stack([row, col, normal], axis=1)
+    origin = tuple(float(v) for v in ipp) if ipp is not None else (0.0, 0.0, 0.0)
+    return direction, origin
+
+
+def _read_radiograph(ds, name: str) -> Volume:
+    """Modality LUT, VOI LUT or window, MONOCHROME1 inversion -> uint8 [1, H, W] (or RGB)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    arr = _pixels(ds, name)
+    ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or [1.0, 1.0]
+    spacing = (float(ps[1]), float(ps[0]), 1.0)
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        rgb = arr if arr.dtype == np.uint8 else _to_u8(arr, float(arr.min()), float(arr.max()))
+        return Volume(rgb[None], spacing, modality="XR", source="dicom-radiograph")
+    has_voi = "VOILUTSequence" in ds or "WindowCenter" in ds
+    values = apply_modality_lut(arr, ds).astype(np.float64)
+    if has_voi:
+        lo, hi = _voi_range(ds, values)
+        values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+    else:
+        lo, hi = float(values.min()), float(values.max())
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        values = hi + lo - values  # display convention: high values dark -> invert
+    u8 = _to_u8(values, lo, hi)
+    return Volume(u8[None], spacing, modality="XR", source="dicom-radiograph")
+
+
+def _voi_range(ds, values: np.ndarray) -> tuple[float, float]:
+    """Output range of pydicom's VOI step: the LUT's bit depth, or the window's y range."""
+    if "VOILUTSequence" in ds:
+        desc = ds.VOILUTSequence[0].LUTDescriptor
+        return 0.0, float(2 ** int(desc[2]) - 1)
+    bits = int(ds.get("BitsStored", 16))
+    if int(ds.get("PixelRepresentation", 0)) == 0:
+        lo, hi = 0.0, float(2 ** bits - 1)
+    else:
+        lo, hi = float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        s, b = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        lo, hi = sorted((lo * s + b, hi * s + b))
+    return lo, hi
+
+
+def _to_u8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:
+        return np.zeros(values.shape, np.uint8)
+    return np.clip(np.round((values - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _read_multiframe(ds, name: str) -> Volume:
+    """Enhanced CT/MR: frames sorted along the slice normal, per-frame rescale to HU."""
+    arr = np.asarray(_pixels(ds, name))
+    shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
+    per = ds.PerFrameFunctionalGroupsSequence
+
+    def group(i, key):
+        for g in (per[i], shared):
+            if g is not None and key in g:
+                return g[key][0]
+        return None
+
+    pos, slopes, intercepts = [], [], []
+    iop = group(0, "PlaneOrientationSequence")
+    measures = group(0, "PixelMeasuresSequence")
+    if iop is None or measures is None:
+        raise InvalidImageError(f"{name}: multi-frame DICOM without plane orientation/pixel spacing")
+    direction, _ = _plane_geometry(iop.ImageOrientationPatient, None)
+    for i in range(arr.shape[0]):
+        pp = group(i, "PlanePositionSequence")
+        if pp is None:
+            raise InvalidImageError(f"{name}: frame {i} has no position; cannot build a volume")
+        pos.append([float(v) for v in pp.ImagePositionPatient])
+        pvt = group(i, "PixelValueTransformationSequence")
+        slopes.append(float(getattr(pvt, "RescaleSlope", 1.0)) if pvt is not None else 1.0)
+        intercepts.append(float(getattr(pvt, "RescaleIntercept", 0.0)) if pvt is not None else 0.0)
+    pos = np.array(pos)
+    dist = pos @ direction[:, 2]
+    order = np.argsort(dist, kind="stable")
+    if len(np.unique(np.round(dist, 4))) != len(dist):
+        raise InvalidImageError(f"{name}: several frames share a position (multi-volume/4D data); "
+                                "split it into 3D volumes first")
+    data = arr[order].astype(np.float64) * np.array(slopes)[order, None, None] + \
+        np.array(intercepts)[order, None, None]
+    if np.all(np.equal(np.mod(data, 1), 0)) and data.min() >= -32768 and data.max() <= 32767:
+        data = data.astype(np.int16)
+    else:
+        data = data.astype(np.float32)
+    ps = [float(v) for v in measures.PixelSpacing]
+    steps = np.diff(dist[order])
+    dz = float(np.median(steps)) if len(steps) else float(getattr(measures, "SliceThickness", 1.0) or 1.0)
+    return Volume(data, (ps[1], ps[0], dz), tuple(pos[order[0]]), direction,
+                  str(ds.get("Modality", "unknown")), "dicom-multiframe")
+
+
+def list_series(folder: str | os.PathLike) -> list[dict]:
+    """The DICOM series in a folder: ``[{"uid", "files", "modality"}]``, largest first."""
+    import SimpleITK as sitk
+
+    folder = str(folder)
+    out = []
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid)
+        ds = _dcmread(Path(files[0]), stop_before_pixels=True)
+        out.append({"uid": uid, "files": len(files), "modality": str(ds.get("Modality", "unknown"))})
+    out.sort(key=lambda s: -s["files"])
+    return out
+
+
+def read_dicom_folder(folder: Path, series_uid: str | None = None, threads: int = 2) -> Volume:
+    """A DICOM series from a folder (HU, sorted by position). Several series: ``series_uid`` or the largest."""
+    import SimpleITK as sitk
+
+    entries = [e for e in folder.iterdir() if e.is_file()]
+    if not entries:
+        raise ImageReadError(f"the folder {folder} is empty; select the folder that contains the DICOM files")
+    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not uids:
+        raise ImageReadError(f"no DICOM image series found in {folder}; select a folder of DICOM files")
+    if series_uid is not None:
+        if series_uid not in uids:
+            raise InvalidImageError(f"series {series_uid} is not in {folder}; available: {list(uids)}")
+        uid = series_uid
+    elif len(uids) == 1:
+        uid = uids[0]
+    else:
+        series = list_series(folder)
+        logger.info("%d series in the folder: %s", len(series), series)
+        images = []
+        for s in series:
+            ds = _dcmread(Path(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s["uid"])[0]),
+                          stop_before_pixels=True)
+            if _sop_kind(str(ds.get("SOPClassUID", ""))) is None and s["modality"] not in ("SR", "SEG", "PR", "KO"):
+                images.append(s)
+        if not images:
+            raise InvalidImageError(f"{folder} contains no image series (only {series}); select an image series")
+        if len(images) > 1 and images[0]["files"] == images[1]["files"]:
+            raise InvalidImageError(
+                f"{folder} holds several series of the same size: "
+                f"{[(s['uid'], s['files'], s['modality']) for s in images]}; pick one with series_uid "
+                "(--series-uid) or put each series in its own folder")
+        uid = images[0]["uid"]
+        logger.info("picked the largest series (%d files)", images[0]["files"])
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+    first = _dcmread(Path(files[0]), stop_before_pixels=True)
+    _check_is_image(first, Path(files[0]).name)
+    if len(files) == 1:
+        return read_dicom_file(Path(files[0]))
+    _check_consistent(files)
+    vol = _read_series(files, threads)
+    vol.modality = str(first.get("Modality", "unknown"))
+    return vol
+
+
+def _check_consistent(files: list[str]) -> None:
+    """Mixed sizes or orientations inside one series UID cannot form a volume."""
+    keys = set()
+    for f in (files[0], files[len(files) // 2], files[-1]):
+        ds = _dcmread(Path(f), stop_before_pixels=True)
+        iop = tuple(round(float(v), 4) for v in ds.get("ImageOrientationPatient", []))
+        keys.add((ds.get("Rows"), ds.get("Columns"), iop))
+    if len(keys) > 1:
+        raise InvalidImageError("the series mixes slice sizes or orientations (e.g. a scout with the "
+                                "axial slices); export the axial series on its own")
+
+
+def _read_series(files: list[str], threads: int) -> Volume:
+    """SimpleITK series read (rescale to HU), split over threads; geometry from the whole list."""
+    import SimpleITK as sitk
+
+    def read(chunk: list[str]):
+        r = sitk.ImageSeriesReader()
+        r.SetFileNames(chunk)
+        r.SetNumberOfThreads(1)
+        return r.Execute()
+
+    n = len(files)
+    parts = max(1, min(threads, n // 16))
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    chunks = [files[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    try:
+        if parts == 1:
+            images = [read(files)]
+        else:
+            with ThreadPoolExecutor(parts) as ex:
+                images = list(ex.map(read, chunks))
+    except RuntimeError as exc:
+        raise ImageReadError(f"cannot read the DICOM series ({_first_line(exc)}); a file may be "
+                             "truncated or corrupt") from exc
+    arrays = [sitk.GetArrayViewFromImage(im) for im in images]
+    dtype = np.result_type(*[a.dtype for a in arrays])
+    arr = np.empty((sum(a.shape[0] for a in arrays),) + arrays[0].shape[1:], dtype)
+    k = 0
+    for a in arrays:
+        arr[k:k + a.shape[0]] = a
+        k += a.shape[0]
+    head = images[0]
+    spacing = list(head.GetSpacing())
+    if parts > 1:
+        # the slice spacing comes from the positions of the first and last slice of the whole list
+        p0 = np.array(head.GetOrigin())
+        p1 = np.array(images[-1].TransformIndexToPhysicalPoint((0, 0, images[-1].GetSize()[2] - 1)))
+        normal = np.array(head.GetDirection()).reshape(3, 3)[:, 2]
+        spacing[2] = abs(float((p1 - p0) @ normal)) / max(n - 1, 1) or spacing[2]
+    direction = np.array(head.GetDirection()).reshape(3, 3)
+    return Volume(arr, tuple(spacing), head.GetOrigin(), direction, "unknown", "dicom-series")

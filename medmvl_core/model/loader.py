@@ -1,0 +1,223 @@
+"""``load_checkpoint``: our format or a MedM-VL folder (HEAD or v1.0 schema), auto-detected, offline."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medmvl_core.errors import CheckpointError
+from medmvl_core.model.configuration import MedMVLConfig
+from medmvl_core.model.medmvl_compat import ImportedConfig, detect_format, import_config
+from medmvl_core.model.modeling import MedMVLForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+# Weights MedM-VL keeps for 3D CLIP models but never uses for the LLM (text towers, CLIP heads).
+UNUSED_PREFIXES = (
+    "encoder_image3d.encoder.language_encoder.",
+    "encoder_image3d.encoder.text_encoder.",
+    "encoder_image3d.encoder.mm_vision_proj.",
+    "encoder_image3d.encoder.mm_language_proj.",
+    "encoder_image3d.encoder.logit_scale",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
+    from safetensors.torch import load_file
+
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise CheckpointError(f"shard {shard} listed in {index} is missing; re-download the checkpoint")
+            state.update(load_file(str(folder / shard)))
+        return state
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise CheckpointError(
+            f"{folder} has only pickle weights (*.bin/*.pt); this project loads safetensors only. "
+            "Convert them with transformers' save_pretrained(safe_serialization=True) on a trusted machine"
+        )
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+
+
+def _default_dtype(device: str | torch.device) -> torch.dtype:
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _fix_attn(config: MedMVLConfig, device: str | torch.device) -> None:
+    if config.llm_attn_implementation == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+
+            ok = torch.device(device).type == "cuda"
+        except ImportError:
+            ok = False
+        if not ok:
+            logger.info("flash_attention_2 is not available here; using sdpa (same results up to rounding)")
+            config.llm_attn_implementation = "sdpa"
+
+
+def _load_tokenizer(dirs: list[Path], max_length: int, padding_side: str):
+    from transformers import AutoTokenizer
+
+    for d in dirs:
+        if any((d / f).is_file() for f in _TOKENIZER_FILES):
+            tok = AutoTokenizer.from_pretrained(str(d), model_max_length=max_length, padding_side=padding_side)
+            logger.info("tokenizer from %s (%s)", d, type(tok).__name__)
+            return tok
+    raise CheckpointError(
+        f"no tokenizer found in {[str(d) for d in dirs]}; copy the tokenizer files (tokenizer_config.json, "
+        "vocab.json/merges.txt or tokenizer.json) into the checkpoint folder"
+    )
+
+
+def make_processor(model: MedMVLForConditionalGeneration, tokenizer: Any) -> Any:
+    """A ``MedMVLProcessor`` for this model, or None while the processing package lacks it."""
+    try:
+        from medmvl_core.processing import MedMVLProcessor
+    except ImportError:
+        # TODO(lead): medmvl_core.processing.MedMVLProcessor is not there yet; load_checkpoint returns None.
+        logger.warning("medmvl_core.processing.MedMVLProcessor is not available; returning no processor")
+        return None
+    cfg = model.config
+    counts = {}
+    for kind in ("image", "image3d"):
+        try:
+            counts[kind] = model.num_image_tokens(kind)
+        except Exception:  # the model does not take this kind
+            pass
+    return MedMVLProcessor(tokenizer, template=cfg.template, num_image_tokens=counts,
+                           preprocessing=cfg.preprocessing, padding_side=cfg.padding_side, max_length=cfg.model_max_length)
+
+
+def build_from_state(config: MedMVLConfig, state: dict[str, torch.Tensor], tie_policy: str) -> MedMVLForConditionalGeneration:
+    """Build the model without random init and load ``state`` (MedM-VL key names) into it."""
+    from transformers.modeling_utils import no_init_weights
+
+    has_head = "llm.lm_head.weight" in state
+    if not has_head:
+        if tie_policy == "untied":
+            logger.warning("the checkpoint stores no llm.lm_head.weight; tying it to the input embeddings "
+                           "(MedM-VL would leave a random head here)")
+        config.llm_config.tie_word_embeddings = True
+        config.tie_word_embeddings = True
+    elif tie_policy == "untied":
+        config.llm_config.tie_word_embeddings = False
+        config.tie_word_embeddings = False
+    unused = [k for k in state if k.startswith(UNUSED_PREFIXES)]
+    for k in unused:
+        del state[k]
+    if unused:
+        logger.info("ignored %d weights of the 3D CLIP text tower", len(unused))
+    with no_init_weights():
+        model = MedMVLForConditionalGeneration(config)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not (k == "llm.lm_head.weight" and not has_head)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"the weights do not match the config: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {result.unexpected_keys[:8]}{'...' if len(result.unexpected_keys) > 8 else ''}; "
+            "the base-model configs (presets or local folders) must be the ones the checkpoint was trained with"
+        )
+    model.tie_weights()
+    return model
+
+
+def load_medmvl_folder(path: Path) -> tuple[MedMVLForConditionalGeneration, ImportedConfig]:
+    """Load a MedM-VL (HEAD or v1) checkpoint folder into our model class, float32 on the CPU."""
+    raw = json.loads((path / "config.json").read_text())
+    imported = import_config(raw, path)
+    _fix_attn(imported.config, "cpu")
+    model = build_from_state(imported.config, read_safetensors_folder(path), imported.tie_policy)
+    return model, imported
+
+
+def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu",
+                             dtype: torch.dtype | str | None = None) -> tuple[MedMVLForConditionalGeneration, Any]:
+    """Like :func:`load_checkpoint` but returns ``(model, tokenizer)``."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} has no config.json; give the checkpoint folder (from `medmvl download` "
+                              "or a training run)")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or _default_dtype(device)
+    fmt = detect_format(json.loads(cfg_file.read_text()))
+    if fmt == "medmvl":
+        config = MedMVLConfig.from_pretrained(str(path))
+        _fix_attn(config, device)
+        model = MedMVLForConditionalGeneration.from_pretrained(str(path), config=config, dtype=dtype)
+        tok_dirs = [path]
+    else:
+        model, imported = load_medmvl_folder(path)
+        tok_dirs = imported.tokenizer_dirs
+    model = model.to(device=device, dtype=dtype).eval()
+    tokenizer = _load_tokenizer(tok_dirs, model.config.model_max_length, model.config.padding_side)
+    if fmt != "medmvl":
+        _medmvl_pad_rules(tokenizer, model.config.source.get("llm_type"))
+    return model, tokenizer
+
+
+def _medmvl_pad_rules(tokenizer: Any, llm_type: str | None) -> None:
+    """MedM-VL's loaders set the pad token per LLM type (Llama-3: eos, Phi-2: unk)."""
+    try:
+        from medmvl_core.processing import apply_medmvl_tokenizer_rules
+    except ImportError:  # processing package not there: keep the tokenizer's own pad
+        return
+    if llm_type:
+        apply_medmvl_tokenizer_rules(tokenizer, llm_type)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | str | None = None) -> tuple[MedMVLForConditionalGeneration, Any]:
+    """Load a checkpoint folder and return ``(model, processor)`` in eval mode.
+
+    ``path``: our format, or a MedM-VL folder (HEAD ``lvlm_*`` or v1.0 schema), auto-detected.
+    ``dtype``: default float32 on CPU, bfloat16 on a GPU that supports it.
+    Works offline: base models come from local folders, the HF cache or shipped presets.
+    """
+    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype=dtype)
+    return model, make_processor(model, tokenizer)
+
+
+def save_checkpoint(model: MedMVLForConditionalGeneration, tokenizer_or_processor: Any, out_dir: str | Path,
+                    max_shard_size: str | int = "5GB") -> Path:
+    """Write our self-contained folder: config.json, safetensors (sharded + index when large),
+    tokenizer files and, when a processor is given, its config."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+    if tokenizer_or_processor is not None:
+        tokenizer_or_processor.save_pretrained(str(out))
+        tok = getattr(tokenizer_or_processor, "tokenizer", None)
+        if tok is not None and not any((out / f).is_file() for f in _TOKENIZER_FILES):
+            tok.save_pretrained(str(out))
+    return out
+
+
+def load_tokenizer_for(path: str | Path) -> Any:
+    """The tokenizer a checkpoint folder would be loaded with (same rules as ``load_checkpoint``)."""
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    if detect_format(raw) == "medmvl":
+        cfg = MedMVLConfig.from_pretrained(str(path))
+        return _load_tokenizer([path], cfg.model_max_length, cfg.padding_side)
+    imported = import_config(raw, path)
+    tok = _load_tokenizer(imported.tokenizer_dirs, imported.config.model_max_length, imported.config.padding_side)
+    _medmvl_pad_rules(tok, imported.config.source.get("llm_type"))
+    return tok

@@ -1,0 +1,375 @@
+"""The viewer's main window: a slice view and the MedM-VL panel, bound to the shared
+:class:`~medmvl_core.client.controller.PanelController` (results drained by a QTimer)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from qtpy import QtCore, QtWidgets
+
+from medmvl_core.client import controller as ctl
+from medmvl_core.client.roi_geometry import ijk_to_ras_from_lps
+from medmvl_core.viewer.display import WL_PRESETS, auto_window
+from medmvl_core.viewer.slice_view import SliceView
+
+logger = logging.getLogger(__name__)
+
+
+class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
+    """``medmvl viewer``: open an image, draw a box, ask the model."""
+
+    def __init__(self, controller: ctl.PanelController | None = None):
+        super().__init__()
+        self.setWindowTitle("MedM-VL viewer")
+        self.controller = controller or ctl.PanelController()
+        self.controller.listener = self
+        self.volume: ctl.VolumeData | None = None
+        self._build()
+        self._timer = QtCore.QTimer(self)
+        self._timer.setInterval(50)
+        self._timer.timeout.connect(self.controller.poll)
+        self._timer.start()
+        self.on_state(self.controller.state, "")
+        self.resize(1200, 760)
+
+    # ------------------------------------------------------------------ layout
+    def _build(self) -> None:
+        menu = self.menuBar().addMenu("&File")
+        menu.addAction("Open image file…", self.open_file_dialog)
+        menu.addAction("Open DICOM folder…", self.open_folder_dialog)
+        menu.addAction("Quit", self.close)
+
+        self.view = SliceView()
+        self.view.on_box_drawn = self._on_box_drawn
+        self.sliceSlider = QtWidgets.QSlider(QtCore.Qt.Horizontal)
+        self.sliceSlider.valueChanged.connect(self.view.set_slice)
+        self.view.on_slice_changed = self.sliceSlider.setValue
+        self.wlCombo = QtWidgets.QComboBox()
+        self.wlCombo.addItems(list(WL_PRESETS))
+        self.wlCombo.currentTextChanged.connect(self._apply_window)
+        self.depthSpin = QtWidgets.QSpinBox()
+        self.depthSpin.setRange(0, 256)
+        self.depthSpin.setValue(self.view.depth)
+        self.depthSpin.setToolTip("A drawn box spans this many slices above and below the current one")
+        self.depthSpin.valueChanged.connect(lambda v: setattr(self.view, "depth", v))
+        self.clearBoxButton = QtWidgets.QPushButton("Clear box")
+        self.clearBoxButton.clicked.connect(lambda: self._on_box_drawn(None))
+        bar = QtWidgets.QHBoxLayout()
+        for label, w in (("Slice", self.sliceSlider), ("W/L", self.wlCombo), ("Box ± slices", self.depthSpin)):
+            bar.addWidget(QtWidgets.QLabel(label))
+            bar.addWidget(w, 1 if w is self.sliceSlider else 0)
+        bar.addWidget(self.clearBoxButton)
+        left = QtWidgets.QWidget()
+        lv = QtWidgets.QVBoxLayout(left)
+        lv.addWidget(self.view, 1)
+        lv.addLayout(bar)
+
+        splitter = QtWidgets.QSplitter()
+        splitter.addWidget(left)
+        splitter.addWidget(self._build_panel())
+        splitter.setStretchFactor(0, 3)
+        splitter.setStretchFactor(1, 2)
+        self.setCentralWidget(splitter)
+
+    def _build_panel(self) -> QtWidgets.QWidget:
+        panel = QtWidgets.QWidget()
+        v = QtWidgets.QVBoxLayout(panel)
+        # Model
+        model = QtWidgets.QGroupBox("Model")
+        f = QtWidgets.QFormLayout(model)
+        self.localRadio = QtWidgets.QRadioButton("Local worker")
+        self.remoteRadio = QtWidgets.QRadioButton("Remote worker")
+        self.localRadio.setChecked(True)
+        self.localRadio.toggled.connect(self._update_mode)
+        modes = QtWidgets.QHBoxLayout()
+        modes.addWidget(self.localRadio)
+        modes.addWidget(self.remoteRadio)
+        f.addRow(modes)
+        self.pythonEdit = QtWidgets.QLineEdit(sys.executable)
+        f.addRow("Python:", self.pythonEdit)
+        self.checkpointEdit = QtWidgets.QLineEdit()
+        browse = QtWidgets.QPushButton("…")
+        browse.clicked.connect(self._browse_checkpoint)
+        row = QtWidgets.QHBoxLayout()
+        row.addWidget(self.checkpointEdit, 1)
+        row.addWidget(browse)
+        f.addRow("Checkpoint:", row)
+        self.downloadCombo = QtWidgets.QComboBox()
+        self.downloadCombo.addItems(list(ctl.RELEASED_MODELS))
+        self.downloadButton = QtWidgets.QPushButton("Download a released model")
+        self.downloadButton.clicked.connect(self._download)
+        row = QtWidgets.QHBoxLayout()
+        row.addWidget(self.downloadCombo, 1)
+        row.addWidget(self.downloadButton)
+        f.addRow("Download:", row)
+        self.deviceCombo = QtWidgets.QComboBox()
+        self.deviceCombo.addItems(["auto", "cuda", "cpu"])
+        self.quantCombo = QtWidgets.QComboBox()
+        self.quantCombo.addItems(["none", "8bit", "4bit"])
+        row = QtWidgets.QHBoxLayout()
+        row.addWidget(self.deviceCombo)
+        row.addWidget(QtWidgets.QLabel("Quantization:"))
+        row.addWidget(self.quantCombo)
+        f.addRow("Device:", row)
+        self.urlEdit = QtWidgets.QLineEdit("http://127.0.0.1:8765")
+        f.addRow("URL:", self.urlEdit)
+        self.tokenEdit = QtWidgets.QLineEdit()
+        self.tokenEdit.setEchoMode(QtWidgets.QLineEdit.Password)
+        self.testButton = QtWidgets.QPushButton("Test connection")
+        self.testButton.clicked.connect(self._connect_remote)
+        row = QtWidgets.QHBoxLayout()
+        row.addWidget(self.tokenEdit, 1)
+        row.addWidget(self.testButton)
+        f.addRow("Token:", row)
+        self.startButton = QtWidgets.QPushButton("Start")
+        self.startButton.clicked.connect(self._start)
+        self.stopButton = QtWidgets.QPushButton("Stop")
+        self.stopButton.clicked.connect(self.controller.stop)
+        row = QtWidgets.QHBoxLayout()
+        row.addWidget(self.startButton)
+        row.addWidget(self.stopButton)
+        f.addRow(row)
+        self.stateLabel = QtWidgets.QLabel()
+        self.stateLabel.setWordWrap(True)
+        f.addRow("State:", self.stateLabel)
+        self.memoryLabel = QtWidgets.QLabel("-")
+        self.memoryLabel.setWordWrap(True)
+        f.addRow("Memory:", self.memoryLabel)
+        v.addWidget(model)
+        # Ask
+        ask = QtWidgets.QGroupBox("Ask")
+        a = QtWidgets.QVBoxLayout(ask)
+        row = QtWidgets.QHBoxLayout()
+        self.taskCombo = QtWidgets.QComboBox()
+        for task, (label, _q, _b) in ctl.TASK_INFO.items():
+            self.taskCombo.addItem(label, task)
+        self.taskCombo.currentIndexChanged.connect(self._update_task)
+        self.questionEdit = QtWidgets.QLineEdit()
+        self.questionEdit.setPlaceholderText("Question (or what to find)")
+        self.questionEdit.returnPressed.connect(self.ask)
+        row.addWidget(self.taskCombo)
+        row.addWidget(self.questionEdit, 1)
+        a.addLayout(row)
+        row = QtWidgets.QHBoxLayout()
+        self.askButton = QtWidgets.QPushButton("Ask")
+        self.askButton.clicked.connect(self.ask)
+        self.cancelButton = QtWidgets.QPushButton("Cancel")
+        self.cancelButton.clicked.connect(self.controller.cancel)
+        row.addWidget(self.askButton)
+        row.addWidget(self.cancelButton)
+        a.addLayout(row)
+        self.progress = QtWidgets.QProgressBar()
+        self.statusLabel = QtWidgets.QLabel()
+        self.statusLabel.setWordWrap(True)
+        a.addWidget(self.progress)
+        a.addWidget(self.statusLabel)
+        self.chat = QtWidgets.QTextBrowser()
+        a.addWidget(self.chat, 1)
+        row = QtWidgets.QHBoxLayout()
+        for text, slot in (("Copy", self.copy_chat), ("Save…", self.save_chat_dialog), ("Clear", self.clear_chat)):
+            b = QtWidgets.QPushButton(text)
+            b.clicked.connect(slot)
+            row.addWidget(b)
+        a.addLayout(row)
+        v.addWidget(ask, 1)
+        self._update_mode()
+        self._update_task()
+        return panel
+
+    # ------------------------------------------------------------------ images
+    def open_file_dialog(self) -> None:
+        path, _ = QtWidgets.QFileDialog.getOpenFileName(
+            self, "Open image", "", "Images (*.nii *.nii.gz *.nrrd *.nhdr *.mha *.mhd *.png *.jpg *.jpeg *.dcm *.npy);;All (*)")
+        if path:
+            self._guarded(self.load_path, path)
+
+    def open_folder_dialog(self) -> None:
+        path = QtWidgets.QFileDialog.getExistingDirectory(self, "Open DICOM folder")
+        if path:
+            self._guarded(self.load_path, path)
+
+    def load_path(self, path: str | os.PathLike) -> None:
+        """Read a file or DICOM folder with medmvl_core.imaging and show it."""
+        from medmvl_core.imaging import read_image
+
+        vol = read_image(str(path))
+        self.set_volume(str(Path(path).resolve()), vol.array, vol.spacing, vol.origin,
+                        vol.direction, vol.modality)
+
+    def set_volume(self, key: str, array: np.ndarray, spacing=(1.0, 1.0, 1.0),
+                   origin=(0.0, 0.0, 0.0), direction=None, modality: str = "CT") -> None:
+        """Show an array [k, j, i] / [1, H, W(, 3)] with LPS geometry; ``key`` keys its history."""
+        direction = np.eye(3) if direction is None else np.asarray(direction, float)
+        self.volume = ctl.VolumeData(key=key, array=np.asarray(array),
+                                     ijk_to_ras=ijk_to_ras_from_lps(spacing, origin, direction),
+                                     modality=modality or "CT")
+        self.view.set_volume(self.volume.array, spacing)
+        self.sliceSlider.setRange(0, max(0, self.view.num_slices - 1))
+        self.sliceSlider.setValue(self.view.k)
+        is_rgb = self.volume.array.ndim == 4
+        self.wlCombo.setEnabled(not is_rgb)
+        if not is_rgb and modality == "CT" and self.wlCombo.currentText() == "Auto":
+            self.wlCombo.setCurrentText("Lung" if self.volume.array.shape[0] > 1 else "Auto")
+        self._apply_window(self.wlCombo.currentText())
+        self.setWindowTitle(f"MedM-VL viewer — {Path(key).name}")
+        self.render_chat()
+
+    def _apply_window(self, name: str) -> None:
+        preset = WL_PRESETS.get(name)
+        if preset is None and self.volume is not None and self.volume.array.ndim == 3:
+            preset = auto_window(self.volume.array)
+        self.view.set_window(*(preset or (None, None)))
+
+    def _on_box_drawn(self, box) -> None:
+        if box is None:
+            self.view.set_user_box(None)
+        self.statusLabel.setText(f"box (k1, j1, i1, k2, j2, i2) = {list(box)}" if box else "no box")
+        self._update_task()
+
+    # ------------------------------------------------------------------ actions
+    def _guarded(self, fn, *args) -> bool:
+        """Run fn; show a typed error in the panel (and a dialog when visible) instead of raising."""
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:  # every failure is shown, none crashes the window
+            logger.info("action failed: %s", exc)
+            self.statusLabel.setText(f"Error: {exc}")
+            if self.isVisible() and os.environ.get("QT_QPA_PLATFORM") != "offscreen":
+                QtWidgets.QMessageBox.warning(self, "MedM-VL", str(exc))
+            return False
+
+    def _browse_checkpoint(self) -> None:
+        path = QtWidgets.QFileDialog.getExistingDirectory(self, "Checkpoint folder")
+        if path:
+            self.checkpointEdit.setText(path)
+
+    def _start(self) -> None:
+        if self.localRadio.isChecked():
+            self._guarded(self.controller.start_local, self.pythonEdit.text(), self.checkpointEdit.text(),
+                          self.deviceCombo.currentText(), self.quantCombo.currentText())
+        else:
+            self._connect_remote()
+
+    def _connect_remote(self) -> None:
+        self._guarded(self.controller.connect_remote, self.urlEdit.text(), self.tokenEdit.text())
+
+    def _download(self) -> None:
+        folder = QtWidgets.QFileDialog.getExistingDirectory(self, "Folder for the downloaded model")
+        if folder:
+            target = os.path.join(folder, self.downloadCombo.currentText().split("/")[-1])
+            if self._guarded(self.controller.download, self.pythonEdit.text(),
+                             self.downloadCombo.currentText(), target):
+                self.checkpointEdit.setText(target)
+
+    def current_task(self) -> str:
+        return self.taskCombo.currentData() or "ask"
+
+    def set_task(self, task: str) -> None:
+        self.taskCombo.setCurrentIndex(self.taskCombo.findData(task))
+
+    def ask(self) -> bool:
+        """Run the selected task on the image (with the drawn box where the task needs one)."""
+        if self.volume is None:
+            self.statusLabel.setText("Error: open an image first")
+            return False
+        task = self.current_task()
+        _label, needs_q, needs_box = ctl.TASK_INFO[task]
+        ok = self._guarded(self.controller.run_task, self.volume, task,
+                           self.questionEdit.text() if needs_q else None,
+                           self.view.user_box() if needs_box else None)
+        self.render_chat()
+        return ok
+
+    def copy_chat(self) -> None:
+        QtWidgets.QApplication.clipboard().setText(self.chat.toPlainText())
+
+    def save_chat_dialog(self) -> None:
+        path, _ = QtWidgets.QFileDialog.getSaveFileName(self, "Save conversation", "", "Text (*.txt)")
+        if path:
+            self.save_chat(path)
+
+    def save_chat(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.chat.toPlainText() + "\n", encoding="utf-8")
+
+    def clear_chat(self) -> None:
+        if self.volume is not None:
+            self.controller.clear_history(self.volume.key)
+        self.render_chat()
+
+    # ------------------------------------------------------------------ view state
+    def _update_mode(self, *_a) -> None:
+        local = self.localRadio.isChecked()
+        for w in (self.pythonEdit, self.checkpointEdit, self.deviceCombo, self.quantCombo,
+                  self.downloadButton, self.downloadCombo):
+            w.setEnabled(local)
+        for w in (self.urlEdit, self.tokenEdit, self.testButton):
+            w.setEnabled(not local)
+        self.startButton.setText("Start" if local else "Connect")
+
+    def _update_task(self, *_a) -> None:
+        label, needs_q, needs_box = ctl.TASK_INFO[self.current_task()]
+        self.questionEdit.setEnabled(needs_q)
+        self.askButton.setText(label)
+        self.askButton.setToolTip("Draw a box on the image first" if needs_box and not self.view.user_box() else "")
+
+    def render_chat(self) -> None:
+        if self.volume is None:
+            self.chat.setPlainText("")
+            return
+        text = self.controller.transcript(self.volume.key)
+        partial = self.controller.partial(self.volume.key)
+        if partial:
+            text += ("\n\n" if text else "") + "MedM-VL: " + partial
+        self.chat.setPlainText(text)
+        self.chat.verticalScrollBar().setValue(self.chat.verticalScrollBar().maximum())
+
+    # ------------------------------------------------------------------ controller events
+    def on_state(self, state: str, detail: str) -> None:
+        busy = state in (ctl.BUSY, ctl.STARTING)
+        self.stateLabel.setText(state + (f": {detail}" if detail else ""))
+        self.askButton.setEnabled(state == ctl.READY)
+        self.cancelButton.setEnabled(busy)
+        self.startButton.setEnabled(not busy)
+        self.stopButton.setEnabled(state != ctl.DISCONNECTED)
+        self.progress.setVisible(busy)
+        if state == ctl.DEAD:
+            self.startButton.setText("Restart")
+        elif state == ctl.DISCONNECTED:
+            self._update_mode()
+
+    def on_health(self, health: dict) -> None:
+        self.memoryLabel.setText(ctl.format_memory(health.get("memory")))
+
+    def on_token(self, key: str, piece: str) -> None:
+        if self.volume is not None and key == self.volume.key:
+            self.render_chat()
+
+    def on_answer(self, key: str, answer) -> None:
+        if self.volume is not None and key == self.volume.key:
+            label = (answer.prompt_question or answer.task or "found")[:30]
+            for b in answer.boxes:
+                if b.get("voxel") is not None:
+                    self.view.add_found_box(b["voxel"], label)
+            self.render_chat()
+
+    def on_error(self, key, message: str) -> None:
+        self.statusLabel.setText(f"Error: {message}" if message != "cancelled" else "cancelled")
+        self.render_chat()
+
+    def on_progress(self, text: str, fraction) -> None:
+        self.statusLabel.setText(text)
+        if fraction is None:
+            self.progress.setRange(0, 0)
+        else:
+            self.progress.setRange(0, 100)
+            self.progress.setValue(int(100 * fraction))
+
+    def closeEvent(self, event) -> None:
+        self._timer.stop()
+        self.controller.shutdown()
+        super().closeEvent(event)

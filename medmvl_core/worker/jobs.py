@@ -1,0 +1,98 @@
+"""The GPU queue: one thread runs questions one after another; a bounded number may wait."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from medmvl_core.engine.errors import CancelledError, QueueFullError, RequestTimeoutError
+from medmvl_core.errors import MedMVLError
+
+logger = logging.getLogger(__name__)
+
+# HTTP status for each error code sent in an SSE "error" event or an error body.
+STATUS_BY_CODE = {"cancelled": 499, "timeout": 504, "out_of_memory": 503, "queue_full": 429,
+                  "session_busy": 409, "unknown_session": 404, "unknown_volume": 404,
+                  "not_found": 404, "loading": 503, "internal": 500, "too_large": 413}
+
+
+@dataclass
+class Job:
+    """One question. ``run(job)`` returns the final event's data; ``emit(event, data)`` is
+    called from the GPU thread (a thread-safe sink). ``done`` is set before the final or error
+    event is emitted, so a client that reacts to it at once finds the session free."""
+
+    session_id: str
+    run: Callable[["Job"], dict]
+    emit: Callable[[str, dict], None]
+    deadline: float
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, MedMVLError):
+            code, msg = exc.code, str(exc)
+        else:
+            code, msg = "internal", "internal error while answering; see the worker log"
+        self.emit("error", {"code": code, "message": msg, "status": STATUS_BY_CODE.get(code, 400)})
+
+
+class GpuQueue:
+    """Bounded FIFO served by one daemon thread."""
+
+    def __init__(self, max_waiting: int):
+        self._q: queue.Queue[Job | None] = queue.Queue()
+        self.max_waiting = max_waiting
+        self._submit_lock = threading.Lock()
+        self.running: Job | None = None
+        self._thread = threading.Thread(target=self._loop, name="medmvl-gpu", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Enqueue or raise :class:`QueueFullError` (HTTP 429)."""
+        with self._submit_lock:
+            if self._q.qsize() >= max(self.max_waiting, 0) and (
+                    self.running is not None or self._q.qsize() > 0):
+                raise QueueFullError(f"the worker's queue is full ({self.max_waiting} waiting); "
+                                     "retry shortly")
+            self._q.put_nowait(job)
+
+    @property
+    def waiting(self) -> int:
+        return self._q.qsize()
+
+    def stop(self) -> None:
+        self._q.put_nowait(None)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            self.running = job
+            job.started = time.monotonic()
+            try:
+                if job.cancel.is_set():
+                    raise CancelledError("the answer was cancelled before it started")
+                if time.monotonic() > job.deadline:
+                    raise RequestTimeoutError("the request waited in the queue past its time "
+                                              "limit; retry when the worker is less busy")
+                final = job.run(job)
+            except BaseException as exc:  # noqa: BLE001 - one request never stops the queue
+                if not isinstance(exc, MedMVLError):
+                    logger.exception("request failed")
+                else:
+                    logger.info("request failed: %s", exc.code)
+                self.running = None
+                job.done.set()
+                job.fail(exc)
+            else:
+                self.running = None
+                job.done.set()
+                job.emit("final", final)

@@ -1,0 +1,79 @@
+"""Load a checkpoint into an :class:`~medmvl_core.engine.Engine` for the worker."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from medmvl_core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+TOY_MARKER = "medmvl_toy.json"
+
+
+def resolve_device(device: str) -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; "
+                          "use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"unknown device {device!r}; use auto, cuda or cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | None, device: str):
+    import torch
+    if dtype is None:
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[dtype])
+
+
+def load_model(checkpoint: str | Path, device: str = "auto", dtype: str | None = None,
+               quantize: str = "none") -> tuple[Any, Any]:
+    """(model, processor) on the device. A folder with ``medmvl_toy.json`` builds the tiny
+    test stand-in (``medmvl_core.engine.testing``) instead of a real checkpoint."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint folder {str(path)!r} does not exist")
+    if quantize not in ("none", "8bit", "4bit"):
+        raise ConfigError(f"unknown quantize {quantize!r}; use none, 8bit or 4bit")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    toy = path / TOY_MARKER
+    if toy.exists():
+        from medmvl_core.engine.testing import load_toy
+        spec = json.loads(toy.read_text())
+        tok_dir = spec.pop("tokenizer_dir")
+        if not Path(tok_dir).is_absolute():
+            tok_dir = str((path / tok_dir).resolve())
+        model, proc = load_toy(tok_dir, **{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in spec.items()})
+        return model.to(dev, torch_dtype).eval(), proc
+    from medmvl_core.model import load_checkpoint
+    kwargs: dict[str, Any] = {"device": dev, "dtype": torch_dtype}
+    if quantize != "none":
+        params = inspect.signature(load_checkpoint).parameters
+        if "quantize" not in params:
+            raise ConfigError("this build's load_checkpoint cannot quantize; use --quantize none")
+        kwargs["quantize"] = quantize
+    model, proc = load_checkpoint(str(path), **kwargs)
+    return model.eval(), proc
+
+
+def load_engine(checkpoint: str | Path, device: str = "auto", dtype: str | None = None,
+                quantize: str = "none", **engine_kwargs: Any):
+    """An Engine over the loaded checkpoint (``engine_kwargs`` go to :class:`Engine`)."""
+    from medmvl_core.engine import Engine
+    model, proc = load_model(checkpoint, device, dtype, quantize)
+    return Engine(model, proc, **engine_kwargs)

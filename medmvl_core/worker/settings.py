@@ -1,0 +1,59 @@
+"""Limits and options of a worker process."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from medmvl_core.errors import ConfigError
+
+
+@dataclass
+class WorkerSettings:
+    """token: required on every request (``Authorization: Bearer``).
+
+    max_queue: questions waiting for the GPU (beyond the one running); more get HTTP 429.
+    max_upload_bytes: largest accepted array; max_question_chars: longest question;
+    max_new_tokens: upper bound a request may ask for; request_timeout_s: default and maximum
+    time one answer may take (queue wait included); volume_store_bytes: budget of uploaded
+    arrays kept in memory (LRU).
+    """
+
+    token: str
+    max_queue: int = 8
+    max_upload_bytes: int = 1 << 30
+    max_question_chars: int = 4000
+    max_new_tokens: int = 1024
+    request_timeout_s: float = 300.0
+    volume_store_bytes: int = 4 << 30
+    max_sessions: int = 256
+    model_name: str = ""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_or_create_token(token_file: Path) -> str:
+    """The token in ``token_file`` or, if missing/empty, a new random one written there (0600)."""
+    if token_file.exists():
+        tok = token_file.read_text().strip()
+        if tok:
+            if len(tok) < 16:
+                raise ConfigError(f"the token in {token_file} is shorter than 16 characters; "
+                                  "use a long random token")
+            return tok
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    tok = secrets.token_urlsafe(32)
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(tok)
+    return tok

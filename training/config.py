@@ -1,0 +1,422 @@
+"""Training configuration: typed schema, YAML loading with ``key=value`` overrides, validation.
+
+A config file is YAML with the top-level sections ``model``, ``tune``, ``data``, ``train``,
+``log`` (and ``name``, ``seed``). Every field is documented in ``training/configs/README.md``.
+Overrides use dotted keys (``train.lr=2e-5``, ``tune.lora.r=16``, ``data.datasets.0.ratio=0.5``);
+values are parsed as YAML scalars/lists (``tune.lora.target_modules=[q_proj,v_proj]``).
+``validate_config`` gathers every problem and raises one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from medmvl_core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+LLM_TUNE_TYPES = ("frozen", "lora", "qlora", "full")
+MODULE_TUNE_TYPES = ("frozen", "full")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULERS = ("cosine", "linear", "constant")
+BAD_ROW_POLICIES = ("error", "skip")
+
+
+@dataclass
+class ComponentConfig:
+    """One model part (LLM, encoder or connector).
+
+    Weights come from exactly one of ``path`` (a local HF-format folder with config + weights),
+    ``preset`` (a named architecture from ``medmvl_core.model`` presets, random init unless
+    ``path`` is given too) or ``config`` (a raw config dict: built from scratch, random init).
+    ``type`` names the encoder/connector family (``siglip``, ``clip``, ``m3dclip``, ``mlp``,
+    ``attn_pooling``, ``spatial_pooling``...); ``options`` are passed through to the model config
+    (``select_layer``, ``select_feature``, ``name`` of an MLP connector, pooling sizes...).
+    """
+
+    type: Optional[str] = None
+    path: Optional[str] = None
+    preset: Optional[str] = None
+    config: Optional[dict] = None
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """What to train. ``init_from`` (any checkpoint ``load_checkpoint`` reads) wins over the parts."""
+
+    init_from: Optional[str] = None
+    llm: Optional[ComponentConfig] = None
+    tokenizer: Optional[str] = None
+    encoder_image: Optional[ComponentConfig] = None
+    encoder_image3d: Optional[ComponentConfig] = None
+    connector_image: Optional[ComponentConfig] = None
+    connector_image3d: Optional[ComponentConfig] = None
+    template: str = "qwen2"
+    max_length: int = 2048
+    padding_side: str = "right"
+    preprocessing: Optional[dict] = None
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class QLoraConfig:
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+
+@dataclass
+class TuneConfig:
+    """How each part trains: LLM frozen|lora|qlora|full, encoders/connectors frozen|full."""
+
+    llm: str = "frozen"
+    encoder_image: str = "frozen"
+    encoder_image3d: str = "frozen"
+    connector_image: str = "full"
+    connector_image3d: str = "full"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    qlora: QLoraConfig = field(default_factory=QLoraConfig)
+
+
+@dataclass
+class DatasetConfig:
+    """One MedM-VL JSON file; image paths in it are relative to ``image_dir`` / ``image3d_dir``."""
+
+    path: str = ""
+    image_dir: Optional[str] = None
+    image3d_dir: Optional[str] = None
+    ratio: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    datasets: list = field(default_factory=list)       # list[DatasetConfig]
+    eval_datasets: list = field(default_factory=list)  # list[DatasetConfig]
+    template: Optional[str] = None  # chat template for the data (stage 1: "pretrain"); default model.template
+    on_bad_row: str = "error"
+    augment: bool = False
+    cache_encoder_outputs: bool = False
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/medmvl"
+    epochs: float = 1.0
+    max_steps: int = -1
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    save_every: int = 500
+    save_total_limit: int = 2
+    eval_every: int = 0
+    save_adapter_only: bool = True
+    merge_at_end: bool = False
+    stop_after: int = 0         # > 0: stop (after a checkpoint) at this step; --resume continues (time-limited jobs)
+    num_workers: int = 0        # DataLoader worker processes
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_tflops: Optional[float] = None
+    loss_curve: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "medmvl"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    base_dir: Optional[str] = None  # folder relative paths resolve against (the YAML's folder); set by the loader
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("base_dir", None)
+        return d
+
+    def resolve_path(self, p: Optional[str]) -> Optional[Path]:
+        """Resolve a path from the config: absolute stays; relative is tried against the current
+        folder, then the YAML's folder, then the repository root."""
+        if p is None:
+            return None
+        path = Path(p).expanduser()
+        if path.is_absolute() or path.exists() or self.base_dir is None:
+            return path
+        for root in (Path(self.base_dir), _REPO_ROOT):
+            if (root / path).exists():
+                return root / path
+        return path
+
+
+_LIST_ITEM_TYPES = {("DataConfig", "datasets"): DatasetConfig, ("DataConfig", "eval_datasets"): DatasetConfig}
+
+
+def _is_optional(tp) -> tuple[bool, Any]:
+    if get_origin(tp) is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return True, args[0]
+    return False, tp
+
+
+def _build(cls, data: Any, where: str, problems: list[str]):
+    """Build dataclass ``cls`` from a mapping, collecting unknown keys and type problems."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names or key == "base_dir":
+            problems.append(f"{where + '.' if where else ''}{key}: unknown key (allowed: {', '.join(sorted(names - {'base_dir'}))})")
+            continue
+        kwargs[key] = _coerce(hints[key], value, f"{where + '.' if where else ''}{key}", problems,
+                              item_type=_LIST_ITEM_TYPES.get((cls.__name__, key)))
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str, problems: list[str], item_type=None):
+    optional, inner = _is_optional(tp)
+    if value is None:
+        if not optional:
+            problems.append(f"{where}: must not be null")
+        return None
+    if dataclasses.is_dataclass(inner):
+        return _build(inner, value, where, problems)
+    if inner is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: expected true/false, got {value!r}")
+        return value
+    if inner in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+        try:
+            num = float(value) if inner is float else int(value)
+            if inner is int and isinstance(value, float) and value != int(value):
+                raise ValueError
+            return num
+        except (TypeError, ValueError):
+            problems.append(f"{where}: expected {'an integer' if inner is int else 'a number'}, got {value!r}")
+            return value
+    if inner is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            problems.append(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if inner is list or get_origin(inner) is list:
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return value
+        if item_type is not None:
+            return [_build(item_type, v, f"{where}.{i}", problems) for i, v in enumerate(value)]
+        return list(value)
+    if inner is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a raw config dict (a copy is returned).
+
+    Numeric path parts index lists (``data.datasets.0.ratio=2``). Values are YAML-parsed.
+    """
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value; write e.g. train.lr=2e-5")
+        key, text = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        node: Any = out
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[_list_index(node, part, item)]
+                continue
+            if node.get(part) is None:
+                node[part] = [] if parts[i + 1].isdigit() else {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
+        last = parts[-1]
+        if isinstance(node, list):
+            idx = int(last) if last.isdigit() else -1
+            if idx == len(node):
+                node.append(value)
+            else:
+                node[_list_index(node, last, item)] = value
+        else:
+            node[last] = value
+    return out
+
+
+def _list_index(node: list, part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {item!r}: {part!r} is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, validate: bool = True) -> RunConfig:
+    """Read a YAML config, apply overrides, build and (by default) validate a :class:`RunConfig`."""
+    raw: dict = {}
+    base_dir = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass a YAML file such as training/configs/tiny_ct_cpu.yaml")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        base_dir = str(p.resolve().parent)
+    raw = apply_overrides(raw, list(overrides or []))
+    problems: list[str] = []
+    cfg = _build(RunConfig, raw, "", problems)
+    cfg.base_dir = base_dir
+    if problems:
+        raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def config_problems(cfg: RunConfig) -> list[str]:
+    """Every semantic problem of a config (empty when valid). Does not touch the file system."""
+    p: list[str] = []
+    m, t, d, tr = cfg.model, cfg.tune, cfg.data, cfg.train
+    if m.init_from is None and m.llm is None:
+        p.append("model: set model.init_from (a checkpoint) or model.llm (path/preset/config)")
+    for name in ("llm", "encoder_image", "encoder_image3d", "connector_image", "connector_image3d"):
+        comp = getattr(m, name)
+        if comp is None:
+            continue
+        if name != "llm" and name.startswith("encoder") and comp.type is None:
+            p.append(f"model.{name}.type: required (e.g. siglip, clip, m3dclip)")
+        if name.startswith("connector") and comp.type is None:
+            p.append(f"model.{name}.type: required (mlp, attn_pooling, spatial_pooling)")
+        if comp.config is not None and comp.preset is not None:
+            p.append(f"model.{name}: give either preset or config, not both")
+        if name == "llm" and m.init_from is None and not (comp.path or comp.preset or comp.config):
+            p.append("model.llm: give path, preset or config")
+    if m.init_from is None and m.llm is not None and m.llm.path is None and m.tokenizer is None:
+        p.append("model.tokenizer: required when the LLM is not loaded from a folder (give a tokenizer folder)")
+    if m.padding_side not in ("left", "right"):
+        p.append(f"model.padding_side: {m.padding_side!r} is not left/right")
+    if m.max_length < 8:
+        p.append(f"model.max_length: {m.max_length} is too small")
+    if t.llm not in LLM_TUNE_TYPES:
+        p.append(f"tune.llm: {t.llm!r} is not one of {', '.join(LLM_TUNE_TYPES)}")
+    for name in ("encoder_image", "encoder_image3d", "connector_image", "connector_image3d"):
+        v = getattr(t, name)
+        if v not in MODULE_TUNE_TYPES:
+            p.append(f"tune.{name}: {v!r} is not one of {', '.join(MODULE_TUNE_TYPES)}")
+    if t.lora.r < 1:
+        p.append(f"tune.lora.r: must be >= 1, got {t.lora.r}")
+    if not 0 <= t.lora.dropout < 1:
+        p.append(f"tune.lora.dropout: must be in [0, 1), got {t.lora.dropout}")
+    if not t.lora.target_modules:
+        p.append("tune.lora.target_modules: give at least one module name")
+    if t.qlora.quant_type not in ("nf4", "fp4"):
+        p.append(f"tune.qlora.quant_type: {t.qlora.quant_type!r} is not nf4/fp4")
+    if t.qlora.compute_dtype not in ("float32", "bfloat16", "float16"):
+        p.append(f"tune.qlora.compute_dtype: {t.qlora.compute_dtype!r} is not float32/bfloat16/float16")
+    if not d.datasets:
+        p.append("data.datasets: give at least one dataset (path, image_dir/image3d_dir, ratio)")
+    for key in ("datasets", "eval_datasets"):
+        for i, ds in enumerate(getattr(d, key)):
+            if not ds.path:
+                p.append(f"data.{key}.{i}.path: required")
+            if ds.ratio <= 0:
+                p.append(f"data.{key}.{i}.ratio: must be > 0, got {ds.ratio}")
+    if d.on_bad_row not in BAD_ROW_POLICIES:
+        p.append(f"data.on_bad_row: {d.on_bad_row!r} is not error/skip")
+    if d.cache_encoder_outputs:
+        for enc in ("encoder_image", "encoder_image3d"):
+            if getattr(t, enc) != "frozen":
+                p.append(f"data.cache_encoder_outputs: needs tune.{enc}=frozen (a training encoder changes its outputs)")
+        if d.augment:
+            p.append("data.cache_encoder_outputs: augmentation changes every image; set data.augment=false")
+    if tr.epochs <= 0 and tr.max_steps <= 0:
+        p.append("train: set train.epochs > 0 or train.max_steps > 0")
+    for k in ("micro_batch_size", "grad_accum"):
+        if getattr(tr, k) < 1:
+            p.append(f"train.{k}: must be >= 1")
+    if tr.lr <= 0:
+        p.append(f"train.lr: must be > 0, got {tr.lr}")
+    if not 0 <= tr.warmup_ratio < 1:
+        p.append(f"train.warmup_ratio: must be in [0, 1), got {tr.warmup_ratio}")
+    if tr.scheduler not in SCHEDULERS:
+        p.append(f"train.scheduler: {tr.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if tr.precision not in PRECISIONS:
+        p.append(f"train.precision: {tr.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if len(tr.adam_betas) != 2:
+        p.append("train.adam_betas: give two numbers")
+    if tr.stop_after < 0 or tr.num_workers < 0:
+        p.append("train.stop_after / train.num_workers: must be >= 0")
+    if tr.save_every < 0 or tr.eval_every < 0:
+        p.append("train.save_every / train.eval_every: must be >= 0 (0 = off)")
+    if tr.eval_every > 0 and not d.eval_datasets:
+        p.append("train.eval_every: set data.eval_datasets too")
+    if tr.merge_at_end and t.llm not in ("lora", "qlora"):
+        p.append("train.merge_at_end: only for tune.llm=lora/qlora")
+    if cfg.log.every < 1:
+        p.append("log.every: must be >= 1")
+    if cfg.log.peak_tflops is not None and cfg.log.peak_tflops <= 0:
+        p.append("log.peak_tflops: must be > 0")
+    trainable = [t.llm != "frozen"] + [getattr(t, n) == "full" for n in
+                                       ("encoder_image", "encoder_image3d", "connector_image", "connector_image3d")]
+    if not any(trainable):
+        p.append("tune: every part is frozen; nothing would train")
+    return p
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Raise one :class:`ConfigError` listing every problem of ``cfg``."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
