@@ -432,12 +432,10 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
 
     def createRoisForAnswer(self, volumeNode, answer) -> list:
         rois = []
-        label = (answer.prompt_question or answer.task or "box").strip()[:40]
-        for n, box in enumerate(answer.boxes):
-            if box.get("voxel") is None:
-                continue
+        label = self.controller.last_question.get(volumeNode.GetID(), answer.task).strip()[:40]
+        for n, box in enumerate(ctl.unique_voxel_boxes(answer.boxes)):
             name = slicer.mrmlScene.GenerateUniqueName(f"MedM-VL {label}" + (f" {n + 1}" if n else ""))
-            rois.append(self.createRoiFromBox(volumeNode, box["voxel"], name))
+            rois.append(self.createRoiFromBox(volumeNode, box, name))
         return rois
 
     # ---------------------------------------------------------------- tasks

@@ -11,6 +11,7 @@ import pytest
 from medmvl_core.errors import DataError, PlaceholderError
 from medmvl_core.processing import (
     count_placeholders,
+    multiturn_questions,
     split_inference_item,
     validate_conversation,
     validate_item,
@@ -79,3 +80,11 @@ def test_split_inference_item():
     assert split_inference_item({"conversations": [Q, A, Q]}) == ([Q, A, Q], "")
     with pytest.raises(DataError):
         split_inference_item({"conversation": []})
+
+
+def test_multiturn_questions():
+    follow_up = {"from": "human", "value": "Where?"}
+    assert multiturn_questions({"conversations": [Q, A, follow_up, A]}) == [Q["value"], "Where?"]
+    assert multiturn_questions({"conversations": [Q, A, follow_up]}) == [Q["value"], "Where?"]
+    with pytest.raises(DataError):
+        multiturn_questions({"conversations": [A]})

@@ -77,6 +77,11 @@ def test_placeholder_count_errors(proc):
     assert two["images"].shape[0] == 2 and two["input_ids"].tolist().count(-200) == 6
 
 
+def test_conversation_structure_is_checked_before_counts(proc):
+    with pytest.raises(DataError, match="non-empty list"):
+        proc("<image3d>\nA bare string", image3d=VOLUME)
+
+
 def test_placeholder_of_a_kind_the_model_lacks(tokenizer):
     proc = MedMVLProcessor(tokenizer, "qwen2", {"image": 3})
     with pytest.raises(PlaceholderError, match="no num_image_tokens\\['image3d'\\]"):
@@ -182,8 +187,8 @@ def test_save_and_load_round_trip(proc, tmp_path):
 def test_pixels_go_through_imaging_preprocess(proc, monkeypatch):
     calls = []
 
-    def fake_preprocess(volume, spec, roi=None):
-        calls.append((volume, spec, roi))
+    def fake_preprocess(volume, spec, roi=None, augment=None):
+        calls.append((volume, spec, roi, augment))
         return np.ones((3, 2, 4, 4), dtype=np.float32), {"geometry": len(calls)}
 
     monkeypatch.setattr(imaging, "preprocess", fake_preprocess, raising=False)
@@ -192,11 +197,17 @@ def test_pixels_go_through_imaging_preprocess(proc, monkeypatch):
     proc.preprocessing = {"image3d": spec}
     hu = np.full((6, 8, 8), -1000, dtype=np.int16)
     sample = proc(QUESTION_3D, image3d=hu, roi=(0, 0, 0, 2, 2, 2))
-    volume, used_spec, roi = calls[-1]
-    assert used_spec is spec and roi == (0, 0, 0, 2, 2, 2)
+    volume, used_spec, roi, augment = calls[-1]
+    assert used_spec is spec and roi == (0, 0, 0, 2, 2, 2) and augment is None
     assert volume.array.shape == (6, 8, 8) and volume.modality == "CT"
     assert sample["images3d"].shape == (1, 3, 2, 4, 4) and float(sample["images3d"].sum()) == 96.0
     assert sample["geometry"]["image3d"] == [{"geometry": 1}]
+    proc(QUESTION_3D, image3d=hu, augment="rot90-k1")
+    assert calls[-1][3] == "rot90-k1"
+    n_calls = len(calls)
+    with pytest.raises(PlaceholderError):  # text is checked before any preprocessing
+        proc([{"from": "human", "value": "No placeholder."}], image3d=hu)
+    assert len(calls) == n_calls
     proc.preprocess_volume("/data/ct.nii.gz")
     assert calls[-1][0] == ("read", "/data/ct.nii.gz")
     with pytest.raises(ConfigError, match="no preprocessing spec for 'image'"):
@@ -211,3 +222,35 @@ def test_medmvl_pad_rules(reference_dir):
     tok = AutoTokenizer.from_pretrained(str(reference_dir / "base" / "llm"), use_fast=True, local_files_only=True)
     assert apply_medmvl_tokenizer_rules(tok, "qwen2").pad_token == "<|endoftext|>"
     assert apply_medmvl_tokenizer_rules(tok, "llama3").pad_token_id == tok.eos_token_id
+
+
+def test_pad_equal_to_eos_keeps_eos_tokens_attended(reference_dir):
+    # MedM-VL (Llama-3: pad == eos) swaps eos for -300 before deriving the mask from the pad id, so
+    # the eos tokens inside the text stay attended; only the padding is masked.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(reference_dir / "base" / "llm"), use_fast=True, local_files_only=True)
+    apply_medmvl_tokenizer_rules(tok, "llama3")
+    proc = MedMVLProcessor(tok, "qwen2", {"image": 2})
+    long = proc(TRAIN_2D + [{"from": "human", "value": "And the heart?"}, {"from": "gpt", "value": "Normal."}], image=IMAGE, mode="train")
+    short = proc(TRAIN_2D, image=IMAGE, mode="train")
+    batch = proc.collate([long, short])
+    eos = tok.eos_token_id
+    n_short = short["input_ids"].shape[0]
+    assert long["input_ids"].tolist().count(eos) == 2
+    assert batch["attention_mask"][0].tolist() == [1] * long["input_ids"].shape[0]
+    assert batch["attention_mask"][1].tolist() == [1] * n_short + [0] * (batch["input_ids"].shape[1] - n_short)
+    assert batch["input_ids"][1, n_short:].eq(eos).all() and batch["labels"][1, n_short:].eq(IGNORE_INDEX).all()
+    assert batch["labels"][0].tolist().count(eos) == 2  # both end-of-answer tokens are supervised
+
+
+def test_pretrain_template_counts_its_own_placeholder(tokenizer):
+    # MedM-VL's pretrain template replaces the question by "<image3d>", whatever the text says.
+    proc = MedMVLProcessor(tokenizer, "pretrain_image3d", {"image3d": 2})
+    caption = [{"from": "human", "value": "Describe the scan."}, {"from": "gpt", "value": "A chest CT."}]
+    sample = proc(caption, image3d=VOLUME, mode="train")
+    caption_ids = tokenizer("A chest CT.").input_ids
+    assert sample["input_ids"].tolist() == [-201, -201] + caption_ids
+    assert sample["labels"].tolist() == [IGNORE_INDEX, IGNORE_INDEX] + caption_ids
+    with pytest.raises(PlaceholderError):
+        proc(caption, mode="train")

@@ -67,7 +67,9 @@ class Recipe:
 
         cfg, tr = self.cfg, self.cfg.train
         ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)
-        self.acc = Accelerator(mixed_precision=_MIXED[tr.precision], kwargs_handlers=[ddp_kwargs],
+        # without a GPU, accelerate needs cpu=True to run several processes (gloo) under torchrun
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED[tr.precision],
+                               kwargs_handlers=[ddp_kwargs],
                                gradient_accumulation_steps=tr.grad_accum)
         set_seed(cfg.seed)
         if self.acc.is_main_process:
@@ -223,6 +225,7 @@ class Recipe:
                     grad_norm = acc.clip_grad_norm_(params, tr.max_grad_norm)
                 else:
                     grad_norm = None
+                lr = self.scheduler.get_last_lr()[0]  # the lr this step used
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -241,7 +244,7 @@ class Recipe:
                 self.meter.update(samples, tokens, step_flops(self.n_llm, tokens, encs))
                 self.log.advance()
                 if self.step % cfg.log.every == 0 or self.step == self.total_steps:
-                    m = {"loss": last_loss, "lr": self.scheduler.get_last_lr()[0], "epoch": self.step / self.steps_per_epoch}
+                    m = {"loss": last_loss, "lr": lr, "epoch": self.step / self.steps_per_epoch}
                     if grad_norm is not None:
                         m["grad_norm"] = float(grad_norm)
                     m.update(self.meter.rates())

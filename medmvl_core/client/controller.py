@@ -106,6 +106,18 @@ def format_memory(memory: dict | None) -> str:
     return ", ".join(parts)
 
 
+def unique_voxel_boxes(boxes: list[dict]) -> list[tuple[int, ...]]:
+    """The distinct ``voxel`` boxes of an answer, as int tuples, in order."""
+    out: list[tuple[int, ...]] = []
+    for b in boxes or []:
+        v = b.get("voxel") if isinstance(b, dict) else None
+        if v is not None and len(v) == 6:
+            t = tuple(int(round(float(x))) for x in v)
+            if t not in out:
+                out.append(t)
+    return out
+
+
 def task_prompt_check(task: str, question: str | None, box: Sequence[int] | None) -> None:
     """Raise a clear error when a task misses its question or box."""
     if task not in TASK_INFO:
@@ -143,6 +155,8 @@ class PanelController:
         self._cancel = threading.Event()
         self._download: subprocess.Popen | None = None
         self._partial: dict[str, str] = {}
+        #: volume key -> the question (or task label) last asked: names found boxes/ROIs.
+        self.last_question: dict[str, str] = {}
 
     # ------------------------------------------------------------------ events
     def _emit(self, kind: str, *args: Any) -> None:
@@ -368,6 +382,7 @@ class PanelController:
         if box is not None:
             shown += f"  [box {list(int(v) for v in box)}]"
         self.histories.setdefault(volume.key, []).append(ChatEntry("user", shown, task))
+        self.last_question[volume.key] = question.strip() if question and question.strip() else label
         self._cancel.clear()
         self._set_state(BUSY, f"{label}…")
         client = self.client

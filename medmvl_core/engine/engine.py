@@ -66,19 +66,24 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def detect_kind(model: Any, processor: Any) -> str:
-    """``"image3d"`` when the checkpoint takes volumes, else ``"image"``."""
-    for attr in ("preprocessing", "preprocessing_specs"):
-        spec = getattr(processor, attr, None)
-        if isinstance(spec, dict) and spec:
-            return "image3d" if spec.get("image3d") else "image"
-    counts = getattr(processor, "num_image_tokens", None)
-    if isinstance(counts, dict):
-        return "image3d" if counts.get("image3d") else "image"
-    try:
-        return "image3d" if model.num_image_tokens("image3d") else "image"
-    except Exception:  # noqa: BLE001 - the model has no 3D path
+def input_kind(volume: Any) -> str:
+    """``"image"`` for a 2D image ([1, H, W], [1, H, W, 3] or [H, W]), else ``"image3d"``."""
+    shape = tuple(np.shape(volume.array))
+    if len(shape) == 2 or len(shape) == 4 or (len(shape) == 3 and shape[0] == 1):
         return "image"
+    return "image3d"
+
+
+def supported_kinds(model: Any) -> tuple[str, ...]:
+    """The placeholder kinds the model can take (``num_image_tokens`` does not raise)."""
+    out = []
+    for kind in ("image", "image3d"):
+        try:
+            if int(model.num_image_tokens(kind)) > 0:
+                out.append(kind)
+        except Exception:  # noqa: BLE001 - no path for this kind
+            pass
+    return tuple(out)
 
 
 class Engine:
@@ -92,14 +97,14 @@ class Engine:
     (tests inject failures and delays through it).
     """
 
-    def __init__(self, model: Any, processor: Any, *, kind: str | None = None,
+    def __init__(self, model: Any, processor: Any, *,
                  cache_bytes: int = 2 << 30, kv_cache_bytes: int = 4 << 30,
                  use_cache: bool = True, max_new_tokens_limit: int = 2048,
                  fault_hook: Callable[[str], None] | None = None):
         self.model = model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", None)
-        self.kind = kind or detect_kind(model, processor)
+        self.kinds = supported_kinds(model)
         params = list(model.parameters())
         self.device = params[0].device if params else torch.device("cpu")
         floats = [p.dtype for p in params if p.dtype.is_floating_point]
@@ -116,6 +121,15 @@ class Engine:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         self.eos_ids = {int(eos)} if eos is not None else set()
 
+    def kind_for(self, volume: Any) -> str:
+        """Which placeholder a volume takes; raises when the model has no path for it."""
+        kind = input_kind(volume)
+        if kind not in self.kinds:
+            what = "2D images" if kind == "image" else "3D volumes"
+            raise RequestError(f"this model does not take {what} (it takes "
+                               f"{', '.join(self.kinds) or 'nothing'})", code="wrong_input_kind")
+        return kind
+
     # ------------------------------------------------------------------ images
     def _hook(self, stage: str) -> None:
         if self.fault_hook is not None:
@@ -125,13 +139,14 @@ class Engine:
                 timings: dict | None = None, vhash: str | None = None) -> ImageEntry:
         """Preprocess + encode ``volume`` (optionally cropped to a voxel ``roi``), with caching."""
         timings = timings if timings is not None else {}
+        kind = self.kind_for(volume)
         key = (vhash or volume_hash(volume), tuple(float(v) for v in roi) if roi else None)
         entry = self.images.get(key) if self.use_cache else None
         t0 = time.perf_counter()
         if entry is None:
             self._hook("preprocess")
             try:
-                if self.kind == "image3d":
+                if kind == "image3d":
                     arr, geom = self.processor.preprocess_volume(volume, roi=roi)
                 elif roi is not None:
                     arr, geom = self.processor.preprocess_image(volume, roi=roi)
@@ -146,7 +161,7 @@ class Engine:
         if entry.embeds is None:
             self._hook("encode")
             with torch.inference_mode():
-                if self.kind == "image3d":
+                if kind == "image3d":
                     embeds = self.model.encode_images(images3d=entry.tensor[None])
                 else:
                     embeds = self.model.encode_images(images=entry.tensor[None])
@@ -201,9 +216,10 @@ class Engine:
                                 victim_id[:8], self.kv_cache_bytes)
 
     # ------------------------------------------------------------------ prompts
-    def conversation(self, turns: Sequence[tuple[str, str]], question: str) -> list[dict]:
+    def conversation(self, turns: Sequence[tuple[str, str]], question: str,
+                     kind: str = "image3d") -> list[dict]:
         """MedM-VL conversation JSON: placeholder + newline + first question, then the turns."""
-        ph = T.PLACEHOLDERS[self.kind]
+        ph = T.PLACEHOLDERS[kind]
         conv: list[dict] = []
         for i, (q, a) in enumerate(turns):
             conv.append({"from": "human", "value": f"{ph}\n{q}" if i == 0 else q})
@@ -211,11 +227,11 @@ class Engine:
         conv.append({"from": "human", "value": f"{ph}\n{question}" if not turns else question})
         return conv
 
-    def encode_prompt(self, conversation: list[dict]) -> list[int]:
+    def encode_prompt(self, conversation: list[dict], kind: str = "image3d") -> list[int]:
         """Generation-prompt ids with the placeholder expanded to the model's image-token count."""
         ids = [int(t) for t in self.processor.encode(conversation, mode="generate")["input_ids"]]
-        pid = _PLACEHOLDER_ID[self.kind]
-        n = int(self.model.num_image_tokens(self.kind))
+        pid = _PLACEHOLDER_ID[kind]
+        n = int(self.model.num_image_tokens(kind))
         if ids.count(pid) == 1 and n > 1:
             at = ids.index(pid)
             ids = ids[:at] + [pid] * n + ids[at + 1:]
@@ -292,8 +308,9 @@ class Engine:
         timings: dict[str, float] = {}
         check = self._check_factory(cancel, deadline)
         check()
-        if box is not None and len(box) != (6 if self.kind == "image3d" else 4):
-            raise RequestError(f"box must have {6 if self.kind == 'image3d' else 4} numbers "
+        kind = self.kind_for(s.volume)
+        if box is not None and len(box) != (6 if kind == "image3d" else 4):
+            raise RequestError(f"box must have {6 if kind == 'image3d' else 4} numbers "
                                f"(voxel, inclusive-exclusive), got {len(box)}", code="bad_box")
         ephemeral = task == "crop_ask"
         if ephemeral and box is None:
@@ -306,10 +323,10 @@ class Engine:
             if box is None:
                 raise RequestError("task 'describe' needs a box (k1, j1, i1, k2, j2, i2) in voxels",
                                    code="bad_box")
-            box_text = T.format_box(entry.geom.voxel_box_to_model(list(box)), self.kind)
-        q = T.build_question(task, self.kind, question, box_text)
+            box_text = T.format_box(entry.geom.voxel_box_to_model(list(box)), kind)
+        q = T.build_question(task, kind, question, box_text)
         turns = [] if ephemeral else s.turns
-        ids = self.encode_prompt(self.conversation(turns, q))
+        ids = self.encode_prompt(self.conversation(turns, q, kind), kind)
         check()
 
         # Reuse the longest prefix whose KV is cached; never split the image span.
@@ -371,9 +388,9 @@ class Engine:
                 s.past, s.kv_ids = past, ids + tokens[:fed]
                 self._account_kv(s)
         boxes = []
-        for mb in T.find_model_boxes(text, self.kind):
+        for mb in T.find_model_boxes(text, kind):
             try:
-                boxes.append(T.map_box(mb, entry.geom, s.volume, self.kind))
+                boxes.append(T.map_box(mb, entry.geom, s.volume, kind))
             except Exception as exc:  # noqa: BLE001 - a malformed box must not fail the answer
                 logger.debug("box %s could not be mapped: %s", mb, exc)
         return Answer(text=text, boxes=boxes, timings=timings, token_ids=tokens,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -359,114 +358,159 @@ def _read_multiframe(ds, name: str) -> Volume:
                   str(ds.get("Modality", "unknown")), "dicom-multiframe")
 
 
-def list_series(folder: str | os.PathLike) -> list[dict]:
-    """The DICOM series in a folder: ``[{"uid", "files", "modality"}]``, largest first."""
-    import SimpleITK as sitk
+def _scan_folder(folder: Path) -> dict[str, list]:
+    """Headers of every DICOM file in ``folder`` grouped by SeriesInstanceUID (pixels deferred)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
 
-    folder = str(folder)
-    out = []
-    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid)
-        ds = _dcmread(Path(files[0]), stop_before_pixels=True)
-        out.append({"uid": uid, "files": len(files), "modality": str(ds.get("Modality", "unknown"))})
+    groups: dict[str, list] = {}
+    for f in sorted(e for e in folder.iterdir() if e.is_file()):
+        try:
+            ds = pydicom.dcmread(str(f), defer_size="64 KB")
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            logger.debug("skipping a non-DICOM file in the series folder")
+            continue
+        if "SeriesInstanceUID" not in ds:
+            continue  # DICOMDIR and other non-instance files
+        groups.setdefault(str(ds.SeriesInstanceUID), []).append((f, ds))
+    return groups
+
+
+def _series_info(uid: str, items: list) -> dict:
+    ds = items[0][1]
+    kind = _sop_kind(str(ds.get("SOPClassUID", "")))
+    is_image = kind is None and str(ds.get("Modality", "")) not in ("SR", "SEG", "PR", "KO", "RTSTRUCT") \
+        and "Rows" in ds
+    return {"uid": uid, "files": len(items), "modality": str(ds.get("Modality", "unknown")),
+            "is_image": bool(is_image)}
+
+
+def list_series(folder: str | os.PathLike) -> list[dict]:
+    """The DICOM series in a folder: ``[{"uid", "files", "modality", "is_image"}]``, largest first."""
+    groups = _scan_folder(Path(folder))
+    out = [_series_info(uid, items) for uid, items in groups.items()]
     out.sort(key=lambda s: -s["files"])
     return out
 
 
-def read_dicom_folder(folder: Path, series_uid: str | None = None, threads: int = 2) -> Volume:
+def read_dicom_folder(folder: Path, series_uid: str | None = None) -> Volume:
     """A DICOM series from a folder (HU, sorted by position). Several series: ``series_uid`` or the largest."""
-    import SimpleITK as sitk
-
-    entries = [e for e in folder.iterdir() if e.is_file()]
-    if not entries:
+    folder = Path(folder)
+    if not any(e.is_file() for e in folder.iterdir()):
         raise ImageReadError(f"the folder {folder} is empty; select the folder that contains the DICOM files")
-    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not uids:
-        raise ImageReadError(f"no DICOM image series found in {folder}; select a folder of DICOM files")
+    groups = _scan_folder(folder)
+    if not groups:
+        raise ImageReadError(f"no DICOM files found in {folder}; select a folder of DICOM image files")
+    series = sorted((_series_info(u, it) for u, it in groups.items()), key=lambda s: -s["files"])
     if series_uid is not None:
-        if series_uid not in uids:
-            raise InvalidImageError(f"series {series_uid} is not in {folder}; available: {list(uids)}")
+        if series_uid not in groups:
+            raise InvalidImageError(f"series {series_uid} is not in {folder}; available: "
+                                    f"{[(s['uid'], s['files'], s['modality']) for s in series]}")
         uid = series_uid
-    elif len(uids) == 1:
-        uid = uids[0]
     else:
-        series = list_series(folder)
-        logger.info("%d series in the folder: %s", len(series), series)
-        images = []
-        for s in series:
-            ds = _dcmread(Path(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s["uid"])[0]),
-                          stop_before_pixels=True)
-            if _sop_kind(str(ds.get("SOPClassUID", ""))) is None and s["modality"] not in ("SR", "SEG", "PR", "KO"):
-                images.append(s)
+        images = [s for s in series if s["is_image"]]
         if not images:
-            raise InvalidImageError(f"{folder} contains no image series (only {series}); select an image series")
-        if len(images) > 1 and images[0]["files"] == images[1]["files"]:
-            raise InvalidImageError(
-                f"{folder} holds several series of the same size: "
-                f"{[(s['uid'], s['files'], s['modality']) for s in images]}; pick one with series_uid "
-                "(--series-uid) or put each series in its own folder")
+            _check_is_image(groups[series[0]["uid"]][0][1], groups[series[0]["uid"]][0][0].name)
+            raise InvalidImageError(f"{folder} contains no image series; select an image series")
+        if len(images) > 1:
+            logger.info("%d image series in the folder: %s", len(images), images)
+            if images[0]["files"] == images[1]["files"]:
+                raise InvalidImageError(
+                    f"{folder} holds several image series of the same size: "
+                    f"{[(s['uid'], s['files'], s['modality']) for s in images]}; pick one with "
+                    "series_uid (--series-uid) or put each series in its own folder")
+            logger.info("picked the largest series (%d files)", images[0]["files"])
         uid = images[0]["uid"]
-        logger.info("picked the largest series (%d files)", images[0]["files"])
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
-    first = _dcmread(Path(files[0]), stop_before_pixels=True)
-    _check_is_image(first, Path(files[0]).name)
-    if len(files) == 1:
-        return read_dicom_file(Path(files[0]))
-    _check_consistent(files)
-    vol = _read_series(files, threads)
-    vol.modality = str(first.get("Modality", "unknown"))
-    return vol
+    items = groups[uid]
+    _check_is_image(items[0][1], items[0][0].name)
+    if len(items) == 1:
+        return read_dicom_file(items[0][0])
+    return _assemble_series(items)
 
 
-def _check_consistent(files: list[str]) -> None:
-    """Mixed sizes or orientations inside one series UID cannot form a volume."""
-    keys = set()
-    for f in (files[0], files[len(files) // 2], files[-1]):
-        ds = _dcmread(Path(f), stop_before_pixels=True)
-        iop = tuple(round(float(v), 4) for v in ds.get("ImageOrientationPatient", []))
-        keys.add((ds.get("Rows"), ds.get("Columns"), iop))
+def _assemble_series(items: list) -> Volume:
+    """Sort slices along the normal, check they form one volume, rescale to HU."""
+    first = items[0][1]
+    keys = {(int(ds.get("Rows", 0)), int(ds.get("Columns", 0)),
+             tuple(round(float(v), 3) for v in ds.get("ImageOrientationPatient", [])))
+            for _, ds in items}
     if len(keys) > 1:
         raise InvalidImageError("the series mixes slice sizes or orientations (e.g. a scout with the "
                                 "axial slices); export the axial series on its own")
+    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for _, ds in items):
+        raise InvalidImageError("the series mixes multi-frame files with slices; read one file at a time")
+    direction, _ = _plane_geometry(first.get("ImageOrientationPatient"), None)
+    if "ImagePositionPatient" in first:
+        dist = np.array([np.asarray([float(v) for v in ds.ImagePositionPatient]) @ direction[:, 2]
+                         for _, ds in items])
+    else:
+        dist = np.array([float(ds.get("InstanceNumber", i)) for i, (_, ds) in enumerate(items)])
+    order = np.argsort(dist, kind="stable")
+    steps = np.diff(dist[order])
+    if np.any(np.abs(steps) < 1e-4):
+        raise InvalidImageError("several slices of the series share a position (several acquisitions, "
+                                "time points or echoes); split them into separate series")
+    if len(steps) and (steps.max() - steps.min()) > 0.01 * max(abs(float(np.median(steps))), 1e-6) + 1e-3:
+        logger.warning("the slice spacing is irregular (%.3f..%.3f mm); using the median", steps.min(), steps.max())
+    sorted_items = [items[i] for i in order]
+    slopes = np.array([float(ds.get("RescaleSlope", 1) or 1) for _, ds in sorted_items])
+    inters = np.array([float(ds.get("RescaleIntercept", 0) or 0) for _, ds in sorted_items])
+    rows, cols = int(first.Rows), int(first.Columns)
+    integral = bool(np.all(slopes == 1) and np.all(inters == np.round(inters)))
+    out_dtype = np.float32
+    if integral:
+        bits = int(first.get("BitsStored", 16))
+        lo, hi = (0, 2 ** bits - 1) if int(first.get("PixelRepresentation", 0)) == 0 else \
+            (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        fits = lo + inters.min() >= -32768 and hi + inters.max() <= 32767
+        out_dtype = np.int16 if fits else np.int32
+    out = np.empty((len(items), rows, cols), out_dtype)
+    try:
+        for k, (f, ds) in enumerate(sorted_items):
+            a = _fast_pixels(ds)
+            if a is None:
+                a = ds.pixel_array
+            if integral:
+                np.add(a, np.int32(inters[k]), out=out[k], casting="unsafe")
+            else:
+                out[k] = a * slopes[k] + inters[k]
+    except Exception as exc:  # decoding failed: truncated file or missing codec -> try GDCM
+        logger.info("pydicom could not decode the series (%s); trying SimpleITK", _first_line(exc))
+        out = _read_series_sitk([str(f) for f, _ in sorted_items])
+    ps = [float(v) for v in first.get("PixelSpacing", [1.0, 1.0])]
+    dz = float(np.median(steps)) if len(steps) else float(first.get("SliceThickness", 1.0) or 1.0)
+    ipp = sorted_items[0][1].get("ImagePositionPatient")
+    origin = tuple(float(v) for v in ipp) if ipp is not None else (0.0, 0.0, 0.0)
+    return Volume(out, (ps[1], ps[0], abs(dz) or 1.0), origin, direction,
+                  str(first.get("Modality", "unknown")), "dicom-series")
 
 
-def _read_series(files: list[str], threads: int) -> Volume:
-    """SimpleITK series read (rescale to HU), split over threads; geometry from the whole list."""
+_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def _fast_pixels(ds) -> np.ndarray | None:
+    """Uncompressed little-endian 16-bit grey pixels straight from pydicom's bytes (no copy), else None."""
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    if ts not in _NATIVE_LE or int(ds.get("BitsAllocated", 0)) != 16 or int(ds.get("SamplesPerPixel", 1)) != 1:
+        return None
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    if signed and int(ds.get("BitsStored", 16)) != 16:
+        return None  # needs sign extension: let pydicom do it
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    data = ds.PixelData
+    if len(data) < rows * cols * 2:
+        raise ImageReadError("a DICOM file of the series has truncated pixel data; re-export the series")
+    return np.frombuffer(data, "<i2" if signed else "<u2", count=rows * cols).reshape(rows, cols)
+
+
+def _read_series_sitk(files: list[str]) -> np.ndarray:
+    """GDCM fallback for compressed series pydicom cannot decode (HU via SimpleITK)."""
     import SimpleITK as sitk
 
-    def read(chunk: list[str]):
-        r = sitk.ImageSeriesReader()
-        r.SetFileNames(chunk)
-        r.SetNumberOfThreads(1)
-        return r.Execute()
-
-    n = len(files)
-    parts = max(1, min(threads, n // 16))
-    bounds = np.linspace(0, n, parts + 1).astype(int)
-    chunks = [files[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
     try:
-        if parts == 1:
-            images = [read(files)]
-        else:
-            with ThreadPoolExecutor(parts) as ex:
-                images = list(ex.map(read, chunks))
+        return sitk.GetArrayFromImage(reader.Execute())
     except RuntimeError as exc:
         raise ImageReadError(f"cannot read the DICOM series ({_first_line(exc)}); a file may be "
                              "truncated or corrupt") from exc
-    arrays = [sitk.GetArrayViewFromImage(im) for im in images]
-    dtype = np.result_type(*[a.dtype for a in arrays])
-    arr = np.empty((sum(a.shape[0] for a in arrays),) + arrays[0].shape[1:], dtype)
-    k = 0
-    for a in arrays:
-        arr[k:k + a.shape[0]] = a
-        k += a.shape[0]
-    head = images[0]
-    spacing = list(head.GetSpacing())
-    if parts > 1:
-        # the slice spacing comes from the positions of the first and last slice of the whole list
-        p0 = np.array(head.GetOrigin())
-        p1 = np.array(images[-1].TransformIndexToPhysicalPoint((0, 0, images[-1].GetSize()[2] - 1)))
-        normal = np.array(head.GetDirection()).reshape(3, 3)[:, 2]
-        spacing[2] = abs(float((p1 - p0) @ normal)) / max(n - 1, 1) or spacing[2]
-    direction = np.array(head.GetDirection()).reshape(3, 3)
-    return Volume(arr, tuple(spacing), head.GetOrigin(), direction, "unknown", "dicom-series")

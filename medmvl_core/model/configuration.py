@@ -147,7 +147,7 @@ class MedMVLConfig(PretrainedConfig):
         _check_choice("padding_side", padding_side, PADDING_SIDES)
         self.padding_side = padding_side
         # Stored as ``model_max_length``: PretrainedConfig owns ``max_length`` (a generation default).
-        max_length = model_max_length if model_max_length is not None else (max_length or 2048)
+        max_length = model_max_length if model_max_length is not None else (2048 if max_length is None else max_length)
         if not isinstance(max_length, int) or max_length < 1:
             raise ConfigError(f"max_length = {max_length!r} must be a positive int")
         self.model_max_length = max_length

@@ -15,6 +15,7 @@ from medmvl_core.processing.constants import (
 from medmvl_core.processing.conversation import (
     check_placeholders,
     count_placeholders,
+    multiturn_questions,
     split_inference_item,
     validate_conversation,
     validate_item,
@@ -43,6 +44,7 @@ __all__ = [
     "check_placeholders",
     "count_placeholders",
     "get_template",
+    "multiturn_questions",
     "register_template",
     "split_inference_item",
     "tokenize_with_placeholders",

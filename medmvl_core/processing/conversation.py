@@ -133,3 +133,15 @@ def split_inference_item(item: Mapping[str, Any]) -> tuple[Conversation, str]:
     if "answer" in item:
         answer = item["answer"]
     return conversations, answer
+
+
+def multiturn_questions(item: Mapping[str, Any]) -> list[str]:
+    """The human turns of an item, in order, as ``lvlm/inference_multiturn.py`` replays them.
+
+    MedM-VL takes the values at positions 0, 2, 4, ... (``(len + 1) // 2`` questions), generates
+    an answer after each and appends it (stripped) before asking the next one.
+    """
+    if not isinstance(item, Mapping) or not isinstance(item.get("conversations"), Sequence):
+        raise DataError("an inference item must be a dict with a 'conversations' list")
+    turns = validate_conversation(item["conversations"])
+    return [turn["value"] for turn in turns[0::2]]

@@ -288,7 +288,9 @@ class MedMVLProcessor:
 
         # text first: a bad conversation fails before any (slow) image preprocessing
         image_items, volume_items = self._items(image, "image"), self._items(image3d, "image3d")
-        check_placeholders(conversations, len(image_items), len(volume_items))
+        conversations = validate_conversation(conversations)
+        # count in the rendered prompt: the pretrain templates put their own placeholder there
+        check_placeholders([{"value": self.template.render(conversations)}], len(image_items), len(volume_items))
         encoded = self.encode(conversations, mode=mode, on_mismatch=on_mismatch)
         ids, labels = self.truncate(*self.expand(encoded["input_ids"], encoded["labels"]))
         images, geom_2d = self._pixels(image_items, "image", None)

@@ -84,6 +84,10 @@ class SliceView(QtWidgets.QWidget):
             self.overlays.append(Overlay(tuple(int(v) for v in box), "ROI", "user"))
         self.update()
 
+    def clear_found_boxes(self) -> None:
+        self.overlays = [o for o in self.overlays if o.kind != "found"]
+        self.update()
+
     def add_found_box(self, box, label: str) -> None:
         """Overlay a model box and jump to its middle slice."""
         b = tuple(int(v) for v in box)

@@ -351,10 +351,10 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
 
     def on_answer(self, key: str, answer) -> None:
         if self.volume is not None and key == self.volume.key:
-            label = (answer.prompt_question or answer.task or "found")[:30]
-            for b in answer.boxes:
-                if b.get("voxel") is not None:
-                    self.view.add_found_box(b["voxel"], label)
+            label = self.controller.last_question.get(key, answer.task)[:30]
+            self.view.clear_found_boxes()
+            for box in ctl.unique_voxel_boxes(answer.boxes):
+                self.view.add_found_box(box, label)
             self.render_chat()
 
     def on_error(self, key, message: str) -> None:

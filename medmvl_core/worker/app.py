@@ -138,7 +138,7 @@ def create_app(state: WorkerState) -> FastAPI:
                 "device": state.device, "memory": _memory(state), "version": __version__,
                 "api": API_VERSION, "error": state.error, "queue_waiting": state.queue.waiting,
                 "busy": state.queue.running is not None,
-                "kind": getattr(state.engine, "kind", None)}
+                "kinds": list(getattr(state.engine, "kinds", ()))}
 
     @app.post("/v1/volumes")
     async def upload(request: Request):
