@@ -63,3 +63,28 @@ def test_cached_follow_up_equals_full_recompute_on_ct_checkpoint(loaded, referen
                          add_generation_prompt=True)
     assert prompt.count("<image3d>") == 1
     assert prompt.endswith("USER: How large is it? ASSISTANT:")
+
+
+def test_full_model_box_maps_to_medmvl_foreground_crop(loaded, reference_dir):
+    """Model box [0,0,0,1,1,1] covers exactly the region MedM-VL cropped (CropForeground box)."""
+    from medmvl_core.engine import tasks as T
+    from medmvl_core.imaging import read_image
+    model, proc = loaded["ct_chest_tiny"]
+    golden = json.loads((reference_dir / "ct_chest_tiny" / "golden.json").read_text())
+    crop = golden["inference_samples"][0]["crop_foreground_box_DHW"]  # [[start, end) per axis]
+    vol = read_image(reference_dir / "inputs" / "ct_volume.npy")
+    eng = Engine(model, proc)
+    entry = eng.prepare(vol)
+    found = T.find_model_boxes("at <bx_start>[0.000, 0.000, 0.000, 1.000, 1.000, 1.000]<bx_end>",
+                               "image3d")
+    m = T.map_box(found[0], entry.geom, vol, "image3d")
+    flat = [c for pair in crop for c in pair] if isinstance(crop[0], list) else list(crop)
+    starts, ends = flat[0::2], flat[1::2]
+    assert m["voxel"] == [float(v) for v in starts + ends]
+    # spacing 1 mm, origin 0 at the first voxel centre, identity direction: the box's outer
+    # edges lie half a voxel before the first and after the last voxel centre (x=i, y=j, z=k)
+    assert m["physical_lps"] == pytest.approx([starts[2] - 0.5, starts[1] - 0.5, starts[0] - 0.5,
+                                               ends[2] - 0.5, ends[1] - 0.5, ends[0] - 0.5])
+    # describe: the voxel box goes back to the same model box text
+    assert T.format_box(T.voxel_box_to_model(m["voxel"], entry.geom, "image3d"), "image3d") == \
+        "[0.000, 0.000, 0.000, 1.000, 1.000, 1.000]"

@@ -121,6 +121,9 @@ def test_unimed_cls_and_refer(tmp_path):
 def test_unimed_refer_without_image_size_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="image_size"):
         evaluate(_write(tmp_path, [_item("{<0><0><5><5>}", [0, 0, 9, 9])]), "unimed-refer")
+    with pytest.raises(DataError, match="non-numeric"):
+        evaluate(_write(tmp_path, [_item("{<0><0><5><5>}", ["a", 0, 9, 9], image_size=[10, 10])]),
+                 "unimed-refer")
 
 
 def test_unimed_report_coco_skip_or_run(tmp_path):
@@ -218,13 +221,20 @@ def test_registry_errors_and_names():
     assert cli_main(["eval", "--predictions", "nofile.json", "--benchmark", "m3d-nope"]) == 1
 
 
-def test_phantom_plugin_is_registered_when_present():
+def test_phantom_plugin_is_registered_when_present(tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("medmvl_core.evaluation.phantom_metrics") is None:
         assert "phantoms" not in benchmark_names()
     else:
         assert "phantoms" in benchmark_names()
+        items = [{"task": "closed", "truth": {"yes": True}, "answer": "Yes.",
+                  "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "No."}]},
+                 {"task": "closed", "truth": {"yes": False}, "answer": "No.",
+                  "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "No."}]}]
+        res = evaluate(_write(tmp_path, items), "phantoms")
+        assert res.metrics["closed_accuracy"]["value"] == pytest.approx(50.0)   # generated turn scored
+        assert res.provenance["n_closed"] == 2
 
 
 def test_bertscore_proxy_matches_bert_score(tmp_path):

@@ -147,18 +147,35 @@ def test_pydicom_ct_slice():
     np.testing.assert_allclose(vol.origin, [float(v) for v in ds.ImagePositionPatient])
 
 
-def test_enhanced_multiframe_ct_and_mr():
-    for name, frames in [("eCT_Supplemental.dcm", 2), ("emri_small.dcm", 10)]:
-        path = get_testdata_file(name)
-        if path is None:
-            pytest.skip(f"{name} not available (pydicom-data not installed)")
-        ds = pydicom.dcmread(path)
-        vol = read_image(path)
-        assert vol.array.shape == (frames, int(ds.Rows), int(ds.Columns))
-        assert vol.source == "dicom-multiframe" and vol.modality == ds.Modality
-        # frames sorted along the normal: positions increase with k
-        pos = [vol.origin + vol.direction @ (np.array(vol.spacing) * [0, 0, k]) for k in range(frames)]
-        assert all(np.dot(b - a, vol.direction[:, 2]) > 0 for a, b in zip(pos, pos[1:]))
+def test_enhanced_multiframe_ct():
+    path = get_testdata_file("eCT_Supplemental.dcm")
+    if path is None:
+        pytest.skip("eCT_Supplemental.dcm not available (pydicom-data not installed)")
+    ds = pydicom.dcmread(path)
+    vol = read_image(path)
+    assert vol.array.shape == (2, int(ds.Rows), int(ds.Columns))
+    assert vol.source == "dicom-multiframe" and vol.modality == "CT"
+    frames = ds.PerFrameFunctionalGroupsSequence
+    iop = np.array([float(v) for v in ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+                    .ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    pos = np.array([[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] for f in frames])
+    order = np.argsort(pos @ normal)  # k runs along the slice normal
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    pvt = [(f if "PixelValueTransformationSequence" in f else shared).PixelValueTransformationSequence[0]
+           for f in frames]
+    for k, src in enumerate(order):  # frames sorted by position, each rescaled with its own slope/intercept
+        hu = ds.pixel_array[src] * float(pvt[src].RescaleSlope) + float(pvt[src].RescaleIntercept)
+        np.testing.assert_allclose(vol.array[k], hu)
+    np.testing.assert_allclose(vol.origin, pos[order[0]])
+
+
+def test_multiframe_without_geometry_is_refused():
+    path = get_testdata_file("emri_small.dcm")  # a stripped enhanced MR: no functional groups
+    if path is None:
+        pytest.skip("pydicom-data not installed")
+    with pytest.raises(InvalidImageError, match="multi-frame"):
+        read_image(path)
 
 
 def test_cr_monochrome1_voi_window_and_inversion():
@@ -250,6 +267,16 @@ def test_truncated_nifti_and_garbage(tmp_path):
     (tmp_path / "t.nii").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageReadError, match="truncated"):
         read_image(tmp_path / "t.nii")
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "v.nii.gz"))
+    data = (tmp_path / "v.nii.gz").read_bytes()
+    (tmp_path / "t.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="truncated"):
+        read_image(tmp_path / "t.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "v.mha"))
+    data = (tmp_path / "v.mha").read_bytes()
+    (tmp_path / "t.mha").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="truncated"):
+        read_image(tmp_path / "t.mha")
     (tmp_path / "g.nrrd").write_bytes(b"not an image at all")
     with pytest.raises(ImageReadError):
         read_image(tmp_path / "g.nrrd")
@@ -310,3 +337,27 @@ def test_truncated_png(tmp_path):
     (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageReadError, match="truncated"):
         read_image(tmp_path / "t.png")
+
+
+def test_fixture_ct_as_dicom_series_gives_the_golden_tensor(tmp_path, reference_dir):
+    """The reference HU volume written as a DICOM series (LPS axial) reaches the same model tensor."""
+    from medmvl_core.imaging import preprocess, spec_from_checkpoint
+
+    hu = np.load(reference_dir / "inputs" / "ct_volume.npy")
+    write_ct_series(tmp_path / "s", hu, spacing=(0.8, 0.8, 2.0))
+    tensor, geom = preprocess(tmp_path / "s", spec_from_checkpoint(reference_dir / "ct_chest_tiny", "image3d"))
+    gold = np.load(reference_dir / "ct_chest_tiny" / "golden" / "infer0_image3d.npy")
+    assert np.abs(tensor - gold).max() <= 1e-5
+    assert geom.reorientation.is_identity
+
+
+def test_radiograph_through_2d_spec():
+    from medmvl_core.imaging import default_spec, preprocess
+
+    path = get_testdata_file("RG3_UNCR.dcm")
+    if path is None:
+        pytest.skip("pydicom-data not installed")
+    tensor, geom = preprocess(path, default_spec("siglip", 32))
+    assert tensor.shape == (3, 32, 32) and np.all(np.abs(tensor) <= 1.0)
+    np.testing.assert_array_equal(tensor[0], tensor[1])  # grey copied to RGB
+    assert geom.kind == "image"

@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from medmvl_core.cli import main as cli_main
-from medmvl_core.errors import ConfigError, DataError
 
 
 def _golden_texts(reference_dir, ckpt):
@@ -59,15 +58,16 @@ def test_infer_reproduces_golden_then_eval(reference_dir, tmp_path, ckpt, data, 
     assert json.loads((rep / "metrics.json").read_text())["provenance"]["n"] == 2
 
 
-def test_infer_bad_inputs(reference_dir, tmp_path):
+def test_infer_bad_inputs(reference_dir, tmp_path, capsys):
     base = ["infer", "--checkpoint", str(reference_dir / "ct_chest_tiny"), "--output", str(tmp_path / "o.json")]
-    with pytest.raises(DataError, match="does not exist"):
-        cli_main(base + ["--data", str(tmp_path / "nope.json")])
-    with pytest.raises(DataError, match="image file"):
-        cli_main(base + ["--data", str(reference_dir / "inputs" / "ct_inference.json"), "--image3d-dir",
-                         str(tmp_path), "-v"][:-1])
-    with pytest.raises(ConfigError, match="--batch-size"):
-        cli_main(base + ["--data", str(reference_dir / "inputs" / "ct_inference.json"), "--batch-size", "0"])
+    data = str(reference_dir / "inputs" / "ct_inference.json")
+    cases = [(["--data", str(tmp_path / "nope.json")], "does not exist"),
+             (["--data", data, "--image3d-dir", str(tmp_path)], "2 image file(s) not found"),
+             (["--data", data, "--batch-size", "0"], "--batch-size must be >= 1")]
+    for extra, message in cases:
+        assert cli_main(base + extra) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
 
 
 def test_two_processes_shard_and_merge(reference_dir, tmp_path):
@@ -75,9 +75,14 @@ def test_two_processes_shard_and_merge(reference_dir, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     if torchrun is None:
         pytest.skip("torchrun is not installed next to this Python")
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     out = tmp_path / "out.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "medmvl_core.cli", "-v",
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "medmvl_core.cli", "-v",
            "infer", "--checkpoint", str(reference_dir / "ct_chest_tiny"), "--data",
            str(reference_dir / "inputs" / "ct_inference.json"), "--image3d-dir", str(reference_dir / "inputs"),
            "--output", str(out), "--max-new-tokens", "12", "--device", "cpu"]

@@ -197,7 +197,7 @@ def test_find_streams_into_chat_and_creates_a_named_roi(env, tmp_path):
     assert rec.errors == []
     w.logic.controller.wait(10)
     chat = w.ui.chatTextEdit.toPlainText()
-    assert "You: the nodule" in chat and "MedM-VL: Nodule at [0.1, 0.2]" in chat
+    assert "You: Find: the nodule" in chat and "MedM-VL: Nodule at [0.1, 0.2]" in chat
     roi = w.ui.roiSelector.currentNode()
     assert roi is not None and roi.GetName().startswith("MedM-VL the nodule")
     assert tuple(w.logic.roiVoxelBox(roi, vol)) == tuple(box)
@@ -241,3 +241,50 @@ def test_worker_environment_blanks_what_slicer_added(env, monkeypatch):
     monkeypatch.setenv("PYTHONHOME", "/slicer/python")
     over = mod.MedMVLSlicerLogic()._launcherOverrides()
     assert over["PYTHONHOME"] == "" and over["HOME"] == "/tmp"
+
+
+def test_the_in_slicer_self_test_runs(env, monkeypatch):
+    mod, rec = env
+    for var in ("MEDMVL_TEST_CHECKPOINT", "MEDMVL_TEST_URL"):
+        monkeypatch.delenv(var, raising=False)
+    test = mod.MedMVLSlicerTest()
+    test.setUp()
+    test.test_RoiRoundTrip()  # geometry round trip on a real MRML scene
+    assert sys.modules["slicer"].mrmlScene.GetFirstNodeByName("MedMVLTestROI") is not None
+    test.runTest()  # and the whole test as Slicer runs it (inference skipped: no worker set)
+
+
+def test_state_and_memory_shown(env):
+    mod, rec = env
+    w = _widget(mod)
+    w.on_health({"memory": {"cuda_allocated_bytes": 2**30}})
+    assert w.ui.memoryLabel.text == "cuda allocated: 1024 MiB"
+    w.on_state("busy", "Ask…")
+    assert w.ui.cancelButton.enabled and not w.ui.askButton.enabled and w.ui.progressBar.visible
+    w.on_state("dead", "the worker process exited")
+    assert w.ui.startButton.text == "Restart" and w.ui.startButton.enabled
+    assert w.ui.workerStatusLabel.text == "dead: the worker process exited"
+    w.on_progress("downloading", 0.4)
+    assert w.ui.progressBar.value == 40 and w.ui.statusLabel.text == "downloading"
+
+
+def test_ui_file_is_valid_qt_designer_xml_with_every_widget_the_module_uses():
+    import os
+    import re
+
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    QtWidgets = pytest.importorskip("qtpy.QtWidgets")
+    from PySide6 import QtCore, QtUiTools
+
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    f = QtCore.QFile(str(stubs.MODULE_DIR / "Resources" / "UI" / "MedMVLSlicer.ui"))
+    assert f.open(QtCore.QFile.ReadOnly)
+    root = QtUiTools.QUiLoader().load(f)  # ctk/qMRML classes load as placeholders
+    f.close()
+    assert root is not None and app is not None
+    names = {w.objectName() for w in root.findChildren(QtWidgets.QWidget)}
+    used = set(re.findall(r"self\.ui\.(\w+)", (stubs.MODULE_DIR / "MedMVLSlicer.py").read_text()))
+    assert len(used) > 20 and used <= names, sorted(used - names)
+    token = root.findChild(QtWidgets.QLineEdit, "tokenLineEdit")
+    assert token.echoMode() == QtWidgets.QLineEdit.Password
+    root.deleteLater()

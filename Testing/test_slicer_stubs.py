@@ -147,7 +147,7 @@ def install(recorder: _Recorder | None = None) -> _Recorder:
     """Put stub slicer/qt/ctk into sys.modules (real slicer-core MRML classes inside)."""
     rec = recorder or _Recorder()
     import slicer as real_slicer  # slicer-core: MRML classes, headless
-    import vtk  # noqa: F401  (slicer-core's VTK stays the real one)
+    import vtk  # slicer-core's VTK stays the real one
 
     scene = real_slicer.vtkMRMLScene()
 
@@ -311,6 +311,19 @@ def install(recorder: _Recorder | None = None) -> _Recorder:
     util.loadUI = lambda path: _UIRoot(path)
     util.childWidgetVariables = lambda root: load_ui_widgets(root.path)
     util.startupEnvironment = lambda: {"PATH": os.environ.get("PATH", ""), "HOME": "/tmp"}
+    def addVolumeFromArray(array, ijkToRAS=None, name=None, nodeClassName=None):
+        import numpy as np
+        from vtk.util import numpy_support
+
+        node = scene.AddNewNodeByClass(nodeClassName or "vtkMRMLScalarVolumeNode", name or "")
+        a = np.ascontiguousarray(array)
+        img = vtk.vtkImageData()
+        img.SetDimensions(a.shape[2], a.shape[1], a.shape[0])
+        img.GetPointData().SetScalars(numpy_support.numpy_to_vtk(a.reshape(-1), deep=True))
+        node.SetAndObserveImageData(img)
+        return node
+
+    util.addVolumeFromArray = addVolumeFromArray
     util.arrayFromVolume = real_slicer.util.arrayFromVolume
     util.arrayFromVolumeModified = real_slicer.util.arrayFromVolumeModified
 

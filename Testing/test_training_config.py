@@ -94,3 +94,22 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 def test_scratch_needs_tokenizer():
     with pytest.raises(ConfigError, match="model.tokenizer"):
         load_config(CONFIG_DIR / "tiny_scratch_cpu.yaml", ["model.tokenizer=null"])
+
+
+@pytest.mark.parametrize("path", sorted((CONFIG_DIR.parent / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)
+def test_accelerate_configs_parse(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    c = ClusterConfig.from_yaml_file(str(path))
+    ds = c.deepspeed_config or {}
+    if ds.get("deepspeed_config_file"):
+        import json
+
+        conf = json.loads((CONFIG_DIR.parent.parent / ds["deepspeed_config_file"]).read_text())
+        assert conf["zero_optimization"]["stage"] in (2, 3)
+        assert conf["gradient_accumulation_steps"] == "auto"
+
+
+def test_accelerate_setups_shipped():
+    names = {p.stem for p in (CONFIG_DIR.parent / "accelerate").glob("*.yaml")}
+    assert {"single_gpu", "ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"} <= names

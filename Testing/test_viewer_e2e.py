@@ -140,7 +140,7 @@ def test_start_local_worker_and_ask_streams(viewer):
     win.set_task("ask")
     win.questionEdit.setText("Is there a nodule?")
     QTest.mouseClick(win.askButton, QtCore.Qt.LeftButton)
-    assert _wait(app, lambda: win.controller.state == ctl.READY and not win.controller.busy(), 60)
+    assert _wait(app, win.controller.idle, 60)
     win.on_token = orig
     assert pieces == [BOX_TEXT] * 3  # streamed piece by piece
     chat = win.chat.toPlainText()
@@ -154,13 +154,13 @@ def test_describe_region_and_find_draw(viewer):
     win.set_task("describe")
     assert not win.questionEdit.isEnabled()
     QTest.mouseClick(win.askButton, QtCore.Qt.LeftButton)
-    assert _wait(app, lambda: win.controller.state == ctl.READY and not win.controller.busy(), 60)
-    assert f"Describe region  [box {list(box)}]" in win.chat.toPlainText()
+    assert _wait(app, win.controller.idle, 60)
+    assert f"You: Describe region  [box {list(box)}]" in win.chat.toPlainText()
 
     win.set_task("find")
     win.questionEdit.setText("the nodule")
     QTest.mouseClick(win.askButton, QtCore.Qt.LeftButton)
-    assert _wait(app, lambda: win.controller.state == ctl.READY and not win.controller.busy(), 60)
+    assert _wait(app, win.controller.idle, 60)
     found = [o for o in win.view.overlays if o.kind == "found"]
     assert len(found) == 1 and found[0].label == "the nodule"
     # The worker mapped the model box [z1, y1, x1, z2, y2, x2] onto this 40x48x48 volume.
@@ -188,7 +188,7 @@ def test_cancel_a_long_answer(viewer):
     assert win.cancelButton.isEnabled()
     t0 = time.monotonic()
     QTest.mouseClick(win.cancelButton, QtCore.Qt.LeftButton)
-    assert _wait(app, lambda: not win.controller.busy(), 30)
+    assert _wait(app, win.controller.idle, 30)
     assert time.monotonic() - t0 < 10
     assert win.controller.state == ctl.READY and win.controller.detail == "cancelled"
     last = win.controller.history(key)[-1]
@@ -204,3 +204,12 @@ def test_dead_worker_is_reported(viewer):
     assert _wait(app, lambda: win.controller.state == ctl.DEAD, 10)
     assert win.startButton.text() == "Restart" and win.startButton.isEnabled()
     assert "exited" in win.stateLabel.text()
+    QTest.mouseClick(win.startButton, QtCore.Qt.LeftButton)  # restart from the panel
+    assert _wait(app, lambda: win.controller.state in (ctl.READY, ctl.DEAD, ctl.ERROR), 120)
+    assert win.controller.state == ctl.READY, win.stateLabel.text()
+    win.controller.max_new_tokens = 1
+    win.set_task("report")
+    QTest.mouseClick(win.askButton, QtCore.Qt.LeftButton)
+    assert _wait(app, win.controller.idle, 60)
+    assert win.controller.history(win.volume.key)[-2].text == "Generate report"
+    assert win.controller.history(win.volume.key)[-1].text == BOX_TEXT

@@ -247,3 +247,14 @@ def test_delete_session_then_unknown(client):
     client.delete_session(sid)
     with pytest.raises(errors.NotFoundError):
         client.ask(sid, question="x")
+
+
+def test_request_time_limit_gives_a_timeout_and_frees_the_queue(client):
+    sid = client.create_session(client.upload_volume(_vol(7)))
+    HOOK["delay"] = 0.05
+    t0 = time.monotonic()
+    with pytest.raises(errors.WorkerTimeoutError):
+        client.ask(sid, question="Describe it.", max_new_tokens=60, timeout=0.3)
+    assert time.monotonic() - t0 < 2.0
+    HOOK["delay"] = 0.0
+    assert client.ask(sid, question="Is there a nodule?", max_new_tokens=2).num_tokens == 2

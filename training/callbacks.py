@@ -52,7 +52,7 @@ class ThroughputMeter:
 
     world_size: int = 1
     peak_tflops: Optional[float] = None
-    _t0: float = field(default_factory=time.perf_counter)
+    _t0: float = field(default_factory=lambda: time.perf_counter())
     samples: int = 0
     tokens: int = 0
     flops: float = 0.0

@@ -139,7 +139,7 @@ class TrainConfig:
     eval_every: int = 0
     save_adapter_only: bool = True
     merge_at_end: bool = False
-    stop_after: int = 0         # > 0: stop (after a checkpoint) at this step; --resume continues (time-limited jobs)
+    stop_after: int = 0         # > 0: stop (after a checkpoint) once this invocation ran so many steps; --resume continues
     num_workers: int = 0        # DataLoader worker processes
 
 

@@ -177,8 +177,11 @@ class Recipe:
             batches.extend(rank_micro_batches(order, s, tr.micro_batch_size, tr.grad_accum, acc.num_processes,
                                               acc.process_index))
         self.dataset.epoch = epoch
+        # an own generator: creating the iterator must not draw from the global RNG (dropout), or a
+        # resumed run (new iterator mid-epoch) would diverge from an uninterrupted one
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, collate_fn=KeyedCollator(self.data_proc),
-                                           num_workers=tr.num_workers)
+                                           num_workers=tr.num_workers, generator=gen)
 
     def _micro_step(self, batch: dict, scale: float, sync: bool) -> torch.Tensor:
         inputs, pending = move_batch(batch, self.acc.device, self.cache)
@@ -206,6 +209,7 @@ class Recipe:
         # is exactly d(sum of token losses of the global batch / its supervised tokens)
         acc_scale = acc.num_processes * tr.grad_accum
         stopped_early = False
+        start_step = self.step
         while self.step < self.total_steps:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
             it = iter(self._loader(epoch, in_epoch))
@@ -255,7 +259,7 @@ class Recipe:
                     self.log.log(self.step, {"loss": self.evaluate()}, prefix="eval")
                 if tr.save_every > 0 and self.step % tr.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
-                if tr.stop_after > 0 and self.step >= tr.stop_after and self.step < self.total_steps:
+                if tr.stop_after > 0 and self.step - start_step >= tr.stop_after and self.step < self.total_steps:
                     if not (tr.save_every > 0 and self.step % tr.save_every == 0):
                         self.save_checkpoint()
                     stopped_early = True
@@ -278,7 +282,8 @@ class Recipe:
         ds = make_dataset(self.eval_data.records, self.data_proc, self.cfg, self.max_length, None)
         idx = list(range(len(ds)))[acc.process_index::acc.num_processes]
         batches = [idx[i:i + tr.micro_batch_size] for i in range(0, len(idx), tr.micro_batch_size)]
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=KeyedCollator(self.data_proc))
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=KeyedCollator(self.data_proc),
+                                             generator=torch.Generator().manual_seed(self.cfg.seed))
         total = torch.zeros(2, device=acc.device)
         for b in loader:
             inputs, _ = move_batch(b, acc.device, None)

@@ -9,6 +9,7 @@ only ever called from ``poll``, so views may touch Qt / MRML there. Standard lib
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import os
@@ -157,6 +158,7 @@ class PanelController:
         self._partial: dict[str, str] = {}
         #: volume key -> the question (or task label) last asked: names found boxes/ROIs.
         self.last_question: dict[str, str] = {}
+        self._atexit = False
 
     # ------------------------------------------------------------------ events
     def _emit(self, kind: str, *args: Any) -> None:
@@ -180,7 +182,10 @@ class PanelController:
     def _dispatch(self, kind: str, args: tuple) -> None:
         lst = self.listener
         if kind == "state":
-            self._set_state(*args)
+            state, detail = args
+            if state == READY and self.client is None:  # stopped while the job ran
+                state, detail = DISCONNECTED, ""
+            self._set_state(state, detail)
         elif kind == "health":
             self.health = args[0]
             lst.on_health(args[0])
@@ -210,6 +215,10 @@ class PanelController:
     def busy(self) -> bool:
         """True while a background job runs."""
         return self._thread is not None and self._thread.is_alive()
+
+    def idle(self) -> bool:
+        """True when no job runs and every event has been dispatched to the listener."""
+        return not self.busy() and self._events.empty()
 
     def wait(self, timeout: float = 600.0) -> None:
         """Block until the background job ends, dispatching events (for scripts and tests)."""
@@ -267,6 +276,9 @@ class PanelController:
             raise errors.LaunchError(f"checkpoint folder {checkpoint!r} does not exist; choose a "
                                      "model folder or download a released model", code="bad_argument")
         self.stop()
+        if not self._atexit:
+            atexit.register(self.shutdown)  # never leave a worker behind
+            self._atexit = True
         self._set_state(STARTING, f"starting the worker on {device}")
 
         def job() -> None:
@@ -316,7 +328,8 @@ class PanelController:
         """Stop the local worker (if this panel started one) and forget the connection."""
         self._cancel.set()
         if self.launcher is not None:
-            self.launcher.stop()
+            # close() also removes the launcher's temporary folder (token, log).
+            getattr(self.launcher, "close", self.launcher.stop)()
             self.launcher = None
         self.client, self._uploads, self.health = None, {}, {}
         if self.state != DISCONNECTED:
@@ -378,7 +391,8 @@ class PanelController:
                                                 "a remote one first")
         task_prompt_check(task, question, box)
         label = TASK_INFO[task][0]
-        shown = question.strip() if question and question.strip() else label
+        q = (question or "").strip()
+        shown = q if task == "ask" else (f"{label}: {q}" if q else label)
         if box is not None:
             shown += f"  [box {list(int(v) for v in box)}]"
         self.histories.setdefault(volume.key, []).append(ChatEntry("user", shown, task))
@@ -444,6 +458,10 @@ class PanelController:
             return
         self._emit("answer", volume.key, ans)
         self._emit("progress", "done", 1.0)
+        try:  # memory after the answer, for the panel
+            self._emit("health", client.health())
+        except errors.WorkerError as exc:
+            logger.info("health after answer: %s", exc)
         self._emit("state", READY, f"answered in {timings['client_total_s']:.1f} s")
 
     def cancel(self) -> None:

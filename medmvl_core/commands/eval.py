@@ -43,9 +43,12 @@ def run(args: argparse.Namespace) -> int:
                        bertscore_layers=args.bertscore_layers, nltk_data=args.nltk_data,
                        iou_mode=args.iou_mode, device=args.device)
     result = evaluate(args.predictions, args.benchmark, opts, references=args.references)
+    groups: dict[tuple, list[str]] = {}  # one warning line per distinct cause
     for key in result.skipped_metrics():
         m = result.metrics[key]
-        print(f"warning: {key} skipped: {m['reason']}; fix: {m['fix']}", file=sys.stderr)
+        groups.setdefault((m["reason"], m["fix"]), []).append(key)
+    for (reason, fix), keys in groups.items():
+        print(f"warning: {', '.join(keys)} skipped: {reason}; fix: {fix}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_json(include_samples=False), indent=2, ensure_ascii=False))
     else:

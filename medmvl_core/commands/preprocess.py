@@ -41,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
             raise RoiError(f"--roi must be six integers z1,y1,x1,z2,y2,x2, got {args.roi!r}") from exc
     vol = read_image(args.input, series_uid=args.series_uid)
     if args.checkpoint:
-        kind = args.kind or ("image" if vol.array.shape[0] == 1 and vol.modality in ("XR", "image", "photo")
-                             else "image3d")
+        kind = args.kind or ("image" if vol.is_2d else "image3d")
         spec = spec_from_checkpoint(args.checkpoint, kind)
     else:
         spec = get_preset(args.preset)

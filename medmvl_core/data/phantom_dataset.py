@@ -81,8 +81,11 @@ def phantom_entries(ph: Phantom, image_name: str, spec: dict | None, train: bool
     box_text = format_box_3d if ph.modality == "CT" else format_box_2d
     tasks = make_tasks(ph, rng, model_box_fn(ph, spec), box_text, all_findings=train)
     key, tag = ("image3d", "<image3d>") if ph.modality == "CT" else ("image", "<image>")
+    # Training conversations visit the tasks in a random order, so every kind of question is
+    # learned both as the first turn (as evaluated) and as a follow-up (as in a worker session).
+    order = [int(i) for i in rng.permutation(len(tasks))] if train else list(range(len(tasks)))
     conv = []
-    for n, t in enumerate(tasks):
+    for n, t in enumerate(tasks[i] for i in order):
         q = f"{tag}\n{t['question']}" if n == 0 else t["question"]
         conv += [{"from": "human", "value": q}, {"from": "gpt", "value": t["answer"]}]
     entry = {"id": ph.id, "conversations": conv, key: [image_name]}

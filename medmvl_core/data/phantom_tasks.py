@@ -27,6 +27,10 @@ KIND_TEXT = {"nodule": "nodule", "mass": "mass", "calcification": "calcification
              "effusion": "pleural effusion"}
 CHOICE_OPTIONS = ("nodule", "mass", "calcification", "cyst", "pleural effusion", "no abnormality")
 NORMAL_REGION = "Normal lung."
+# The worker's task prompts (medmvl_core.engine.tasks), so "describe" / "find" requests from the
+# plugin reach the demo model worded exactly as in its training data.
+DESCRIBE_PROMPT = "What is in the region {box}? Describe it."
+FIND_PROMPT = "Where is the {target} in this image? Please output the bounding box."
 
 BoxFn = Callable[[tuple[int, ...]], list[float]]   # voxel/pixel box -> model-space box
 BoxTextFn = Callable[[list[float]], str]           # model-space box -> text
@@ -147,7 +151,7 @@ def make_tasks(ph: Phantom, rng: np.random.Generator, box_fn: BoxFn, box_text: B
     targets = fs if all_findings else ([fs[rng.integers(len(fs))]] if fs else [])
     for f in targets:
         mbox = box_fn(f.box)
-        tasks.append({"task": "find", "question": f"Find the {KIND_TEXT[f.kind]} and give its bounding box.",
+        tasks.append({"task": "find", "question": FIND_PROMPT.format(target=KIND_TEXT[f.kind]),
                       "answer": box_text(mbox), "truth": {"box": mbox, "kind": f.kind}})
     tasks.append(_region_task(ph, rng, box_fn, box_text))
     return tasks
@@ -189,7 +193,7 @@ def _region_task(ph: Phantom, rng, box_fn: BoxFn, box_text: BoxTextFn) -> dict:
     else:
         box, kind, loc, ans = ph.normal_box, "normal", "", NORMAL_REGION
     mbox = box_fn(box)
-    return {"task": "region", "question": f"What is in the region {box_text(mbox)}?", "answer": ans,
+    return {"task": "region", "question": DESCRIBE_PROMPT.format(box=box_text(mbox)), "answer": ans,
             "truth": {"kind": kind, "location": loc, "box": mbox}}
 
 

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -19,7 +20,8 @@ import torch
 
 from medmvl_core.engine import tasks as T
 from medmvl_core.engine.cache import LRUCache
-from medmvl_core.engine.decode import SamplingParams, TextStreamer, run_decode
+from medmvl_core.engine.decode import SamplingParams, TextStreamer, choose_token, run_decode
+from medmvl_core.engine.fastpath import StaticDecoder, split_cache, stack_caches
 from medmvl_core.engine.errors import (CancelledError, EngineOutOfMemoryError, NotFoundError,
                                        RequestError, RequestTimeoutError, SessionBusyError)
 from medmvl_core.engine.hashing import volume_hash
@@ -95,12 +97,16 @@ class Engine:
     use_cache=False gives the reference path (re-preprocess, re-encode, re-prefill every turn).
     fault_hook(stage) is called at "preprocess", "encode", "prefill" and every "decode" step
     (tests inject failures and delays through it).
+    decode_mode: "plain" (DynamicCache, every device), "static" (preallocated cache, bucketed
+    length; with compile_decode=True the step is torch.compile'd for CUDA graphs) or "auto"
+    (static on CUDA, plain elsewhere); any failure of the static path falls back to plain.
     """
 
     def __init__(self, model: Any, processor: Any, *,
                  cache_bytes: int = 2 << 30, kv_cache_bytes: int = 4 << 30,
                  use_cache: bool = True, max_new_tokens_limit: int = 2048,
-                 fault_hook: Callable[[str], None] | None = None):
+                 fault_hook: Callable[[str], None] | None = None, decode_mode: str = "auto",
+                 compile_decode: bool = False):
         self.model = model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", None)
@@ -110,6 +116,11 @@ class Engine:
         floats = [p.dtype for p in params if p.dtype.is_floating_point]
         self.dtype = floats[0] if floats else torch.float32
         self.use_cache = use_cache
+        if decode_mode not in ("auto", "plain", "static"):
+            raise RequestError(f"decode_mode must be auto, plain or static, got {decode_mode!r}")
+        self.decode_mode = decode_mode
+        self.compile_decode = compile_decode
+        self._static_ok = True
         self.max_new_tokens_limit = max_new_tokens_limit
         self.fault_hook = fault_hook
         self.images: LRUCache[ImageEntry] = LRUCache(
@@ -264,22 +275,74 @@ class Engine:
         (``is_set()``) or a callable returning True; checked before every decode step.
         deadline: ``time.monotonic()`` value after which the request fails with a timeout.
         """
-        params = SamplingParams(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
-        params.validate(self.max_new_tokens_limit)
-        if task not in T.TASKS:
-            raise RequestError(f"unknown task {task!r}; use one of {', '.join(T.TASKS)}",
-                               code="bad_task")
-        if session is None:
-            if volume_or_image is None:
-                raise RequestError("answer() needs an image or a session")
-            session = Session(volume=volume_or_image, volume_id=volume_hash(volume_or_image))
-        if not session.lock.acquire(blocking=False):
-            raise SessionBusyError(f"session {session.id[:8]} is already answering; wait or cancel")
+        req = Request(volume_or_image, question, task, box, max_new_tokens, do_sample, on_token,
+                      cancel, session, temperature, top_p, top_k, seed, deadline)
+        s = self._session_for(req)
+        if not s.lock.acquire(blocking=False):
+            raise SessionBusyError(f"session {s.id[:8]} is already answering; wait or cancel")
         try:
-            return self._answer(session, question, task, box, params, on_token, cancel, deadline)
+            with self._oom_guard(s):
+                p = self._prepare_request(s, req)
+                logits = self._prefill(p)
+                tokens, reason, fed = self._decode_one(p, logits)
+                return self._finish(p, tokens, reason, fed)
+        finally:
+            s.last_used = time.monotonic()
+            s.lock.release()
+
+    def answer_batch(self, requests: Sequence["Request"]) -> list[Answer | BaseException]:
+        """Answer several questions (different sessions) sharing their decode steps.
+
+        Each request is prepared and prefilled on its own (its session cache reused), then one
+        batched forward per step decodes all of them (left-padded caches). Results are in
+        order: an :class:`Answer` or the exception that request failed with. Greedy tokens
+        equal answering them one by one.
+        """
+        results: list[Answer | BaseException | None] = [None] * len(requests)
+        live: list[tuple[int, _Prepared, torch.Tensor]] = []
+        locked: list[Session] = []
+        try:
+            for i, req in enumerate(requests):
+                try:
+                    s = self._session_for(req)
+                    if not s.lock.acquire(blocking=False):
+                        raise SessionBusyError(f"session {s.id[:8]} is already answering")
+                    locked.append(s)
+                    with self._oom_guard(s):
+                        p = self._prepare_request(s, req)
+                        live.append((i, p, self._prefill(p)))
+                except BaseException as exc:  # noqa: BLE001 - reported per request
+                    results[i] = exc
+            if len(live) == 1:
+                i, p, logits = live[0]
+                try:
+                    with self._oom_guard(p.session):
+                        results[i] = self._finish(p, *self._decode_one(p, logits))
+                except BaseException as exc:  # noqa: BLE001
+                    results[i] = exc
+            elif live:
+                for i, res in zip([i for i, _, _ in live], self._decode_many(live)):
+                    results[i] = res
+        finally:
+            for s in locked:
+                s.last_used = time.monotonic()
+                s.lock.release()
+        return results  # type: ignore[return-value]
+
+    def _session_for(self, req: "Request") -> Session:
+        if req.session is not None:
+            return req.session
+        if req.volume is None:
+            raise RequestError("answer() needs an image or a session")
+        return Session(volume=req.volume, volume_id=volume_hash(req.volume))
+
+    @contextmanager
+    def _oom_guard(self, s: Session):
+        try:
+            yield
         except BaseException as exc:
             if is_oom(exc):
-                session.drop_kv()
+                s.drop_kv()
                 self.images.clear()
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -287,10 +350,9 @@ class Engine:
                     "the device ran out of memory for this request; ask a shorter question, "
                     "use a smaller max_new_tokens, or start the worker with --quantize 8bit/4bit"
                 ) from exc
+            if not isinstance(exc, (CancelledError, RequestTimeoutError, RequestError)):
+                s.drop_kv()  # the cache may be half-written
             raise
-        finally:
-            session.last_used = time.monotonic()
-            session.lock.release()
 
     def _check_factory(self, cancel: Any, deadline: float | None) -> Callable[[], None]:
         def check() -> None:
@@ -301,38 +363,39 @@ class Engine:
                                           "ask for fewer tokens or raise timeout_s")
         return check
 
-    def _answer(self, s: Session, question: str | None, task: str, box: Sequence[float] | None,
-                params: SamplingParams, on_token: Callable[[str], None] | None, cancel: Any,
-                deadline: float | None) -> Answer:
+    def _prepare_request(self, s: Session, req: "Request") -> "_Prepared":
+        """Validate, preprocess/encode (cached), build the prompt ids, pick the reusable prefix."""
+        params = SamplingParams(req.max_new_tokens, req.do_sample, req.temperature, req.top_p,
+                                req.top_k, req.seed)
+        params.validate(self.max_new_tokens_limit)
+        task, box = req.task, req.box
+        if task not in T.TASKS:
+            raise RequestError(f"unknown task {task!r}; use one of {', '.join(T.TASKS)}",
+                               code="bad_task")
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
-        check = self._check_factory(cancel, deadline)
+        check = self._check_factory(req.cancel, req.deadline)
         check()
         kind = self.kind_for(s.volume)
         if box is not None and len(box) != (6 if kind == "image3d" else 4):
             raise RequestError(f"box must have {6 if kind == 'image3d' else 4} numbers "
                                f"(voxel, inclusive-exclusive), got {len(box)}", code="bad_box")
         ephemeral = task == "crop_ask"
-        if ephemeral and box is None:
-            raise RequestError("task 'crop_ask' needs a box (k1, j1, i1, k2, j2, i2) in voxels",
+        if task in ("crop_ask", "describe") and box is None:
+            raise RequestError(f"task {task!r} needs a box (k1, j1, i1, k2, j2, i2) in voxels",
                                code="bad_box")
         entry = self.prepare(s.volume, roi=box if ephemeral else None, timings=timings,
                              vhash=s.volume_id)
         box_text = None
         if task == "describe":
-            if box is None:
-                raise RequestError("task 'describe' needs a box (k1, j1, i1, k2, j2, i2) in voxels",
-                                   code="bad_box")
-            box_text = T.format_box(entry.geom.voxel_box_to_model(list(box)), kind)
-        q = T.build_question(task, kind, question, box_text)
+            box_text = T.format_box(T.voxel_box_to_model(box, entry.geom, kind), kind)
+        q = T.build_question(task, kind, req.question, box_text)
         turns = [] if ephemeral else s.turns
         ids = self.encode_prompt(self.conversation(turns, q, kind), kind)
         check()
-
         # Reuse the longest prefix whose KV is cached; never split the image span.
-        past, lcp = (None, 0)
+        past, lcp = None, 0
         if self.use_cache and not ephemeral and s.past is not None:
-            lcp = 0
             for a, b in zip(s.kv_ids, ids):
                 if a != b:
                     break
@@ -345,53 +408,201 @@ class Engine:
                 s.past.crop(lcp)
                 past = s.past
         s.past, s.kv_ids = None, []  # invalid until this answer completes
-        self._hook("prefill")
-        t0 = time.perf_counter()
-        suffix = ids[lcp:]
-        has_img = any(t < 0 for t in suffix)
-        logits, past = self._forward(suffix, len(ids), past, entry.embeds if has_img else None)
-        timings["prefill_s"] = time.perf_counter() - t0
-        timings["prefill_tokens"] = len(suffix)
-        timings["cached_tokens"] = lcp
-
-        total = len(ids)
         generator = None
         if params.do_sample and params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(params.seed))
-        first: list[float] = []
-        t_dec = time.perf_counter()
+        return _Prepared(s, req, kind, entry, q, ids, ephemeral, lcp, past, timings, t_start,
+                         check, params, generator, TextStreamer(self.tokenizer, req.on_token))
 
-        def on_token_id(_tok: int) -> None:
-            if not first:
-                first.append(time.perf_counter())
+    def _prefill(self, p: "_Prepared") -> torch.Tensor:
+        self._hook("prefill")
+        t0 = time.perf_counter()
+        suffix = p.ids[p.lcp:]
+        has_img = any(t < 0 for t in suffix)
+        logits, p.past = self._forward(suffix, len(p.ids), p.past,
+                                       p.entry.embeds if has_img else None)
+        p.timings["prefill_s"] = time.perf_counter() - t0
+        p.timings["prefill_tokens"] = len(suffix)
+        p.timings["cached_tokens"] = p.lcp
+        p.t_decode = time.perf_counter()
+        return logits
+
+    def _use_static(self) -> bool:
+        return self.decode_mode == "static" or (self.decode_mode == "auto"
+                                                and self.device.type == "cuda")
+
+    def _decode_one(self, p: "_Prepared", logits: torch.Tensor) -> tuple[list[int], str, int]:
+        total = len(p.ids)
+        static = None
+        if self._use_static() and self._static_ok:
+            try:
+                static = StaticDecoder(self.model, p.past, total, p.params.max_new_tokens,
+                                       compile_step=self.compile_decode)
+            except Exception as exc:  # noqa: BLE001 - any failure: fall back to the plain path
+                logger.warning("static-cache decoding unavailable (%s); using the plain path", exc)
+                self._static_ok = False
+                static = None
 
         def step(tok: int) -> torch.Tensor:
-            nonlocal past, total
+            nonlocal total
             self._hook("decode")
             total += 1
-            lg, past = self._forward([tok], total, past, None)
+            if static is not None:
+                return static.step(tok)
+            lg, p.past = self._forward([tok], total, p.past, None)
             return lg
 
-        streamer = TextStreamer(self.tokenizer, on_token)
-        tokens, reason, fed = run_decode(logits, step, params, self.eos_ids, streamer, check,
-                                         generator, on_token_id)
-        streamer.finish()
+        out = run_decode(logits, step, p.params, self.eos_ids, p.streamer, p.check, p.generator,
+                         p.on_token_id)
+        if static is not None:
+            p.past = static.to_dynamic()
+        p.timings["decode_path"] = "static" if static is not None else "plain"
+        return out
+
+    def _decode_many(self, live: list[tuple[int, "_Prepared", torch.Tensor]]
+                     ) -> list[Answer | BaseException]:
+        """One forward per step for all rows; on OOM fall back to decoding them one by one."""
+        preps = [p for _, p, _ in live]
+        try:
+            with torch.inference_mode():
+                outs = self._batched_decode(preps, torch.cat([lg for _, _, lg in live]))
+        except BaseException as exc:  # noqa: BLE001
+            if not is_oom(exc):
+                raise
+            logger.warning("out of memory in a batched decode; decoding the requests one by one")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            outs = []
+            for _, p, lg in live:
+                try:
+                    with self._oom_guard(p.session):
+                        outs.append(self._decode_one(p, lg))
+                except BaseException as e:  # noqa: BLE001
+                    outs.append(e)
+        results: list[Answer | BaseException] = []
+        for p, out in zip(preps, outs):
+            if isinstance(out, BaseException):
+                p.session.drop_kv()
+                results.append(out)
+            else:
+                results.append(self._finish(p, *out))
+        return results
+
+    def _batched_decode(self, preps: list["_Prepared"], logits: torch.Tensor
+                        ) -> list[tuple[list[int], str, int] | BaseException]:
+        lengths = [len(p.ids) for p in preps]
+        lmax = max(lengths)
+        cache, mask = stack_caches([p.past for p in preps], lengths)
+        n = len(preps)
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        fed = [0] * n
+        done: list[tuple[list[int], str, int] | BaseException | None] = [None] * n
+        pad = int(getattr(self.tokenizer, "pad_token_id", None) or 0)
+        while True:
+            feed = []
+            for b, p in enumerate(preps):
+                if done[b] is not None:
+                    feed.append(pad)
+                    continue
+                try:
+                    p.check()
+                except BaseException as exc:  # noqa: BLE001 - cancel/timeout of one row
+                    done[b] = exc
+                    feed.append(pad)
+                    continue
+                tok = int(choose_token(logits[b:b + 1], p.params, p.generator)[0])
+                tokens[b].append(tok)
+                p.on_token_id(tok)
+                if tok in self.eos_ids:
+                    done[b] = (tokens[b], "stop", fed[b])
+                else:
+                    p.streamer.push(tok)
+                    if len(tokens[b]) >= p.params.max_new_tokens:
+                        done[b] = (tokens[b], "length", fed[b])
+                feed.append(tok if done[b] is None else pad)
+            if all(d is not None for d in done):
+                break
+            self._hook("decode")
+            active = [d is None for d in done]
+            x = torch.tensor([[t] for t in feed], dtype=torch.long, device=self.device)
+            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], 1)
+            pos = torch.tensor([[lengths[b] + fed[b]] for b in range(n)], device=self.device)
+            out = self.model(input_ids=x, attention_mask=mask, position_ids=pos,
+                             past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            for b in range(n):
+                if active[b]:
+                    fed[b] += 1
+        for b, p in enumerate(preps):
+            p.past = split_cache(cache, b, lmax - lengths[b], lengths[b] + fed[b])
+            p.timings["decode_path"] = f"batch{n}"
+        return done  # type: ignore[return-value]
+
+    def _finish(self, p: "_Prepared", tokens: list[int], reason: str, fed: int) -> Answer:
+        p.streamer.finish()
         t_end = time.perf_counter()
-        text = streamer.text()
-        timings["ttft_s"] = (first[0] if first else t_end) - t_start
-        timings["decode_s"] = t_end - t_dec
+        text = p.streamer.text()
+        timings = p.timings
+        timings["ttft_s"] = (p.first[0] if p.first else t_end) - p.t_start
+        timings["decode_s"] = t_end - p.t_decode
         timings["new_tokens"] = len(tokens)
-        timings["total_s"] = t_end - t_start
-        if not ephemeral:
-            s.turns.append((q, text.strip()))
+        timings["total_s"] = t_end - p.t_start
+        s = p.session
+        if not p.ephemeral:
+            s.turns.append((p.q, text.strip()))
             if self.use_cache:
-                s.past, s.kv_ids = past, ids + tokens[:fed]
+                s.past, s.kv_ids = p.past, p.ids + tokens[:fed]
                 self._account_kv(s)
         boxes = []
-        for mb in T.find_model_boxes(text, kind):
+        for mb in T.find_model_boxes(text, p.kind):
             try:
-                boxes.append(T.map_box(mb, entry.geom, s.volume, kind))
+                boxes.append(T.map_box(mb, p.entry.geom, s.volume, p.kind))
             except Exception as exc:  # noqa: BLE001 - a malformed box must not fail the answer
                 logger.debug("box %s could not be mapped: %s", mb, exc)
         return Answer(text=text, boxes=boxes, timings=timings, token_ids=tokens,
-                      finish_reason=reason, question=q, task=task)
+                      finish_reason=reason, question=p.q, task=p.req.task)
+
+
+@dataclass
+class Request:
+    """One question for :meth:`Engine.answer_batch` (same fields as :meth:`Engine.answer`)."""
+
+    volume: Any = None
+    question: str | None = None
+    task: str = "ask"
+    box: Sequence[float] | None = None
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    on_token: Callable[[str], None] | None = None
+    cancel: Any = None
+    session: Session | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    deadline: float | None = None
+
+
+@dataclass
+class _Prepared:
+    session: Session
+    req: Request
+    kind: str
+    entry: ImageEntry
+    q: str
+    ids: list[int]
+    ephemeral: bool
+    lcp: int
+    past: Any
+    timings: dict
+    t_start: float
+    check: Callable[[], None]
+    params: SamplingParams
+    generator: torch.Generator | None
+    streamer: TextStreamer
+    t_decode: float = 0.0
+    first: list = field(default_factory=list)
+
+    def on_token_id(self, _tok: int) -> None:
+        if not self.first:
+            self.first.append(time.perf_counter())

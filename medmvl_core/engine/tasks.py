@@ -71,19 +71,33 @@ def voxel_to_physical(volume: Any, ijk: np.ndarray) -> np.ndarray:
 def map_box(model_box: list[float], geom: Any, volume: Any, kind: str) -> dict:
     """One model-space box -> ``{"model", "voxel", "physical_lps"}``.
 
-    voxel: 3D ``(k1, j1, i1, k2, j2, i2)``, 2D ``(j1, i1, j2, i2)`` (row, column),
-    inclusive-exclusive, from the geometry record. physical_lps: the two corners at continuous
-    index (i1, j1, k1) and (i2, j2, k2) in LPS mm.
+    voxel: 3D ``(k1, j1, i1, k2, j2, i2)``, 2D ``(j1, i1, j2, i2)`` (row, column), integer
+    inclusive-exclusive in the uploaded array. physical_lps: the axis-aligned box
+    ``[x1, y1, z1, x2, y2, z2]`` in LPS mm (through the geometry record).
     """
-    voxel = [float(v) for v in geom.model_box_to_voxel(model_box)]
-    if kind == "image3d" or len(voxel) == 6:
-        k1, j1, i1, k2, j2, i2 = voxel
-        corners = np.array([[i1, j1, k1], [i2, j2, k2]])
+    if kind == "image3d":
+        mb3 = list(model_box)
+    else:  # 2D model boxes are (x1, y1, x2, y2) in 0-100
+        x1, y1, x2, y2 = (float(v) / 100.0 for v in model_box)
+        mb3 = [0.0, y1, x1, 1.0, y2, x2]
+    vox = [float(v) for v in geom.model_box_to_voxel(mb3)]
+    if hasattr(geom, "model_box_to_physical"):
+        phys = [float(v) for v in geom.model_box_to_physical(mb3)]
     else:
-        j1, i1, j2, i2 = voxel
-        corners = np.array([[i1, j1, 0.0], [i2, j2, 0.0]])
-    phys = voxel_to_physical(volume, corners)
-    return {"model": model_box, "voxel": voxel, "physical_lps": phys.reshape(-1).tolist()}
+        k1, j1, i1, k2, j2, i2 = vox
+        c = voxel_to_physical(volume, np.array([[i1, j1, k1], [i2, j2, k2]]))
+        phys = np.concatenate([c.min(axis=0), c.max(axis=0)]).tolist()
+    voxel = vox if kind == "image3d" else [vox[1], vox[2], vox[4], vox[5]]
+    return {"model": [float(v) for v in model_box], "voxel": voxel, "physical_lps": phys}
+
+
+def voxel_box_to_model(box: Sequence[float], geom: Any, kind: str) -> list[float]:
+    """Voxel box (3D ``(k1, j1, i1, k2, j2, i2)``, 2D ``(j1, i1, j2, i2)``) -> model box."""
+    if kind == "image3d":
+        return [float(v) for v in geom.voxel_box_to_model(list(box))]
+    j1, i1, j2, i2 = box
+    z1, y1, x1, z2, y2, x2 = geom.voxel_box_to_model([0, j1, i1, 1, j2, i2])
+    return [x1 * 100, y1 * 100, x2 * 100, y2 * 100]
 
 
 def build_question(task: str, kind: str, question: str | None, box_text: str | None) -> str:

@@ -52,7 +52,12 @@ def evaluate(predictions: str | Path | Sequence[Sample], benchmark: str,
     if isinstance(result, dict):  # a plug-in returning bare metric dicts
         result = EvalResult(benchmark=bench.name, metrics=result, headline=next(iter(result), ""))
     prov = base_provenance()
-    prov.update({"benchmark": bench.name, "predictions": source, "paper": bench.paper})
+    from medmvl_core.evaluation.resources import METRIC_NEEDS
+
+    prov.update({"benchmark": bench.name, "predictions": source, "paper": bench.paper,
+                 "metric_needs": {k: v for k, v in METRIC_NEEDS.items()
+                                  if any(m == k or (k.endswith("*") and m.startswith(k[:-1]))
+                                         for m in result.metrics)}})
     prov.update(result.provenance)
     prov.setdefault("n", len(samples))
     prov.setdefault("empty_predictions", sum(1 for s in samples if not str(s.prediction or "").strip()))

@@ -7,6 +7,8 @@ used (it downloads models).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 
 logger = logging.getLogger(__name__)
@@ -23,6 +25,13 @@ def coco_scores(predictions: list[str], references: list[str]) -> dict[str, floa
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+    with contextlib.redirect_stdout(io.StringIO()) as captured:  # the scorers print to stdout
+        out = _scores(PTBTokenizer, Bleu, Meteor, Rouge, predictions, references)
+    logger.debug("pycocoevalcap output: %s", captured.getvalue().strip())
+    return out
+
+
+def _scores(PTBTokenizer, Bleu, Meteor, Rouge, predictions, references) -> dict[str, float]:
     tok = PTBTokenizer()
     gts = tok.tokenize({i: [{"caption": r}] for i, r in enumerate(references)})
     res = tok.tokenize({i: [{"caption": p}] for i, p in enumerate(predictions)})

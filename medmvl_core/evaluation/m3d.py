@@ -20,7 +20,7 @@ from medmvl_core.evaluation import resources
 from medmvl_core.evaluation.box_metrics import iou_3d_m3d, iou_3d_standard, parse_box_3d
 from medmvl_core.evaluation.meteor import MeteorScorer, WordTokenizer
 from medmvl_core.evaluation.options import EvalOptions
-from medmvl_core.evaluation.results import EvalResult, aggregate, ok, skipped
+from medmvl_core.evaluation.results import EvalResult, aggregate, skipped
 from medmvl_core.evaluation.samples import Sample
 from medmvl_core.evaluation.text_metrics import bleu1_hfe, rouge1_f
 
@@ -150,13 +150,20 @@ def evaluate_vqa_closed(samples: Sequence[Sample], options: EvalOptions,
     return _finish(name, samples, metrics, "accuracy", rows, prov)
 
 
-def _gt_box_3d(s: Sample):
-    for key in ("box", "bbox"):
-        v = s.item.get(key)
-        if isinstance(v, (list, tuple)) and len(v) == 6:
+def _numbers(v) -> list[float] | None:
+    if isinstance(v, (list, tuple)) and len(v) == 6:
+        try:
             return [float(x) for x in v]
-    if isinstance(s.reference, (list, tuple)) and len(s.reference) == 6:
-        return [float(x) for x in s.reference]
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _gt_box_3d(s: Sample):
+    for v in (s.item.get("box"), s.item.get("bbox"), s.reference):
+        box = _numbers(v)
+        if box is not None:
+            return box
     return parse_box_3d(_text(s.reference))
 
 
@@ -196,4 +203,4 @@ def evaluate_rec(samples: Sequence[Sample], options: EvalOptions, name: str = "m
 
 
 __all__ = ["evaluate_cap", "evaluate_vqa_open", "evaluate_vqa_closed", "evaluate_rec",
-           "text_metrics", "M3D_QUESTION_TYPES", "ok"]
+           "text_metrics", "M3D_QUESTION_TYPES"]

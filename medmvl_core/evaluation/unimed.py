@@ -148,7 +148,11 @@ def _gt_box_2d(s: Sample) -> tuple[list[float], list[float]]:
             f"refer item {s.index} (id {s.id}) lacks the ground truth: it needs the pixel box "
             "[x, y, w, h] in 'answer' (or 'bbox') and 'image_size' [W, H], as in Uni-Med's eval "
             "files; a quantised {<..>} string cannot be scored exactly")
-    return xywh_to_xyxy(box), [float(v) for v in s.image_size[:2]]
+    try:
+        return xywh_to_xyxy(box), [float(v) for v in s.image_size[:2]]
+    except (TypeError, ValueError):
+        raise DataError(f"refer item {s.index} (id {s.id}) has a non-numeric box {box!r} or image_size "
+                        f"{s.image_size!r}; both must be numbers") from None
 
 
 def evaluate_refer(samples: Sequence[Sample], options: EvalOptions, name: str = "unimed-refer") -> EvalResult:

@@ -163,7 +163,7 @@ def _finish(resized: np.ndarray, spec: dict, augment) -> np.ndarray:
 
 
 def _preprocess_volume(vol: Volume, spec: dict, roi, margin: int, augment):
-    if vol.array.shape[0] == 1 and vol.modality in ("XR", "photo", "image"):
+    if vol.is_2d:
         raise InvalidImageError("this checkpoint takes 3D volumes but the input is a 2D image; "
                                 "use a checkpoint for 2D images or pass a volume")
     src_shape = tuple(vol.array.shape)

@@ -136,6 +136,8 @@ def read_itk(p: Path) -> Volume:
     import SimpleITK as sitk
 
     kind = _itk_kind(p.name.lower())
+    if kind == "nifti":
+        _check_nifti_complete(p)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
@@ -154,6 +156,27 @@ def read_itk(p: Path) -> Volume:
         raise ImageReadError(f"cannot read {p.name} as {kind}: {_first_line(exc)}; "
                              "the file may be truncated or corrupt") from exc
     return _sitk_to_volume(img, kind)
+
+
+def _check_nifti_complete(p: Path) -> None:
+    """ITK zero-fills truncated NIfTI data silently; check the size (.nii) or the gzip stream (.nii.gz)."""
+    import gzip
+    import zlib
+
+    import nibabel as nib
+
+    try:
+        if p.name.lower().endswith(".gz"):
+            with gzip.open(p, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+            return
+        hdr = nib.Nifti1Image.from_filename(str(p)).header
+    except (EOFError, OSError, zlib.error, nib.filebasedimages.ImageFileError, ValueError) as exc:
+        raise ImageReadError(f"cannot read {p.name} as NIfTI ({exc}); the file may be truncated or corrupt") from exc
+    need = int(hdr.get_data_offset()) + int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize
+    if p.stat().st_size < need:
+        raise ImageReadError(f"{p.name} is truncated ({p.stat().st_size} of {need} bytes); re-export the file")
 
 
 def _itk_kind(name: str) -> str:
@@ -246,9 +269,17 @@ def read_dicom_file(p: Path) -> Volume:
     return _read_slice(ds, p.name)
 
 
-def _read_slice(ds, name: str) -> Volume:
-    from pydicom.pixels import apply_modality_lut
+def _lut_functions():
+    """pydicom's modality and VOI LUT functions (pydicom >= 3: ``pydicom.pixels``; 2.x: the handlers util)."""
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    return apply_modality_lut, apply_voi_lut
 
+
+def _read_slice(ds, name: str) -> Volume:
+    apply_modality_lut, _ = _lut_functions()
     arr = apply_modality_lut(_pixels(ds, name), ds)
     ps = [float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])]
     thick = float(ds.get("SliceThickness", 1.0) or 1.0)
@@ -270,8 +301,7 @@ def _plane_geometry(iop, ipp):
 
 def _read_radiograph(ds, name: str) -> Volume:
     """Modality LUT, VOI LUT or window, MONOCHROME1 inversion -> uint8 [1, H, W] (or RGB)."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
+    apply_modality_lut, apply_voi_lut = _lut_functions()
     arr = _pixels(ds, name)
     ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or [1.0, 1.0]
     spacing = (float(ps[1]), float(ps[0]), 1.0)
@@ -366,7 +396,7 @@ def _scan_folder(folder: Path) -> dict[str, list]:
     groups: dict[str, list] = {}
     for f in sorted(e for e in folder.iterdir() if e.is_file()):
         try:
-            ds = pydicom.dcmread(str(f), defer_size="64 KB")
+            ds = pydicom.dcmread(str(f))
         except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
             logger.debug("skipping a non-DICOM file in the series folder")
             continue

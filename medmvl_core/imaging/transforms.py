@@ -112,7 +112,8 @@ def linear_weights(n_in: int, n_out: int) -> LinearWeights:
     """Source indices and float32 weights exactly as torch's CPU ``upsample_linear`` computes them."""
     f = np.float32
     scale = f(n_in) / f(n_out)
-    src = scale * (np.arange(n_out, dtype=f) + f(0.5)) - f(0.5)
+    # torch computes scale * (i + 0.5) - 0.5 as one fused multiply-add: exact product, one rounding
+    src = (np.float64(scale) * (np.arange(n_out, dtype=f) + f(0.5)).astype(np.float64) - 0.5).astype(f)
     src = np.maximum(src, f(0)).astype(f)
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = i0 + (i0 < n_in - 1)

@@ -22,6 +22,9 @@ import numpy as np
 from medmvl_core.errors import InvalidImageError
 
 
+TWO_D_MODALITIES = ("XR", "image", "photo")
+
+
 @dataclass
 class Volume:
     """A 3D volume or a 2D image with its geometry.
@@ -58,9 +61,9 @@ class Volume:
 
     @property
     def is_2d(self) -> bool:
-        """True for a single-slice image ``[1, H, W]`` or ``[1, H, W, 3]``."""
-        return self.array.shape[0] == 1 and self.modality in ("XR", "photo", "image") or (
-            self.array.ndim == 4 and self.array.shape[-1] == 3)
+        """True for a 2D image: colour ``[1, H, W, 3]``, or ``[1, H, W]`` read from a 2D format
+        (modality ``XR``/``image``/``photo``). A single CT/MR slice stays a (thin) volume."""
+        return self.is_rgb or (self.array.shape[0] == 1 and self.modality in TWO_D_MODALITIES)
 
     @property
     def is_rgb(self) -> bool:

@@ -156,10 +156,29 @@ class MedMVLConfig(PretrainedConfig):
         _check_choice("image3d_slice_fusion", image3d_slice_fusion, SLICE_FUSIONS)
         self.image3d_slice_fusion = image3d_slice_fusion
         self.source = dict(source or {})
+        kwargs.pop("max_length", None)
         if llm_config is not None:
             kwargs.setdefault("tie_word_embeddings", bool(getattr(llm_config, "tie_word_embeddings", False)))
             self.hidden_size = llm_config.hidden_size  # DeepSpeed auto-config reads it
+        self._init_done = False
         super().__init__(**kwargs)
+        self._init_done = True
+
+    # PretrainedConfig's __init__ assigns ``max_length`` (a generation default of 20); ours is the
+    # processor's maximum sequence length, so ``max_length`` reads ``model_max_length``.
+    @property
+    def max_length(self) -> int:
+        return self.__dict__.get("model_max_length", 20)
+
+    @max_length.setter
+    def max_length(self, value: int) -> None:
+        if self.__dict__.get("_init_done"):
+            self.model_max_length = value
+
+    def _get_non_default_generation_parameters(self) -> dict[str, Any]:
+        out = super()._get_non_default_generation_parameters()
+        out.pop("max_length", None)  # not a generation setting here (see ``max_length``)
+        return out
 
     @property
     def has_image(self) -> bool:
@@ -172,6 +191,7 @@ class MedMVLConfig(PretrainedConfig):
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
+        out.pop("_init_done", None)
         if isinstance(self.llm_config, PretrainedConfig):
             out["llm_config"] = self.llm_config.to_dict()
         return out

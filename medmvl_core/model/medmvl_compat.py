@@ -73,6 +73,8 @@ def _image_normalize(enc_type: str, vis_cfg: dict, pre: dict | None) -> dict:
     out = {"type": "image_processor", "image_size": size, "resample": int(pre.get("resample", 3)),
            "rescale": float(pre.get("rescale_factor", 1 / 255)), "mean": list(mean), "std": list(std)}
     resize = pre.get("size") or {}
+    if isinstance(resize, int):  # older processor configs: an int means the shortest edge
+        resize = {"shortest_edge": resize}
     if "shortest_edge" in resize or (enc_type == "clip" and not resize):
         out["resize_shortest_edge"] = int(resize.get("shortest_edge", size))
     if pre.get("do_center_crop", enc_type == "clip"):

@@ -217,9 +217,7 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
 
     def _inputs_embeds(self, input_ids, attention_mask, images, images3d, image_embeds) -> torch.Tensor:
         if image_embeds is None and (images is not None or images3d is not None):
-            image_embeds = self.encode_images(images, images3d)
-            if images is not None and images3d is not None:
-                pass  # dict already keyed by kind
+            image_embeds = self.encode_images(images, images3d)  # a dict keyed by kind when both are given
         return self.embed_inputs(input_ids, image_embeds, attention_mask)
 
     def forward(
@@ -239,7 +237,8 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
         """Logits [B, L, vocab] and, with ``labels`` (-100 = ignored), the mean shifted CE loss."""
         if inputs_embeds is None:
             inputs_embeds = self._inputs_embeds(input_ids, attention_mask, images, images3d, image_embeds)
-        kwargs.pop("num_items_in_batch", None) if labels is None else None
+        if labels is None:
+            kwargs.pop("num_items_in_batch", None)
         return self.llm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -250,6 +249,10 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict:
+        """Delegates to the LLM (PEFT's causal-LM wrapper looks this up on the base model)."""
+        return self.llm.prepare_inputs_for_generation(*args, **kwargs)
 
     @torch.no_grad()
     def generate(
@@ -266,10 +269,9 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         inputs_embeds = self._inputs_embeds(input_ids, attention_mask, images, images3d, image_embeds)
         generate_kwargs.setdefault("use_cache", True)
-        out = self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
-        if not isinstance(out, torch.Tensor):  # return_dict_in_generate
-            return out
-        return out
+        # Driven by inputs_embeds only, transformers returns just the new tokens (or a
+        # GenerateOutput with return_dict_in_generate=True).
+        return self.llm.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
 
 
 AutoConfig.register("medmvl", MedMVLConfig, exist_ok=True)

@@ -105,6 +105,10 @@ def resolve_base(name: str, checkpoint_dir: str | Path | None = None, what: str 
     preset = get_preset(name)
     if preset is not None:
         logger.info("%s %s: shipped preset", what, name)
+        if not preset.get("verified_against_public_copy", False):
+            logger.warning("the preset for %s was written from documented values that could not be checked against "
+                           "the hub's config.json here; if outputs look wrong, put the real config in a local folder "
+                           "or the HF cache. %s", name, preset.get("note", ""))
         return BaseModel(name=name, origin="preset", config=dict(preset["config"]),
                          preprocessor_config=preset.get("preprocessor_config"))
     raise MissingBaseModelError(

@@ -1,0 +1,184 @@
+"""Fast decode path (static KV cache, buckets, prefix reuse, fallback) vs the plain path and
+transformers ``generate`` on the MedM-VL reference fixture checkpoint (CPU)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from medmvl_core.engine import fast_decode as fd
+from medmvl_core.engine.fast_decode import FastDecoder, FastPathError, pick_bucket, select_mode
+
+BUCKETS = (32, 64, 128)
+
+
+@pytest.fixture(scope="module")
+def model(reference_dir):
+    from medmvl_core.model import load_checkpoint
+
+    torch.set_num_threads(2)
+    m, _ = load_checkpoint(reference_dir / "ct_chest_tiny")
+    return m.eval()
+
+
+def _ids(n: int, seed: int, vocab: int = 800) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _hf_greedy(model, embeds: torch.Tensor, n: int) -> list[int]:
+    """Reference: transformers generate with inputs_embeds (dynamic cache), as MedM-VL runs it."""
+    with torch.no_grad():
+        out = model.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                 max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0].tolist()
+
+
+def _greedy(dec: FastDecoder, first: torch.Tensor, n: int) -> tuple[list[int], list[torch.Tensor]]:
+    toks, logits, lg = [], [first], first
+    for _ in range(n):
+        toks.append(int(lg.argmax(-1)[0]))
+        if len(toks) < n:
+            lg = dec.step(toks[-1])
+            logits.append(lg)
+    return toks, logits
+
+
+def _plain_logits(model, embeds: torch.Tensor, toks: list[int]) -> list[torch.Tensor]:
+    """Logits of the engine's plain path (DynamicCache, all-ones mask) for a forced token list."""
+    from transformers import DynamicCache
+
+    out, past, total = [], DynamicCache(), embeds.shape[1]
+    with torch.no_grad():
+        o = model.llm(inputs_embeds=embeds, attention_mask=torch.ones(1, total, dtype=torch.long),
+                      past_key_values=past, use_cache=True)
+        out.append(o.logits[:, -1].float())
+        for t in toks[:-1]:
+            total += 1
+            o = model.llm(input_ids=torch.tensor([[t]]), attention_mask=torch.ones(1, total, dtype=torch.long),
+                          past_key_values=o.past_key_values, use_cache=True)
+            out.append(o.logits[:, -1].float())
+    return out
+
+
+def test_static_cache_matches_generate_across_buckets(model):
+    dec = FastDecoder(model, buckets=BUCKETS)
+    assert dec.mode == "static"
+    caps = set()
+    for length, seed in ((5, 0), (40, 2), (70, 3), (9, 4)):  # one decoder object reused
+        embeds = model.llm.get_input_embeddings()(torch.tensor([_ids(length, seed)])).detach()
+        ref = _hf_greedy(model, embeds, 8)
+        toks, logits = _greedy(dec, dec.prefill(embeds, max_new_tokens=8), 8)
+        caps.add(dec._slot.cap)
+        assert toks == ref, f"prompt length {length}"
+        if length in (40, 9):
+            for a, b in zip(logits, _plain_logits(model, embeds, toks)):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert caps == {32, 64, 128}
+
+
+def test_image_prompt_and_prefix_reuse(model):
+    n_img = model.num_image_tokens("image3d")
+    image_embeds = torch.randn(1, n_img, model.config.llm_config.hidden_size,
+                               generator=torch.Generator().manual_seed(5)) * 0.02
+    ids = _ids(6, 6) + [-201] * n_img + _ids(8, 7)
+    with torch.no_grad():
+        ref = model.generate(input_ids=torch.tensor([ids]), image_embeds=image_embeds, max_new_tokens=6,
+                             min_new_tokens=6, do_sample=False, pad_token_id=0)[0].tolist()
+    dec = FastDecoder(model, buckets=BUCKETS)
+    first, kept = dec.prefill_ids(ids, image_embeds, key="vol-a", max_new_tokens=6)
+    assert kept == 0
+    toks, _ = _greedy(dec, first, 6)
+    assert toks == ref
+    # follow-up: previous prompt + answer + a new question; only the new part is prefilled
+    follow = ids + toks[:-1] + _ids(5, 8)
+    lg, kept = dec.prefill_ids(follow, image_embeds, key="vol-a", max_new_tokens=4)
+    assert kept == len(ids) + len(toks) - 1
+    fresh = FastDecoder(model, buckets=BUCKETS)
+    lg_full, kept_full = fresh.prefill_ids(follow, image_embeds, key="vol-a", max_new_tokens=4)
+    assert kept_full == 0
+    torch.testing.assert_close(lg, lg_full, atol=1e-4, rtol=1e-4)
+    assert _greedy(dec, lg, 4)[0] == _greedy(fresh, lg_full, 4)[0]
+    # another image with the same ids: nothing may be reused
+    _, kept_other = dec.prefill_ids(follow, image_embeds * 2, key="vol-b", max_new_tokens=4)
+    assert kept_other == 0
+
+
+def test_cache_grows_past_its_bucket_and_plain_mode_agrees(model):
+    embeds = model.llm.get_input_embeddings()(torch.tensor([_ids(25, 9)])).detach()
+    ref = _hf_greedy(model, embeds, 12)
+    dec = FastDecoder(model, buckets=BUCKETS)
+    toks, _ = _greedy(dec, dec.prefill(embeds, max_new_tokens=1), 12)  # 25+1 fits 32, then grows
+    assert dec._slot.cap == 64 and toks == ref
+    plain = FastDecoder(model, mode="plain")
+    assert plain.mode == "plain"
+    assert _greedy(plain, plain.prefill(embeds), 12)[0] == ref
+
+
+def test_mode_selection():
+    assert select_mode("cpu", "auto")[0] == "static"
+    assert "CUDA" in select_mode("cpu", "graph")[1] and select_mode("cpu", "graph")[0] == "static"
+    assert select_mode("cpu", "compile")[0] == "static"
+    assert select_mode("cuda", "auto")[0] == "graph"
+    assert select_mode("cuda", "compile")[0] == "compile"
+    assert select_mode("cuda", "plain")[0] == "plain"
+    with pytest.raises(FastPathError, match="not known"):
+        select_mode("cuda", "turbo")
+    assert pick_bucket(33, BUCKETS) == 64
+    with pytest.raises(FastPathError, match="largest KV-cache bucket"):
+        pick_bucket(129, BUCKETS)
+
+
+def test_capture_failure_falls_back_with_logged_reason(model, monkeypatch, caplog):
+    embeds = model.llm.get_input_embeddings()(torch.tensor([_ids(12, 10)])).detach()
+    ref = _hf_greedy(model, embeds, 6)
+
+    def broken(fn, owner):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fd, "capture_cuda_graph", broken)
+    dec = FastDecoder(model, buckets=BUCKETS)
+    dec.mode = "graph"  # as selected on a CUDA device
+    with caplog.at_level(logging.WARNING, logger="medmvl_core.engine.fast_decode"):
+        toks, _ = _greedy(dec, dec.prefill(embeds, max_new_tokens=6), 6)
+    assert toks == ref
+    assert dec.mode == "static" and "not permitted when stream is capturing" in dec.fallback_reason
+    assert any("falling back" in r.getMessage() for r in caplog.records)
+
+
+def test_captured_step_that_disagrees_is_rejected(model, monkeypatch):
+    embeds = model.llm.get_input_embeddings()(torch.tensor([_ids(12, 11)])).detach()
+    ref = _hf_greedy(model, embeds, 6)
+
+    def wrong(fn, owner):  # a "graph" that returns stale/garbage logits
+        def replay():
+            return fn() * -1.0
+        return replay
+
+    monkeypatch.setattr(fd, "capture_cuda_graph", wrong)
+    dec = FastDecoder(model, buckets=BUCKETS)
+    dec.mode = "graph"
+    toks, _ = _greedy(dec, dec.prefill(embeds, max_new_tokens=6), 6)
+    assert toks == ref and "differs from the eager step" in dec.fallback_reason
+
+
+def test_working_runner_is_used_and_errors(model, monkeypatch):
+    calls = []
+
+    def fake(fn, owner):  # stands in for a successful capture: replays the eager step
+        def replay():
+            calls.append(1)
+            return fn()
+        return replay
+
+    monkeypatch.setattr(fd, "capture_cuda_graph", fake)
+    embeds = model.llm.get_input_embeddings()(torch.tensor([_ids(7, 12)])).detach()
+    dec = FastDecoder(model, buckets=BUCKETS)
+    dec.mode = "graph"
+    toks, _ = _greedy(dec, dec.prefill(embeds, max_new_tokens=5), 5)
+    assert toks == _hf_greedy(model, embeds, 5) and dec.fallback_reason is None and len(calls) >= 4
+    with pytest.raises(FastPathError, match="prefill"):
+        FastDecoder(model, buckets=BUCKETS).step(3)
+    with pytest.raises(FastPathError, match="largest KV-cache bucket"):
+        dec.prefill(embeds, max_new_tokens=500)

@@ -1,0 +1,415 @@
+"""GPU benchmark of the MedM-VL engine: decode speed vs the memory-bandwidth floor, time to first
+token, memory per quantization mode and LoRA training throughput, printed as one table.
+
+Real size (default on CUDA): MedM-VL-CT-Chest's architecture, Qwen2.5-3B + SigLIP-base-256 per
+slice + attention pooling, built from the configs with random weights (no downloads), bf16.
+``--small`` builds a tiny model of the same architecture (seconds on a CPU; used by the tests).
+
+    python bench/gpu.py                       # CUDA, real size (< 8 min on an H100)
+    python bench/gpu.py --device cpu --small  # CPU smoke run
+    python bench/gpu.py --json out.json       # also write the rows and the machine as JSON
+
+Conventions: copy bandwidth counts bytes read + written; decode floor = bandwidth / LLM weight
+bytes (every decode step reads every weight once); tokens/s = new tokens (x batch) / wall time of
+the whole generation (prefill included); MFU = (6·N_llm·T + 2·N_enc·T_enc) / step time / peak,
+T = LLM tokens per step, T_enc = encoder patch tokens per step, peak = the card's dense bf16
+peak (a measured matmul rate where the card is not known, e.g. on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+logger = logging.getLogger("bench.gpu")
+
+# Public config.json values (Qwen/Qwen2.5-3B-Instruct, google/siglip-base-patch16-256), used when
+# medmvl_core.model.presets ships no preset for them.
+QWEN25_3B = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+             "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+             "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+             "tie_word_embeddings": True, "hidden_act": "silu", "use_sliding_window": False}
+SIGLIP_B256 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+               "image_size": 256, "patch_size": 16, "num_channels": 3, "layer_norm_eps": 1e-6,
+               "hidden_act": "gelu_pytorch_tanh"}
+TINY_LLM = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+            "max_position_embeddings": 4096, "tie_word_embeddings": True}
+TINY_SIGLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "image_size": 32, "patch_size": 8, "num_channels": 3}
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+             "L4": 121e12, "RTX 4090": 165e12, "RTX 6000 Ada": 364e12}
+
+
+class Clock:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def _preset_config(name: str, fallback: dict) -> dict:
+    try:
+        from medmvl_core.model.presets import get_preset
+
+        p = get_preset(name)
+    except Exception:  # noqa: BLE001 - presets optional
+        p = None
+    cfg = dict(p["config"]) if p else dict(fallback)
+    if "vision_config" in cfg:
+        cfg = dict(cfg["vision_config"])
+    return cfg
+
+
+def build_model(small: bool, device: torch.device, dtype: torch.dtype):
+    """MedM-VL-CT-Chest architecture with random weights -> (model, preprocessing spec)."""
+    from medmvl_core.imaging.spec import default_spec
+    from medmvl_core.model import MedMVLConfig, MedMVLForConditionalGeneration
+
+    llm = dict(TINY_LLM) if small else _preset_config("Qwen/Qwen2.5-3B-Instruct", QWEN25_3B)
+    llm.setdefault("model_type", "qwen2")
+    vis = dict(TINY_SIGLIP) if small else _preset_config("google/siglip-base-patch16-256", SIGLIP_B256)
+    spec = default_spec("siglip_slices", int(vis["image_size"]), depth=4 if small else 32)
+    cfg = MedMVLConfig(llm_config=llm,
+                       encoder_image={"type": "siglip", "select_layer": -1, "select_feature": "cls_patch",
+                                      "config": vis, "attn_implementation": "sdpa"},
+                       connector_image={"type": "attn_pooling", "name": "mlp2x_gelu", "num_heads": 8},
+                       preprocessing={"image3d": spec}, llm_attn_implementation="sdpa")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = MedMVLForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval(), spec
+
+
+def nbytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def copy_bandwidth(device: torch.device, small: bool) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted)."""
+    n = (16 << 20) if small else (1 << 30)
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    clock, reps = Clock(device), 3 if small else 20
+    dst.copy_(src)
+    t0 = clock.now()
+    for _ in range(reps):
+        dst.copy_(src)
+    dt = clock.now() - t0
+    del src, dst
+    return 2 * n * reps / dt
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, small: bool) -> float:
+    """Measured dense matmul FLOP/s (the MFU peak where the card's datasheet peak is unknown)."""
+    n = 256 if small else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    clock, reps = Clock(device), 3 if small else 20
+    a @ b
+    t0 = clock.now()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (clock.now() - t0)
+
+
+def synthetic_ct(shape: tuple[int, int, int], folder: Path) -> Path:
+    """A 'chest' phantom ([k, j, i] HU, int16) written as an uncompressed .nrrd."""
+    import SimpleITK as sitk
+
+    d, h, w = shape
+    z, y, x = np.ogrid[:d, :h, :w]
+    body = ((y - h / 2) / (0.42 * h)) ** 2 + ((x - w / 2) / (0.45 * w)) ** 2 <= 1
+    arr = np.full(shape, -1000, dtype=np.int16)
+    arr[np.broadcast_to(body, shape)] = 40
+    lungs = (((y - h / 2) / (0.3 * h)) ** 2 + ((np.abs(x - w / 2) - 0.2 * w) / (0.15 * w)) ** 2 <= 1)
+    arr[np.broadcast_to(lungs & body, shape)] = -850
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.7, 0.7, 1.0))
+    path = folder / "ct.nrrd"
+    sitk.WriteImage(img, str(path), False)
+    return path
+
+
+def greedy_ours(dec, first: torch.Tensor, n: int) -> list[int]:
+    toks, lg = [], first
+    for i in range(n):
+        toks.append(int(lg.argmax(-1)[0]))
+        if i + 1 < n:
+            lg = dec.step(toks[-1])
+    return toks
+
+
+def reference_generate(model, embeds: torch.Tensor, n: int) -> torch.Tensor:
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
+
+
+def bench_decode(model, ids: list[int], image_embeds, n_new: int, batch: int, rows: list, device) -> None:
+    from medmvl_core.engine.batching import BatchDecoder, BatchRequest
+    from medmvl_core.engine.fast_decode import FastDecoder
+
+    clock = Clock(device)
+    with torch.inference_mode():
+        x = torch.tensor([ids], device=device)
+        emb1 = model.embed_inputs(x, image_embeds)
+        embB = torch.cat([emb1 + 1e-3 * i for i in range(batch)])  # distinct rows, same length
+        for b, emb in ((1, emb1), (batch, embB)):
+            reference_generate(model, emb, 2)  # warm-up
+            t0 = clock.now()
+            out = reference_generate(model, emb, n_new)
+            dt = clock.now() - t0
+            rows.append((f"reference generate b{b}", b * n_new / dt, "tokens/s",
+                         f"transformers generate, dynamic cache, {emb.shape[1]}-token prompt"))
+        ref_tokens = out[0].tolist()
+        dec = FastDecoder(model)
+        dec.warmup(prompt_len=len(ids), batch_sizes=(1,), buckets=[_bucket(dec, len(ids) + n_new)])
+        t0 = clock.now()
+        toks = greedy_ours(dec, dec.prefill(emb1, max_new_tokens=n_new), n_new)
+        dt = clock.now() - t0
+        note = f"mode {dec.mode}" + (f" (fallback: {dec.fallback_reason})" if dec.fallback_reason else "")
+        rows.append(("ours b1", n_new / dt, "tokens/s", note))
+        bd = BatchDecoder(model, max_batch=batch)
+        reqs = [BatchRequest(e, max_new_tokens=n_new) for e in embB]
+        bd.run([BatchRequest(e, max_new_tokens=2) for e in embB])  # warm-up / capture
+        t0 = clock.now()
+        res = bd.run(reqs)
+        dt = clock.now() - t0
+        rows.append((f"ours b{batch}", sum(len(r.tokens) for r in res) / dt, "tokens/s",
+                     f"static batching, mode {bd.decoder.mode}"))
+        same = res[0].tokens == ref_tokens
+        logger.info("batch row 0 equals reference generate row 0: %s (first single %s)", same, toks[:4])
+
+
+def _bucket(dec, n: int) -> int:
+    from medmvl_core.engine.fast_decode import pick_bucket
+
+    return pick_bucket(n, dec.buckets)
+
+
+def bench_ttft(model, spec, small: bool, n_text: int, n_new: int, rows: list, device, dtype) -> tuple:
+    from medmvl_core.engine.fast_decode import FastDecoder
+    from medmvl_core.imaging import preprocess, read_image
+
+    clock = Clock(device)
+    vocab = model.config.llm_config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    n_img = model.num_image_tokens("image3d")
+    ids = torch.randint(0, vocab, (n_text,), generator=g).tolist()
+    ids = ids[:8] + [-201] * n_img + ids[8:]
+    dec = FastDecoder(model)
+    shape = (40, 64, 64) if small else (300, 512, 512)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = synthetic_ct(shape, Path(tmp))
+        dec.warmup(prompt_len=len(ids), buckets=[_bucket(dec, len(ids) + n_new)])
+        with torch.inference_mode():  # warm the encoder kernels on a random input
+            model.encode_images(images3d=torch.zeros(1, 3, *spec["size"], device=device, dtype=dtype))
+        t0 = clock.now()
+        vol = read_image(path)
+        arr, _ = preprocess(vol, spec)
+        t1 = clock.now()
+        with torch.inference_mode():
+            image_embeds = model.encode_images(images3d=torch.as_tensor(arr)[None].to(device, dtype))
+            t2 = clock.now()
+            first, _ = dec.prefill_ids(ids, image_embeds, key="ct", max_new_tokens=n_new)
+            tok = int(first.argmax(-1)[0])
+            t3 = clock.now()
+    rows.append(("cold TTFT", (t3 - t0) * 1e3, "ms",
+                 f"{'x'.join(map(str, shape[::-1]))} CT: read+preprocess {(t1 - t0) * 1e3:.0f} ms, encode "
+                 f"{(t2 - t1) * 1e3:.0f} ms, prefill {len(ids)} tokens {(t3 - t2) * 1e3:.0f} ms"))
+    answer = [tok] + greedy_ours(dec, dec.step(tok), n_new - 1)
+    follow = ids + answer + torch.randint(0, vocab, (12,), generator=g).tolist()
+    t0 = clock.now()
+    first, kept = dec.prefill_ids(follow, image_embeds, key="ct", max_new_tokens=n_new)
+    int(first.argmax(-1)[0])
+    rows.append(("follow-up TTFT", (clock.now() - t0) * 1e3, "ms",
+                 f"{len(follow) - kept} new tokens prefilled, {kept} reused from the KV cache"))
+    return ids, image_embeds
+
+
+def bench_memory(build, modes: list[str], n_new: int, rows: list, device) -> None:
+    from medmvl_core.engine.fast_decode import FastDecoder
+    from medmvl_core.engine.quantize import quantize_model, weight_bytes
+
+    clock = Clock(device)
+    for mode in modes:
+        model = build()
+        try:
+            quantize_model(model, mode)
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            rows.append((f"memory {mode}", float("nan"), "MB", f"failed: {type(exc).__name__}: {exc}"))
+            continue
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        hidden = model.config.llm_config.hidden_size
+        emb = torch.randn(1, 64, hidden, device=device, dtype=next(model.llm.parameters()).dtype) * 0.02
+        dec = FastDecoder(model)
+        greedy_ours(dec, dec.prefill(emb, max_new_tokens=n_new), 2)
+        t0 = clock.now()
+        greedy_ours(dec, dec.prefill(emb, max_new_tokens=n_new), n_new)
+        tps = n_new / (clock.now() - t0)
+        if device.type == "cuda":
+            peak, what = torch.cuda.max_memory_allocated(), "peak GPU memory during decode"
+        else:
+            peak, what = weight_bytes(model), "weights + buffers"
+        rows.append((f"memory {mode}", peak / 1e6, "MB", f"{what}; decode {tps:.1f} tokens/s ({dec.mode})"))
+        del model, dec
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def bench_train(model, small: bool, peak: float, peak_src: str, rows: list, device, dtype) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    clock = Clock(device)
+    batch, seq, steps = (2, 48, 2) if small else (8, 556, 4)
+    r = 8 if small else 128
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model.llm = get_peft_model(model.llm, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05,
+                                                     target_modules=targets))
+    for p in model.encoder_image.parameters():
+        p.requires_grad_(False)
+    for p in model.connector_image.parameters():
+        p.requires_grad_(True)
+    model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.llm.enable_input_require_grads()
+    model.train()
+    n_img = model.num_image_tokens("image3d")
+    vocab = model.config.llm_config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq), device=device)
+    ids[:, 4:4 + n_img] = -201
+    labels = ids.masked_fill(ids < 0, -100)
+    size = model.config.preprocessing["image3d"]["size"]
+    images3d = torch.randn(batch, 3, *size, device=device, dtype=dtype)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step() -> None:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, images3d=images3d)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    t0 = clock.now()
+    for _ in range(steps):
+        step()
+    dt = (clock.now() - t0) / steps
+    n_llm = sum(p.numel() for n, p in model.llm.named_parameters() if "lora_" not in n)
+    n_enc = sum(p.numel() for p in model.encoder_image.parameters())
+    enc_tokens = batch * size[0] * model.encoder_image.num_patches()
+    flops = 6 * n_llm * batch * seq + 2 * n_enc * enc_tokens
+    rows.append(("train LoRA samples/s", batch / dt, "samples/s",
+                 f"r={r}, batch {batch} x {seq} tokens, encoder frozen, connector trained, grad checkpointing"))
+    rows.append(("train LoRA MFU", 100 * flops / dt / peak, "%", f"of {peak / 1e12:.3g} TFLOP/s ({peak_src})"))
+    model.eval()
+
+
+def machine(device: torch.device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "device": device.type}
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2 ** 30, 1), cuda=torch.version.cuda,
+                    driver=_driver())
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def _driver() -> str | None:
+    try:
+        import subprocess
+
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def print_table(rows: list, info: dict) -> None:
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    print("| metric | value | unit | notes |")
+    print("|---|---:|---|---|")
+    for name, value, unit, note in rows:
+        print(f"| {name} | {value:.4g} | {unit} | {note} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--small", action="store_true", help="tiny model (CPU smoke run, seconds)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="answer length (default 128; 8 with --small)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--modes", default="none,8bit,4bit", help="quantization modes to measure")
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write rows + machine to this file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible; use --device cpu --small", file=sys.stderr)
+        return 2
+    if args.device == "cpu":
+        torch.set_num_threads(min(torch.get_num_threads(), 2 if args.small else os.cpu_count() or 1))
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n_new = args.new_tokens or (8 if args.small else 128)
+    torch.manual_seed(0)
+    rows: list = []
+    info = machine(device)
+    bw = copy_bandwidth(device, args.small)
+    rows.append(("copy bandwidth", bw / 1e9, "GB/s", "device-to-device copy, read + write"))
+    model, spec = build_model(args.small, device, dtype)
+    llm_bytes = nbytes(model.llm)
+    rows.append(("decode floor b1", bw / llm_bytes, "tokens/s", f"{llm_bytes / 1e9:.3g} GB of LLM weights per token"))
+    ids, image_embeds = bench_ttft(model, spec, args.small, 64 if not args.small else 16, n_new, rows, device, dtype)
+    bench_decode(model, ids, image_embeds, n_new, args.batch, rows, device)
+    if not args.skip_train:
+        name = info.get("gpu", "")
+        known = [v for k, v in BF16_PEAK.items() if k in name]
+        if device.type == "cuda" and known:
+            peak, src = known[0], f"{name} dense bf16 datasheet peak"
+        else:
+            peak, src = matmul_peak(device, dtype, args.small), f"measured {dtype} matmul on {device.type}"
+        bench_train(model, args.small, peak, src, rows, device, dtype)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    modes = [m for m in args.modes.split(",") if m]
+    bench_memory(lambda: build_model(args.small, device, dtype)[0], modes, min(n_new, 32), rows, device)
+    print_table(rows, info)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "rows": [list(r) for r in rows]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""``medmvl demo``: a worker on the embedded demo model answers questions about unseen phantoms.
+
+Starts a local worker on the checkpoint (``Resources/demo_model`` by default) through
+:class:`medmvl_core.client.WorkerLauncher`, generates phantoms from the test split (never seen in
+training), and for each prints the model's report, answers, found box and region description with
+the truth next to them, plus the timings the worker reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "demo"
+HELP = "run the demo: a worker on the embedded model answers about unseen phantoms, truth alongside"
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "Resources" / "demo_model"
+REBUILD_HINT = "rebuild it with the commands in docs/readme/demo.md (medmvl phantoms + medmvl-train)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                        help="model folder (default: Resources/demo_model)")
+    parser.add_argument("--n", type=int, default=3, help="number of phantoms (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="phantom seed (test split; default 0)")
+    parser.add_argument("--start", type=int, default=0, help="first test-split index (default 0)")
+    parser.add_argument("--kind", choices=["auto", "ct", "xray"], default="auto",
+                        help="phantom kind (default: what the checkpoint takes, CT first)")
+    parser.add_argument("--device", default="auto", help="worker device (auto, cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the worker")
+
+
+def _checkpoint_kinds(ckpt: Path) -> list[str]:
+    """Which phantom kinds the checkpoint takes, from its config.json (no torch needed)."""
+    import json
+
+    from medmvl_core.errors import CheckpointError
+
+    cfg_file = ckpt / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"no model at {ckpt} (config.json missing); {REBUILD_HINT}, "
+                              "or pass --checkpoint DIR")
+    cfg = json.loads(cfg_file.read_text())
+    kinds = []
+    if cfg.get("encoder_image3d") or (cfg.get("preprocessing") or {}).get("image3d"):
+        kinds.append("ct")
+    if cfg.get("encoder_image") and (cfg.get("preprocessing") or {}).get("image"):
+        kinds.append("xray")
+    return kinds or ["ct"]
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from medmvl_core.client import WorkerLauncher
+    from medmvl_core.data.phantoms import make_phantom
+    from medmvl_core.errors import DataError
+
+    if args.n < 1 or args.start < 0:
+        raise DataError("--n must be >= 1 and --start >= 0")
+    ckpt = Path(args.checkpoint)
+    kinds = _checkpoint_kinds(ckpt)
+    kind = kinds[0] if args.kind == "auto" else args.kind
+    if kind not in kinds:
+        raise DataError(f"the checkpoint at {ckpt} does not take {kind} inputs (it takes {kinds})")
+    print(f"Starting a worker on {ckpt} ...", flush=True)
+    t0 = time.monotonic()
+    launcher = WorkerLauncher(checkpoint=str(ckpt), device=args.device, start_timeout=args.timeout)
+    client = launcher.start()
+    try:
+        health = client.health()
+        print(f"worker ready in {time.monotonic() - t0:.1f} s: model {health.get('model')}, "
+              f"device {health.get('device')}\n", flush=True)
+        totals = {"closed": [0, 0], "region": [0, 0], "iou": []}
+        for index in range(args.start, args.start + args.n):
+            ph = make_phantom(kind, args.seed, "test", index)
+            _demo_one(client, ph, totals)
+        _print_summary(totals, args.n)
+    finally:
+        launcher.stop()
+    return 0
+
+
+def _mark(ok: bool) -> str:
+    return "OK " if ok else "XX "
+
+
+def _demo_one(client, ph, totals: dict) -> None:
+    """Ask the report, the questions, a find and a describe about one phantom; print with truth."""
+    import numpy as np
+
+    from medmvl_core.data.phantom_dataset import format_box_2d, format_box_3d, model_box_fn
+    from medmvl_core.data.phantom_tasks import (KIND_TEXT, make_tasks, parse_choice, parse_kind, parse_report,
+                                                parse_yes_no, report_text)
+    from medmvl_core.evaluation.phantom_metrics import box_iou
+
+    is_ct = ph.modality == "CT"
+    array = ph.array if is_ct else ph.array[None]
+    direction = np.asarray(ph.direction).reshape(3, 3) if is_ct else np.eye(3)
+    spacing = ph.spacing if is_ct else (*ph.spacing, 1.0)
+    origin = ph.origin if is_ct else (*ph.origin, 0.0)
+    vid = client.upload_volume(array.astype(np.float32), spacing=spacing, origin=origin, direction=direction,
+                               modality="CT" if is_ct else "XR")
+    sid = client.create_session(vid)
+    truth = ", ".join(f"{f.kind} ({f.location})" for f in ph.findings) or "no findings"
+    print("=" * 100)
+    print(f"{ph.id}: {ph.modality} {list(ph.array.shape)} spacing {list(ph.spacing)} mm — truth: {truth}")
+    print("=" * 100)
+    try:
+        ans = client.ask(sid, task="report", max_new_tokens=160)
+        ref = {(f.kind, f.location) for f in ph.findings}
+        got = parse_report(ans.text)
+        print(f"REPORT  {_mark(got == ref)}{_timing(ans)}\n  model: {ans.text}\n  truth: {report_text(ph.findings)}")
+        rng = np.random.default_rng(ph.index)
+        box_fn = model_box_fn(ph, None)
+        tasks = make_tasks(ph, rng, box_fn, format_box_3d if is_ct else format_box_2d)
+        for t in tasks:
+            if t["task"] in ("closed", "choice", "open"):
+                a = client.ask(sid, task="ask", question=t["question"], max_new_tokens=40)
+                if t["task"] == "closed":
+                    ok = parse_yes_no(a.text) == t["truth"]["yes"]
+                elif t["task"] == "choice":
+                    ok = parse_choice(a.text) == t["truth"]["letter"]
+                else:
+                    ok = a.text.strip().lower() == t["answer"].lower()
+                if t["task"] != "open":
+                    totals["closed"][0] += ok
+                    totals["closed"][1] += 1
+                print(f"Q {t['question']}\n  {_mark(ok)}model: {a.text.strip():<40} truth: {t['answer']}{_timing(a)}")
+        for f in ph.findings[:1] or []:
+            a = client.ask(sid, task="find", question=KIND_TEXT[f.kind], max_new_tokens=48)
+            true_box = box_fn(f.box)
+            got_box = a.boxes[0]["model"] if a.boxes else None
+            iou = box_iou(got_box, true_box) if got_box else 0.0
+            totals["iou"].append(iou)
+            print(f"FIND {KIND_TEXT[f.kind]}  {_mark(iou >= 0.5)}IoU {iou:.2f}{_timing(a)}\n"
+                  f"  model: {got_box if got_box else a.text!r}\n  truth: {true_box}"
+                  + (f"   (voxels {a.boxes[0]['voxel']} vs {list(f.box)})" if a.boxes else ""))
+        region_box = ph.findings[0].box if ph.findings else ph.normal_box
+        region_kind = ph.findings[0].kind if ph.findings else "normal"
+        # the worker takes voxel boxes (k1, j1, i1, k2, j2, i2); a 2D image is one slice
+        vbox = region_box if is_ct else (0, region_box[0], region_box[1], 1, region_box[2], region_box[3])
+        a = client.ask(sid, task="describe", box=list(vbox), max_new_tokens=32)
+        ok = parse_kind(a.text) == region_kind
+        totals["region"][0] += ok
+        totals["region"][1] += 1
+        where = f"{ph.findings[0].kind} in the {ph.findings[0].location}" if ph.findings else "normal lung"
+        print(f"DESCRIBE voxel box {list(vbox)}\n  {_mark(ok)}model: {a.text.strip():<40} truth: {where}{_timing(a)}")
+    finally:
+        client.delete_session(sid)
+    print()
+
+
+def _timing(ans) -> str:
+    t = ans.timings or {}
+    keys = [k for k in ("encode_s", "prefill_s", "decode_s", "total_s") if k in t]
+    if not keys:
+        keys = sorted(t)[:4]
+    parts = [f"{k}={float(t[k]):.2f}" for k in keys if isinstance(t.get(k), (int, float))]
+    return f"   [{', '.join(parts)}; {ans.num_tokens} tokens]" if parts else f"   [{ans.num_tokens} tokens]"
+
+
+def _print_summary(totals: dict, n: int) -> None:
+    c, r, ious = totals["closed"], totals["region"], totals["iou"]
+    print(f"Summary over {n} unseen phantoms: closed questions {c[0]}/{c[1]}, region descriptions "
+          f"{r[0]}/{r[1]}, find mean IoU {sum(ious) / len(ious):.2f}" if ious else
+          f"Summary over {n} unseen phantoms: closed questions {c[0]}/{c[1]}, region descriptions {r[0]}/{r[1]}")
+    print("Benchmark numbers on 200 test phantoms: see docs/readme/demo.md")

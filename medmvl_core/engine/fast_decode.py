@@ -1,0 +1,367 @@
+"""The fast decode path: a static KV cache, CUDA-graph (or ``torch.compile``) decode steps,
+cache lengths bucketed so graphs are reused, and automatic fallback to the plain path.
+
+``FastDecoder(model)`` plugs into the engine's decode loop (``run_decode``): ``prefill(...)``
+returns the logits at the last prompt position and ``step(token)`` feeds one token and returns
+the next logits, exactly like the engine's plain ``_forward`` with a ``DynamicCache``.
+
+How it works:
+
+- The KV cache is a transformers ``StaticCache`` of ``max_cache_len`` = the smallest *bucket*
+  (256, 512, 1024, ...) that holds prompt + answer; one cache (and one captured graph) per
+  (bucket, batch size) is kept, so prompts of any length reuse the same graphs.
+- Attention masks are 4D additive masks built here from a per-row "valid" vector (which slots
+  hold real tokens), so left-padded rows (batched decoding) and stale slots are handled without
+  the data-dependent checks that break graph capture; transformers passes 4D masks through as-is.
+- Modes: ``graph`` (CUDA graph of the decode step; the CUDA default), ``compile``
+  (``torch.compile(mode="reduce-overhead")``), ``static`` (static cache, eager; the CPU default)
+  and ``plain`` (``DynamicCache``, what the engine does without a fast path). A capture or compile
+  failure, or a captured step whose logits differ from the eager step, falls back to ``static``
+  with the reason logged and kept in ``fallback_reason``.
+- Prefix reuse (follow-up questions): ``prefill_ids(ids, image_embeds, key)`` keeps the cached
+  prefix that the new prompt shares with the previous one (same ``key`` = same image), so only
+  the new tokens are prefilled.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+
+from medmvl_core.errors import MedMVLError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+MODES = ("auto", "graph", "compile", "static", "plain")
+
+
+class FastPathError(MedMVLError):
+    """A request the fast decode path cannot serve (bad mode, too long for every bucket)."""
+
+
+def select_mode(device_type: str, requested: str = "auto") -> tuple[str, str]:
+    """The decode mode to use on ``device_type`` ("cuda", "cpu", "mps", ...) and why.
+
+    Returns (mode, reason); mode is one of "graph", "compile", "static", "plain".
+    """
+    if requested not in MODES:
+        raise FastPathError(f"fast-path mode {requested!r} is not known; use one of {list(MODES)}")
+    if requested == "plain":
+        return "plain", "plain path requested"
+    if requested == "static":
+        return "static", "static cache requested"
+    if device_type != "cuda":
+        why = (f"CUDA graphs / torch.compile need a CUDA device (this is {device_type}); "
+               "using the static KV cache without graphs")
+        return "static", why
+    if requested == "auto":
+        return "graph", "CUDA device: static KV cache with a CUDA-graph decode step"
+    return requested, f"{requested} requested on CUDA"
+
+
+def pick_bucket(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """The smallest bucket >= ``length``; raises FastPathError when none is large enough."""
+    for b in sorted(buckets):
+        if b >= length:
+            return int(b)
+    raise FastPathError(f"a sequence of {length} tokens does not fit the largest KV-cache bucket "
+                        f"({max(buckets)}); ask for fewer new tokens or a shorter conversation")
+
+
+class _Slot:
+    """One static cache with its valid-slot mask and decode buffers (one per bucket x batch)."""
+
+    def __init__(self, llm: Any, cap: int, batch: int, device: torch.device, dtype: torch.dtype):
+        from transformers import StaticCache
+
+        self.cap, self.batch = cap, batch
+        self.cache = StaticCache(config=llm.config, max_cache_len=cap)
+        self.valid = torch.zeros(batch, cap, dtype=torch.bool, device=device)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.cache_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.pos_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.runner: Callable[[], torch.Tensor] | None = None  # captured / compiled decode step
+
+
+class FastDecoder:
+    """Static-KV-cache decoding with CUDA graphs where available (see module docstring).
+
+    model: a MedMVLForConditionalGeneration (its ``.llm`` is used) or a transformers causal LM.
+    mode: "auto" | "graph" | "compile" | "static" | "plain". buckets: allowed cache lengths.
+    verify: compare the first replay of each captured graph with the eager step (fallback if not close).
+    """
+
+    def __init__(self, model: Any, *, mode: str = "auto", buckets: Sequence[int] = DEFAULT_BUCKETS,
+                 verify: bool = True):
+        self.model = model
+        self.llm = getattr(model, "llm", model)
+        p = next(self.llm.parameters())
+        self.device = p.device
+        floats = [q.dtype for q in self.llm.parameters() if q.dtype.is_floating_point]
+        self.dtype = floats[0] if floats else torch.float32
+        self.mode, self.reason = select_mode(self.device.type, mode)
+        self.fallback_reason: str | None = None
+        self.buckets = tuple(sorted(int(b) for b in buckets))
+        self.verify = verify
+        self._slots: dict[tuple[int, int], _Slot] = {}
+        self._slot: _Slot | None = None
+        self._w = 0                       # next write index in the static cache
+        self._row_pos: torch.Tensor | None = None   # [B] next position id per row
+        self._dyn: Any = None             # plain mode: DynamicCache
+        self._plain_len = 0
+        self._ids: list[int] = []         # token ids held in the cache (batch 1, prefill_ids)
+        self._key: Any = None
+        self._pool = None
+        logger.info("fast decode path: %s (%s)", self.mode, self.reason)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def length(self) -> int:
+        """Number of positions currently held in the cache (including left padding)."""
+        return self._plain_len if self.mode == "plain" else self._w
+
+    def _min(self) -> float:
+        return torch.finfo(self.dtype).min
+
+    def _get_slot(self, cap: int, batch: int) -> _Slot:
+        key = (cap, batch)
+        if key not in self._slots:
+            self._slots[key] = _Slot(self.llm, cap, batch, self.device, self.dtype)
+        return self._slots[key]
+
+    def _fallback(self, why: str) -> None:
+        logger.warning("fast decode path: falling back from %s to the static cache: %s", self.mode, why)
+        self.fallback_reason = why
+        self.mode = "static"
+        for s in self._slots.values():
+            s.runner = None
+
+    @torch.inference_mode()
+    def reset(self) -> None:
+        """Forget the cached tokens (the cache tensors and graphs are kept for reuse)."""
+        self._w, self._plain_len, self._dyn, self._ids, self._key = 0, 0, None, [], None
+        self._row_pos = None
+        if self._slot is not None:
+            self._slot.valid.zero_()
+
+    # ------------------------------------------------------------------ prefill
+    @torch.inference_mode()
+    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                keep: int = 0, max_new_tokens: int = 256) -> torch.Tensor:
+        """Prefill ``inputs_embeds`` [B, L, hidden] (rows left-padded, ``attention_mask`` [B, L]
+        with 0 at padding) after the first ``keep`` cached positions (batch 1 only).
+
+        Returns the logits at the last position of each row, [B, vocab] (float).
+        """
+        b, n = inputs_embeds.shape[:2]
+        if keep and (b != 1 or keep > self.length):
+            raise FastPathError(f"keep={keep} needs batch 1 and at most {self.length} cached positions")
+        if attention_mask is None:
+            attention_mask = torch.ones(b, n, dtype=torch.long, device=self.device)
+        attention_mask = attention_mask.to(self.device)
+        inputs_embeds = inputs_embeds.to(self.device, self.dtype)
+        if self.mode == "plain":
+            return self._prefill_plain(inputs_embeds, attention_mask, keep)
+        need = keep + n + max_new_tokens
+        cap = pick_bucket(need, self.buckets)
+        old = self._slot
+        slot = self._get_slot(cap, b)
+        if keep and old is not None and old is not slot:
+            self._copy_prefix(old, slot, keep)
+        self._slot = slot
+        slot.valid[:, keep:] = False
+        # next position id per row = real tokens kept before the new ones
+        self._row_pos = slot.valid[:, :keep].sum(-1)
+        # positions: count of real tokens before each slot in its row
+        slot.valid[:, keep:keep + n] = attention_mask.bool()
+        pos = self._row_pos[:, None] + attention_mask.long().cumsum(-1) - 1
+        pos = pos.clamp_min(0)
+        cache_pos = torch.arange(keep, keep + n, device=self.device)
+        cols = torch.arange(cap, device=self.device)[None, None, :]
+        allowed = slot.valid[:, None, :] & (cols <= cache_pos[None, :, None])
+        # a padding query attends to itself only, so its (unused) states stay finite
+        allowed = allowed | (cols == cache_pos[None, :, None])
+        mask = torch.zeros(b, 1, n, cap, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed[:, None], self._min())
+        out = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos,
+                       cache_position=cache_pos, past_key_values=slot.cache, use_cache=True,
+                       logits_to_keep=1)
+        self._w = keep + n
+        self._row_pos = self._row_pos + attention_mask.long().sum(-1)
+        return out.logits[:, -1, :].float()
+
+    def _copy_prefix(self, old: _Slot, new: _Slot, keep: int) -> None:
+        for lo, ln in zip(old.cache.layers, new.cache.layers):
+            if not getattr(lo, "is_initialized", False):
+                continue
+            if not getattr(ln, "is_initialized", False):
+                ln.lazy_initialization(lo.keys[:, :, :1])
+            ln.keys[:, :, :keep].copy_(lo.keys[:, :, :keep])
+            ln.values[:, :, :keep].copy_(lo.values[:, :, :keep])
+        new.valid[:, :keep] = old.valid[:, :keep]
+
+    def _prefill_plain(self, embeds: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        if embeds.shape[0] != 1:
+            raise FastPathError("the plain path decodes one sequence at a time; use mode='static'")
+        if keep == 0 or self._dyn is None:
+            self._dyn, keep = DynamicCache(), 0
+        else:
+            self._dyn.crop(keep)
+        total = keep + embeds.shape[1]
+        out = self.llm(inputs_embeds=embeds, attention_mask=torch.ones(1, total, dtype=torch.long,
+                                                                       device=self.device),
+                       past_key_values=self._dyn, use_cache=True, logits_to_keep=1)
+        self._dyn, self._plain_len = out.past_key_values, total
+        return out.logits[:, -1, :].float()
+
+    # ------------------------------------------------------------------ decode
+    @torch.inference_mode()
+    def step(self, token: int | torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (an int, or LongTensor [B]); returns the next logits [B, vocab]."""
+        tok = torch.as_tensor(token, dtype=torch.long, device=self.device).reshape(-1, 1)
+        if self.mode == "plain":
+            self._plain_len += 1
+            out = self.llm(input_ids=tok, attention_mask=torch.ones(1, self._plain_len, dtype=torch.long,
+                                                                    device=self.device),
+                           past_key_values=self._dyn, use_cache=True)
+            self._dyn = out.past_key_values
+            if self._ids:
+                self._ids.append(int(tok[0, 0]))
+            return out.logits[:, -1, :].float()
+        if self._slot is None:
+            raise FastPathError("step() before prefill(): prefill the prompt first")
+        if self._w >= self._slot.cap:
+            self._grow()
+        slot = self._slot
+        slot.ids.copy_(tok.expand(slot.batch, 1))
+        slot.cache_pos.fill_(self._w)
+        slot.pos_ids.copy_(self._row_pos[:, None])
+        slot.valid[:, self._w] = True
+        logits = self._run_step(slot)
+        self._w += 1
+        self._row_pos = self._row_pos + 1
+        if self._ids:
+            self._ids.append(int(tok[0, 0]))
+        return logits.float()
+
+    def _eager_step(self, slot: _Slot) -> torch.Tensor:
+        mask = torch.zeros(slot.batch, 1, 1, slot.cap, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~slot.valid[:, None, None, :], self._min())
+        out = self.llm(input_ids=slot.ids, attention_mask=mask, position_ids=slot.pos_ids,
+                       cache_position=slot.cache_pos, past_key_values=slot.cache, use_cache=True)
+        return out.logits[:, -1, :]
+
+    def _run_step(self, slot: _Slot) -> torch.Tensor:
+        if self.mode in ("graph", "compile"):
+            if slot.runner is None:
+                try:
+                    slot.runner = self._build_runner(slot)
+                except Exception as exc:  # noqa: BLE001 - any capture/compile failure falls back
+                    self._fallback(f"{self.mode} setup failed: {type(exc).__name__}: {exc}")
+            if slot.runner is not None:
+                return slot.runner().clone()
+        return self._eager_step(slot)
+
+    def _build_runner(self, slot: _Slot) -> Callable[[], torch.Tensor]:
+        """Capture (graph) or compile (compile) the decode step for ``slot``.
+
+        The step is idempotent for the current inputs (it rewrites the same KV slot), so warming
+        up and verifying with the real inputs is safe.
+        """
+        ref = self._eager_step(slot).clone()
+        if self.mode == "graph":
+            runner = capture_cuda_graph(lambda: self._eager_step(slot), self)
+        else:
+            compiled = torch.compile(lambda: self._eager_step(slot), mode="reduce-overhead",
+                                     dynamic=False)
+            runner = compiled
+        got = runner()
+        if self.verify:
+            tol = 1e-3 if self.dtype == torch.float32 else 5e-2
+            err = (got.float() - ref.float()).abs().max().item()
+            scale = ref.float().abs().max().item() + 1e-6
+            if not err <= tol * scale or int(got.argmax(-1)[0]) != int(ref.argmax(-1)[0]):
+                raise FastPathError(f"the {self.mode} decode step differs from the eager step "
+                                    f"(max abs diff {err:.3g})")
+        logger.info("fast decode path: %s ready for cache length %d, batch %d",
+                    self.mode, slot.cap, slot.batch)
+        return runner
+
+    def _grow(self) -> None:
+        """Move to the next bucket when the answer outgrows the cache (copies the KV)."""
+        old = self._slot
+        cap = pick_bucket(old.cap + 1, self.buckets)
+        new = self._get_slot(cap, old.batch)
+        self._copy_prefix(old, new, self._w)
+        new.valid[:, self._w:] = False
+        self._slot = new
+
+    # ------------------------------------------------------------------ engine helpers
+    @torch.inference_mode()
+    def prefill_ids(self, ids: Sequence[int], image_embeds: torch.Tensor | None, key: Any = None,
+                    max_new_tokens: int = 256) -> tuple[torch.Tensor, int]:
+        """Prefill prompt ``ids`` (placeholders expanded; negative ids = image positions) for one
+        sequence, reusing the cached prefix when ``key`` (which image / session) is unchanged.
+
+        Returns (logits [1, vocab], number of reused prefix tokens).
+        """
+        ids = [int(t) for t in ids]
+        keep = 0
+        if key is not None and key == self._key and self._ids:
+            for a, c in zip(self._ids, ids):
+                if a != c:
+                    break
+                keep += 1
+            keep = min(keep, len(ids) - 1, self.length)
+            img = [i for i, t in enumerate(ids) if t < 0]
+            if img and keep <= img[-1]:
+                keep = 0  # never split the image span
+        suffix = ids[keep:]
+        x = torch.tensor([suffix], dtype=torch.long, device=self.device)
+        has_img = any(t < 0 for t in suffix)
+        embeds = self.model.embed_inputs(x, image_embeds if has_img else None)
+        logits = self.prefill(embeds, keep=keep, max_new_tokens=max_new_tokens)
+        self._ids, self._key = ids, key
+        return logits, keep
+
+    @torch.inference_mode()
+    def warmup(self, prompt_len: int = 64, steps: int = 2, batch_sizes: Sequence[int] = (1,),
+               buckets: Sequence[int] | None = None) -> None:
+        """Capture/compile the decode step for the given buckets and batch sizes (worker start)."""
+        hidden = self.llm.get_input_embeddings().weight.shape[-1]
+        for cap in buckets or self.buckets[:1]:
+            for b in batch_sizes:
+                n = max(1, min(prompt_len, cap - steps))
+                x = torch.zeros(b, n, hidden, dtype=self.dtype, device=self.device)
+                self.prefill(x, max_new_tokens=cap - n)
+                for _ in range(steps):
+                    self.step(torch.zeros(b, dtype=torch.long))
+        self.reset()
+
+
+def capture_cuda_graph(fn: Callable[[], torch.Tensor], owner: FastDecoder) -> Callable[[], torch.Tensor]:
+    """Capture ``fn`` (reads/writes only static buffers) into a CUDA graph; returns ``replay``."""
+    if not torch.cuda.is_available():
+        raise FastPathError("CUDA graphs need a CUDA device")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up (cuBLAS workspaces, lazy inits) off the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    if owner._pool is None:
+        owner._pool = torch.cuda.graph_pool_handle()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=owner._pool):
+        out = fn()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
