@@ -361,3 +361,23 @@ def test_radiograph_through_2d_spec():
     assert tensor.shape == (3, 32, 32) and np.all(np.abs(tensor) <= 1.0)
     np.testing.assert_array_equal(tensor[0], tensor[1])  # grey copied to RGB
     assert geom.kind == "image"
+
+
+def test_nested_export_folder(tmp_path):
+    hu = _hu((3, 6, 6), 9)
+    write_ct_series(tmp_path / "export" / "PATIENT" / "STUDY" / "SERIES", hu)
+    (tmp_path / "export" / "README.txt").write_text("exported")
+    np.testing.assert_array_equal(read_image(tmp_path / "export").array, hu)
+
+
+def test_series_falls_back_to_gdcm_when_pydicom_cannot_decode(tmp_path, monkeypatch):
+    from medmvl_core.imaging import readers
+
+    hu = _hu((4, 8, 8), 11)
+    write_ct_series(tmp_path / "s", hu)
+
+    def no_decoder(ds):
+        raise RuntimeError("no pixel data handler for this transfer syntax")
+
+    monkeypatch.setattr(readers, "_fast_pixels", no_decoder)
+    np.testing.assert_array_equal(read_image(tmp_path / "s").array, hu)

@@ -10,8 +10,9 @@ from medmvl_core.evaluation.phantom_metrics import box_iou, evaluate, parse_box
 
 
 def _item(task, pred, truth, answer=""):
-    return {"task": task, "prediction": pred, "truth": truth,
-            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": answer}]}
+    # the gpt turn holds the prediction, as in a predictions file; the reference is truth.answer
+    return {"task": task, "prediction": pred, "truth": truth | {"answer": answer},
+            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": pred}]}
 
 
 def test_box_iou_matches_monai():

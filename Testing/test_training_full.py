@@ -69,3 +69,18 @@ def test_tokenizer_larger_than_vocab_is_rejected(tmp_path):
                        f"model.tokenizer={REFERENCE / 'base' / 'llm'}"])
     with pytest.raises(ConfigError, match="vocab_size"):
         build_model(cfg)
+
+
+def test_3d_vit_recipe_trains_encoder_and_connector(tmp_path):
+    from medmvl_core.model import load_checkpoint
+
+    cfg = load_config(CONFIGS / "tiny_ct_m3d_cpu.yaml", [f"train.output_dir={tmp_path}", "log.progress_bar=false"])
+    init, _ = build_model(cfg)
+    result = run(cfg)
+    assert result["steps"] == 2
+    model, proc = load_checkpoint(str(tmp_path / "final"))
+    assert model.encoder_image3d is not None and proc.num_image_tokens == {"image3d": 16}
+    final = model.state_dict()
+    init_sd = init.state_dict()
+    changed = {k.split(".")[0] for k in final if not torch.equal(final[k], init_sd[k])}
+    assert changed == {"encoder_image3d", "connector_image3d"}

@@ -89,7 +89,7 @@ def phantom_entries(ph: Phantom, image_name: str, spec: dict | None, train: bool
         q = f"{tag}\n{t['question']}" if n == 0 else t["question"]
         conv += [{"from": "human", "value": q}, {"from": "gpt", "value": t["answer"]}]
     entry = {"id": ph.id, "conversations": conv, key: [image_name]}
-    items = [{"id": f"{ph.id}-{n}", "phantom": ph.id, "task": t["task"], "truth": t["truth"],
+    items = [{"id": f"{ph.id}-{n}", "phantom": ph.id, "task": t["task"], "truth": t["truth"] | {"answer": t["answer"]},
               "conversations": [{"from": "human", "value": f"{tag}\n{t['question']}"},
                                 {"from": "gpt", "value": t["answer"]}], key: [image_name]}
              for n, t in enumerate(tasks)]

@@ -444,19 +444,29 @@ class Engine:
                 static = None
 
         def step(tok: int) -> torch.Tensor:
-            nonlocal total
+            nonlocal total, static
             self._hook("decode")
             total += 1
             if static is not None:
-                return static.step(tok)
+                try:
+                    return static.step(tok)
+                except Exception as exc:  # noqa: BLE001 - continue on the plain path
+                    if is_oom(exc):
+                        raise
+                    logger.warning("static-cache step failed (%s); continuing on the plain path",
+                                   exc)
+                    self._static_ok = False
+                    p.past, static = static.to_dynamic(), None
             lg, p.past = self._forward([tok], total, p.past, None)
             return lg
 
+        used_static = static is not None
         out = run_decode(logits, step, p.params, self.eos_ids, p.streamer, p.check, p.generator,
                          p.on_token_id)
         if static is not None:
             p.past = static.to_dynamic()
-        p.timings["decode_path"] = "static" if static is not None else "plain"
+        p.timings["decode_path"] = "static" if static is not None else (
+            "static->plain" if used_static else "plain")
         return out
 
     def _decode_many(self, live: list[tuple[int, "_Prepared", torch.Tensor]]

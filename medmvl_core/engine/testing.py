@@ -133,7 +133,8 @@ class ToyModel(nn.Module):
         return emb
 
     def forward(self, input_ids, attention_mask=None, labels=None, images=None, images3d=None,
-                image_embeds=None, past_key_values=None, use_cache=None):
+                image_embeds=None, past_key_values=None, use_cache=None, position_ids=None,
+                **kwargs):
         if self.step_delay_s:
             import time
             time.sleep(self.step_delay_s)
@@ -141,7 +142,8 @@ class ToyModel(nn.Module):
             image_embeds = self.encode_images(images, images3d)
         return self.llm(inputs_embeds=self.embed_inputs(input_ids, image_embeds),
                         attention_mask=attention_mask, labels=labels,
-                        past_key_values=past_key_values, use_cache=use_cache)
+                        past_key_values=past_key_values, use_cache=use_cache,
+                        position_ids=position_ids, **kwargs)
 
     def generate(self, input_ids, attention_mask, images=None, images3d=None, image_embeds=None,
                  **kw) -> torch.Tensor:

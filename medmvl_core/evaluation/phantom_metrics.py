@@ -6,12 +6,13 @@ Input: the items of ``<split>_tasks.json`` written by ``medmvl phantoms`` (see
     {"task": "report" | "closed" | "choice" | "open" | "find" | "region",
      "prediction": str,                       # the model's generated text
      "truth": {...},                          # as written by the generator
-     "conversations": [human, gpt],           # the gpt turn is the reference answer
      ...}                                     # other keys are ignored
 
 ``truth`` per task: report ``{"findings": [[kind, location], ...]}``; closed ``{"yes": bool}``;
 choice ``{"letter": "a".."d"}``; find ``{"box": [z1, y1, x1, z2, y2, x2] (0-1) | [x1, y1, x2, y2]
-(0-100)}``; region ``{"kind": kind | "normal"}``; open: none (exact match with the reference).
+(0-100)}``; region ``{"kind": kind | "normal"}``; every task also has ``"answer"`` (the reference
+text; open questions are scored by normalized exact match with it). The gpt turn of
+``conversations`` is never read: in a predictions file it is the model's answer.
 
 Returned metrics (a task with no items has none of its keys): ``closed_accuracy`` (yes/no and
 multiple choice together), ``yesno_accuracy``, ``choice_accuracy``, ``report_precision``,
@@ -59,11 +60,12 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def _reference(item: dict) -> str:
-    if "answer" in item:
-        return str(item["answer"])
-    conv = item.get("conversations") or []
-    gpt = [t["value"] for t in conv if t.get("from") == "gpt"]
-    return gpt[-1] if gpt else ""
+    # Not the conversation's gpt turn: in a predictions file that turn is the model's answer.
+    ref = item.get("truth", {}).get("answer", item.get("answer"))
+    if ref is None:
+        raise DataError(f"phantom item {item.get('id', '?')} has no truth.answer; regenerate the items "
+                        "with `medmvl phantoms`")
+    return str(ref)
 
 
 def evaluate(items: list[dict]) -> dict:

@@ -389,12 +389,12 @@ def _read_multiframe(ds, name: str) -> Volume:
 
 
 def _scan_folder(folder: Path) -> dict[str, list]:
-    """Headers of every DICOM file in ``folder`` grouped by SeriesInstanceUID (pixels deferred)."""
+    """Every DICOM file under ``folder`` (read once, pixels included) grouped by SeriesInstanceUID."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     groups: dict[str, list] = {}
-    for f in sorted(e for e in folder.iterdir() if e.is_file()):
+    for f in sorted(e for e in folder.rglob("*") if e.is_file()):  # exports often nest folders
         try:
             ds = pydicom.dcmread(str(f))
         except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
@@ -426,7 +426,7 @@ def list_series(folder: str | os.PathLike) -> list[dict]:
 def read_dicom_folder(folder: Path, series_uid: str | None = None) -> Volume:
     """A DICOM series from a folder (HU, sorted by position). Several series: ``series_uid`` or the largest."""
     folder = Path(folder)
-    if not any(e.is_file() for e in folder.iterdir()):
+    if not any(e.is_file() for e in folder.rglob("*")):
         raise ImageReadError(f"the folder {folder} is empty; select the folder that contains the DICOM files")
     groups = _scan_folder(folder)
     if not groups:

@@ -239,6 +239,7 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
             inputs_embeds = self._inputs_embeds(input_ids, attention_mask, images, images3d, image_embeds)
         if labels is None:
             kwargs.pop("num_items_in_batch", None)
+        kwargs["return_dict"] = True  # wrappers such as PEFT pass return_dict too
         return self.llm(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -246,9 +247,14 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
             past_key_values=past_key_values,
             use_cache=use_cache,
             position_ids=position_ids,
-            return_dict=True,
             **kwargs,
         )
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """False for transformers' purposes: ``generate`` here is our own and drives the inner
+        LLM's ``GenerationMixin``; the outer model has no generation config of its own."""
+        return False
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict:
         """Delegates to the LLM (PEFT's causal-LM wrapper looks this up on the base model)."""

@@ -1,0 +1,47 @@
+"""bench/gpu.py runs on the CPU with a tiny model and prints every row of its table."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = ["copy bandwidth", "decode floor b1", "reference generate b1", "reference generate b2", "ours b1",
+        "ours b2", "cold TTFT", "follow-up TTFT", "train LoRA samples/s", "train LoRA MFU",
+        "memory none", "memory 8bit", "memory 4bit"]
+
+
+def test_bench_cpu_small_prints_the_table(tmp_path):
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--small",
+                           "--batch", "2", "--new-tokens", "4", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 4 and cells[0] not in ("metric",):
+            table[cells[0]] = (float(cells[1]), cells[2], cells[3])
+    assert sorted(table) == sorted(ROWS), proc.stdout
+    for name, (value, unit, _note) in table.items():
+        assert math.isfinite(value) and value > 0, (name, value)
+    assert table["memory 4bit"][0] < table["memory none"][0]
+    assert table["memory 8bit"][0] < table["memory none"][0]
+    assert "reused from the KV cache" in table["follow-up TTFT"][2]
+    assert proc.stdout.startswith("machine: ") and "device=cpu" in proc.stdout
+    data = json.loads(out_json.read_text())
+    assert data["machine"]["device"] == "cpu" and len(data["rows"]) == len(ROWS)
+
+
+def test_bench_refuses_cuda_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cuda", "--small"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
