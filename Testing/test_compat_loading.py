@@ -136,3 +136,22 @@ def test_convert_cli_end_to_end(reference_dir, tmp_path, monkeypatch, capsys):
     a, _ = load_model_and_tokenizer(ckpt)
     b, _ = load_model_and_tokenizer(tmp_path / "out")
     assert torch.equal(_logits(a, "image"), _logits(b, "image"))
+
+
+def test_imported_preprocessing_specs_follow_the_fixture(reference_dir, tmp_path, monkeypatch):
+    """Specs derived from MedM-VL folders: values from the fixture README (surprise 5 and the SigLIP processor)."""
+    from medmvl_core.imaging.spec import validate_spec
+
+    monkeypatch.chdir(tmp_path)
+    norm = {"type": "image_processor", "image_size": 32, "resample": 3, "rescale": 0.00392156862745098,
+            "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    ct, _ = load_model_and_tokenizer(reference_dir / "ct_chest_tiny")
+    vol = validate_spec(ct.config.preprocessing["image3d"])
+    assert vol["kind"] == "volume" and vol["hu_window"] == [-1000, 1000] and vol["crop_foreground"] is True
+    assert vol["size"] == [32, 32, 32] and vol["cast_uint8"] is True and vol["channels"] == 3
+    assert vol["normalize"] == norm
+    two_d, _ = load_model_and_tokenizer(reference_dir / "2d_tiny")
+    img = validate_spec(two_d.config.preprocessing["image"])
+    assert img["kind"] == "image" and img["normalize"] == norm
+    v1, _ = load_model_and_tokenizer(reference_dir / "ct_chest_tiny_v1_schema")
+    assert validate_spec(v1.config.preprocessing["image3d"])["kind"] == "volume_preprocessed"

@@ -205,3 +205,24 @@ def test_box_in_answer_maps_to_voxels_and_lps(toy, volume):
                                                -100 + 0.7 * 16, -120 + 0.7 * 16, 30 + 2.5 * 6])
     assert volume_hash(volume) == volume_hash(ToyVolume(volume.array.copy(), volume.spacing,
                                                         volume.origin))
+
+
+def test_one_off_answers_and_deleted_sessions_keep_no_cache(toy, volume):
+    model, proc = toy
+    eng = Engine(model, proc)
+    eng.answer(volume, QUESTIONS[0], max_new_tokens=3)
+    assert eng.kv_bytes_used() == 0
+    s = eng.create_session(volume)
+    eng.answer(question=QUESTIONS[0], session=s, max_new_tokens=3)
+    assert eng.kv_bytes_used() > 0 and s.kv_bytes == eng.kv_bytes_used()
+    eng.delete_session(s.id)
+    assert eng.kv_bytes_used() == 0 and s.past is None
+
+
+def test_idle_sessions_are_evicted_oldest_first(toy, volume):
+    model, proc = toy
+    eng = Engine(model, proc)
+    a, b, c = (eng.create_session(volume) for _ in range(3))
+    eng.answer(question=QUESTIONS[0], session=a, max_new_tokens=2)   # a is now the most recent
+    assert eng.evict_idle_sessions(keep=1) == 2
+    assert list(eng.sessions) == [a.id]

@@ -118,3 +118,11 @@ def test_fast_paths_reproduce_medmvl_on_the_ct_checkpoint(reference_dir):
     got = Engine(model, proc).answer_batch([Request(volume=v, question=q, max_new_tokens=12)
                                             for v, q in zip(vols, qs)])
     assert [g.token_ids for g in got] == expect
+
+
+def test_warmup_runs_the_static_path_and_leaves_nothing_behind(toy):
+    model, proc = toy
+    eng = Engine(model, proc, decode_mode="static")
+    assert eng.warmup() > 0
+    assert len(eng.images) == 0 and not eng.sessions and eng.kv_bytes_used() == 0
+    assert eng._static_ok   # the static path worked during warm-up (no fallback)

@@ -182,3 +182,47 @@ def test_working_runner_is_used_and_errors(model, monkeypatch):
         FastDecoder(model, buckets=BUCKETS).step(3)
     with pytest.raises(FastPathError, match="largest KV-cache bucket"):
         dec.prefill(embeds, max_new_tokens=500)
+
+
+def _dyn_prefill(model, embeds: torch.Tensor):
+    """The engine's prefill: plain forward into a DynamicCache -> (first logits, cache)."""
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        o = model.llm(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                      past_key_values=DynamicCache(), use_cache=True)
+    return o.logits[:, -1].float(), o.past_key_values
+
+
+def test_start_from_session_caches_single_and_batched(model):
+    lengths = (7, 19, 12)
+    embs = [model.llm.get_input_embeddings()(torch.tensor([_ids(n, 20 + n)])).detach() for n in lengths]
+    refs = [_hf_greedy(model, e, 6) for e in embs]
+    dec = FastDecoder(model, buckets=BUCKETS)
+    first, past = _dyn_prefill(model, embs[1])
+    dec.start_from(past, lengths[1], max_new_tokens=6)
+    assert _greedy(dec, first, 6)[0] == refs[1]
+    # hand the cache back to the session: a plain step on it equals a static step
+    back = dec.to_dynamic(0, lengths[1] + 5)
+    assert back.get_seq_length() == lengths[1] + 5
+    # several sessions decoded together from their own caches (left-padded into one static cache)
+    firsts, pasts = zip(*[_dyn_prefill(model, e) for e in embs])
+    dec.start_from(list(pasts), list(lengths), max_new_tokens=6)
+    lg = torch.cat(firsts)
+    toks = [[] for _ in lengths]
+    for i in range(6):
+        nxt = lg.argmax(-1)
+        for r in range(3):
+            toks[r].append(int(nxt[r]))
+        if i < 5:
+            lg = dec.step(nxt)
+    assert toks == refs
+    for r, n in enumerate(lengths):  # each row's cache (prompt + 5 fed tokens) continues like the reference
+        cache = dec.to_dynamic(r, n + 5)
+        with torch.no_grad():
+            o = model.llm(input_ids=torch.tensor([[toks[r][-1]]]), past_key_values=cache, use_cache=True,
+                          attention_mask=torch.ones(1, n + 6, dtype=torch.long))
+        full = torch.cat([embs[r], model.llm.get_input_embeddings()(torch.tensor([toks[r]])).detach()], 1)
+        with torch.no_grad():
+            want = model.llm(inputs_embeds=full).logits[:, -1]
+        torch.testing.assert_close(o.logits[:, -1], want, atol=1e-4, rtol=1e-4)

@@ -26,7 +26,7 @@ def test_quantized_forward_agrees(model, mode, min_cos):
     ids = torch.randint(0, 800, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model.llm(input_ids=ids).logits
-    q = quantize_model(copy.deepcopy(model), mode)
+    q = quantize_model(copy.deepcopy(model), mode, device="cpu")
     layer = q.llm.model.layers[0].self_attn.q_proj
     assert type(layer).__module__.startswith("bitsandbytes")
     assert type(q.llm.lm_head) is torch.nn.Linear  # the head stays float

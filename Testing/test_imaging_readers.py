@@ -371,7 +371,7 @@ def test_nested_export_folder(tmp_path):
 
 
 def test_series_falls_back_to_gdcm_when_pydicom_cannot_decode(tmp_path, monkeypatch):
-    from medmvl_core.imaging import readers
+    from medmvl_core.imaging import dicom
 
     hu = _hu((4, 8, 8), 11)
     write_ct_series(tmp_path / "s", hu)
@@ -379,5 +379,5 @@ def test_series_falls_back_to_gdcm_when_pydicom_cannot_decode(tmp_path, monkeypa
     def no_decoder(ds):
         raise RuntimeError("no pixel data handler for this transfer syntax")
 
-    monkeypatch.setattr(readers, "_fast_pixels", no_decoder)
+    monkeypatch.setattr(dicom, "_fast_pixels", no_decoder)
     np.testing.assert_array_equal(read_image(tmp_path / "s").array, hu)

@@ -179,3 +179,36 @@ def test_both_kinds_in_one_sample():
     torch.testing.assert_close(emb[0, 2 + n3:2 + n3 + n2], model.encode_images(images=images)[0])
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), images=images, images3d=images3d)
     assert out.logits.shape == (1, ids.shape[1], VOCAB)
+
+
+def test_lora_wrapping_and_gradient_checkpointing():
+    """PEFT's causal-LM wrapper and transformers' gradient checkpointing work on the composite model."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build("qwen2", "siglip", "attn_pooling").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.llm.model.gradient_checkpointing
+    ids, labels, pix = sample_inputs(model, "image3d")
+    plain = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **pix).loss
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    out = peft(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **pix)
+    torch.testing.assert_close(out.loss, plain)  # LoRA B starts at zero
+    out.loss.backward()
+    lora_grads = [p.grad for n, p in peft.named_parameters() if "lora_B" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)
+    new = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **pix, max_new_tokens=2, eos_token_id=None)
+    assert new.shape == (2, 2)
+
+
+def test_slice_fusion_mean_averages_per_slice_connector_outputs():
+    """The 'mean' fusion (an intermediate MedM-VL commit): connector per slice, then the mean over slices."""
+    cfg = tiny_config("qwen2", "siglip", "mlp")
+    cfg.image3d_slice_fusion = "mean"
+    torch.manual_seed(0)
+    model = MedMVLForConditionalGeneration(cfg).eval()
+    vol = torch.randn(2, 3, 4, 16, 16)
+    with torch.no_grad():
+        out = model.encode_images(images3d=vol)
+        per_slice = torch.stack([model.encode_images(images=vol[:, :, d]) for d in range(4)], dim=1)
+    assert out.shape == (2, model.num_image_tokens("image3d"), 32) == (2, 4, 32)
+    torch.testing.assert_close(out, per_slice.mean(dim=1))

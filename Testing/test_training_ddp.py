@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -50,6 +51,10 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     for a, b in zip(ddp, one):
         assert abs(a - b) <= 1e-5 * abs(b), (ddp, one)
     assert ddp[1] != ddp[0]
+    # the same gradient, not only the same loss (a wrong 1/N scaling would show here, before clipping)
+    gd = [r["grad_norm"] for r in recs]
+    go = [json.loads(x)["grad_norm"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert gd == [pytest.approx(g, rel=1e-5) for g in go]
     wa = load_file(str(tmp_path / "ddp" / "final" / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "one" / "final" / "adapter_model.safetensors"))
     for k in wa:

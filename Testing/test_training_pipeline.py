@@ -116,3 +116,81 @@ def test_merge_cli_and_errors(stages, tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["merge", "--adapter", str(out / "s1" / "final"), "--out", str(tmp_path / "x")]) == 2
     assert "not an adapter folder" in capsys.readouterr().err
+
+
+def test_merged_checkpoint_answers_in_the_worker_engine(stages):
+    from medmvl_core.imaging import read_image
+    from medmvl_core.worker.loading import load_engine
+
+    out, _, _ = stages
+    engine = load_engine(out / "s2" / "merged", device="cpu")
+    ans = engine.answer(read_image(str(INPUTS / "ct_volume.npy")), "Is there any pleural effusion?", max_new_tokens=3)
+    assert isinstance(ans.text, str) and ans.timings["new_tokens"] >= 1
+
+
+def test_cache_is_transparent(stages, tmp_path):
+    # the same stage-1 run without the encoder cache gives the same losses and connector weights
+    out, _, _ = stages
+    cfg = load_config(CONFIGS / "tiny_ct_pretrain_cpu.yaml",
+                      ["log.progress_bar=false", "log.every=1", "log.loss_curve=false", f"train.output_dir={tmp_path}",
+                       "data.cache_encoder_outputs=false", "data.datasets.0.ratio=3"])
+    run(cfg)
+    assert _losses(tmp_path) == pytest.approx(_losses(out / "s1"), abs=1e-6)
+    a = load_file(str(tmp_path / "final" / "model.safetensors"))
+    b = load_file(str(out / "s1" / "final" / "model.safetensors"))
+    for k in a:
+        if k.startswith("connector_image."):
+            assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_validate_with_checkpoint_checks_lengths(stages, tmp_path, capsys):
+    from training.cli import main
+
+    out, _, _ = stages
+    args = ["validate", "--data", str(INPUTS / "ct_finetune.json"), "--image3d-dir", str(INPUTS),
+            "--checkpoint", str(out / "s1" / "final")]
+    assert main(args) == 0
+    assert "tokens per sample (with image tokens): min 127" in capsys.readouterr().out  # MedM-VL: 127
+    assert main(args + ["--max-length", "100"]) == 1
+    assert "too_long 1" in capsys.readouterr().out
+
+
+def test_bad_training_rows_error_or_counted_skip(stages, tmp_path, caplog):
+    from medmvl_core.data.datasets import load_records
+    from medmvl_core.errors import DataError
+    from medmvl_core.model import load_checkpoint
+    from training.data import check_rows
+
+    out, _, _ = stages
+    _, proc = load_checkpoint(str(out / "s1" / "final"))
+    rows = json.loads((INPUTS / "ct_finetune.json").read_text())
+    long_row = json.loads(json.dumps(rows[0]))
+    long_row["id"] = "long"
+    long_row["conversations"][1]["value"] = "The heart size is normal. " * 40
+    (tmp_path / "d.json").write_text(json.dumps([rows[0], long_row]))
+    recs = load_records(tmp_path / "d.json", image3d_dir=INPUTS)
+    with pytest.raises(DataError, match="too_long"):
+        check_rows(recs, proc, 256, "error", "d.json")
+    good, skipped = check_rows(recs, proc, 256, "skip", "d.json")
+    assert [r.id for r in good] == ["ct_finetune_0"] and skipped == 1
+    assert "skipping 1 of 2 rows" in caplog.text and "too_long: 1" in caplog.text
+
+
+def test_pretrain_template_rows(stages, tmp_path):
+    from medmvl_core.data.datasets import load_records
+    from medmvl_core.errors import DataError
+    from medmvl_core.model import load_checkpoint
+    from medmvl_core.processing import MedMVLProcessor
+    from training.data import check_rows
+    from training.testing import write_dataset
+
+    out, _, _ = stages
+    _, proc = load_checkpoint(str(out / "s1" / "final"))
+    pre = MedMVLProcessor(proc.tokenizer, template="pretrain_image3d", num_image_tokens=proc.num_image_tokens,
+                          preprocessing=proc.preprocessing, max_length=512)
+    pairs = load_records(write_dataset(tmp_path, "image3d", n=2), image3d_dir=INPUTS)
+    good, skipped = check_rows(pairs, pre, 512, "error", "pairs")
+    assert len(good) == 2 and skipped == 0
+    multi = load_records(INPUTS / "ct_finetune.json", image3d_dir=INPUTS)   # 2 human turns, 1 volume
+    with pytest.raises(DataError, match="2 image3d position"):
+        check_rows(multi, pre, 512, "error", "ct_finetune.json")

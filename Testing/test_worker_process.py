@@ -75,3 +75,34 @@ def test_launcher_reports_a_worker_that_dies_at_start(tmp_path):
     with pytest.raises(errors.LaunchError, match="does not exist"):
         launcher.start()
     launcher.close()
+
+
+def test_health_says_loading_until_the_model_is_ready(reference_dir):
+    import threading as th
+
+    from medmvl_core.client import WorkerClient
+    from medmvl_core.engine import Engine
+    from medmvl_core.engine.testing import load_toy
+    from medmvl_core.worker.server import WorkerServer
+    from medmvl_core.worker.settings import WorkerSettings
+
+    release = th.Event()
+
+    def loader():
+        release.wait(30)
+        return Engine(*load_toy(str(reference_dir / "base" / "llm")))
+
+    token = "loading-test-token-0123456789"
+    srv = WorkerServer(WorkerSettings(token=token), loader=loader).start_in_thread()
+    try:
+        c = WorkerClient(srv.url, token)
+        assert c.health()["status"] == "loading"
+        vid = c.upload_volume(np.zeros((4, 8, 8), np.int16))   # uploads work while loading
+        with pytest.raises(errors.NotReadyError, match="loading"):
+            c.create_session(vid)
+        release.set()
+        assert c.wait_ready(timeout=30)["status"] == "ready"
+        assert c.ask(c.create_session(vid), question="Hi?", max_new_tokens=2).num_tokens == 2
+    finally:
+        release.set()
+        srv.stop()

@@ -168,12 +168,16 @@ def test_eight_concurrent_clients_all_answered_correctly(worker, toy):
     questions = ["Is there a nodule?", "Where is it?", "How large is it?"]
     results: dict[int, list[str]] = {}
     failures: list[BaseException] = []
+    paths: list[str] = []
+    HOOK["delay"] = 0.01  # keep the GPU thread busy long enough for questions to queue up
 
     def user(i: int) -> None:
         try:
             c = WorkerClient(worker.url, TOKEN, timeout=60)
             sid = c.create_session(c.upload_volume(_vol(100 + i)))
-            results[i] = [c.ask(sid, question=q, max_new_tokens=6).text for q in questions]
+            answers = [c.ask(sid, question=q, max_new_tokens=6) for q in questions]
+            results[i] = [a.text for a in answers]
+            paths.extend(a.timings.get("decode_path") for a in answers)
         except BaseException as exc:  # noqa: BLE001
             failures.append(exc)
 
@@ -185,6 +189,7 @@ def test_eight_concurrent_clients_all_answered_correctly(worker, toy):
     assert not failures, failures
     for i in range(8):
         assert results[i] == _expected(toy, _vol(100 + i), questions, 6), i
+    assert any(p.startswith("batch") for p in paths), paths   # queued questions shared steps
 
 
 def test_queue_bound_gives_429(worker, client):

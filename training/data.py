@@ -47,7 +47,8 @@ def check_rows(records: list[Record], processor: Any, max_length: int, on_bad_ro
     good, problems = [], []
     for rec in records:
         try:
-            enc = encode_train(processor, rec.conversations)
+            enc = encode_train(processor, rec.conversations,
+                               {"image": len(rec.images), "image3d": len(rec.images3d)})
         except (MedMVLError, ValueError) as exc:
             problems.append(RowProblem(rec.source, rec.index, rec.id, "encode_error", str(exc)))
             continue

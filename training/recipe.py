@@ -122,6 +122,7 @@ class Recipe:
         warmup = int(round(tr.warmup_ratio * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.total_steps, warmup,
                                                                                      tr.scheduler))
+        self._configure_deepspeed()
         self.step_module, self.optimizer = self.acc.prepare(TrainStepModule(model), self.optimizer)
         self.samples_seen = self.tokens_seen = 0
         if self.resume:
@@ -140,6 +141,20 @@ class Recipe:
         if peak is None and torch.cuda.is_available():
             peak = peak_tflops_for_device(torch.cuda.get_device_name())
         self.meter = ThroughputMeter(world_size=world, peak_tflops=peak)
+
+    def _configure_deepspeed(self) -> None:
+        """Fill DeepSpeed's batch/accumulation/clipping entries from the run config (no dataloader is
+        prepared: batches are planned by the recipe)."""
+        plugin = getattr(self.acc.state, "deepspeed_plugin", None)
+        if plugin is None:
+            return
+        tr = self.cfg.train
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = tr.micro_batch_size
+        ds["gradient_accumulation_steps"] = tr.grad_accum
+        ds["train_batch_size"] = self.global_batch
+        ds["gradient_clipping"] = tr.max_grad_norm
+        ds.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW as DeepSpeed's client optimizer
 
     def _base_for_adapter(self, model: torch.nn.Module) -> Optional[Path]:
         """LoRA adapters refer to a base checkpoint: ``init_from``, or the initial model saved to OUTPUT/base."""

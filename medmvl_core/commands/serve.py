@@ -30,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="budget for preprocessed images + encoder outputs")
     parser.add_argument("--kv-cache-mb", type=float, default=4096.0,
                         help="budget for all sessions' KV caches (LRU)")
+    parser.add_argument("--max-batch", type=int, default=4,
+                        help="questions waiting together are decoded in one batch (1 = off)")
+    parser.add_argument("--decode", choices=["auto", "plain", "static"], default="auto",
+                        help="decode path: static = preallocated KV cache (auto: on CUDA), "
+                             "falls back to plain on any failure")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the static decode step (CUDA graphs; experimental)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,13 +63,15 @@ def run(args: argparse.Namespace) -> int:
     settings = WorkerSettings(
         token=token, max_queue=args.max_queue,
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-        request_timeout_s=args.request_timeout, model_name=Path(args.checkpoint).name)
+        request_timeout_s=args.request_timeout, model_name=Path(args.checkpoint).name,
+        max_batch=args.max_batch)
 
     def loader():
         return load_engine(args.checkpoint, args.device, args.dtype, args.quantize,
                            cache_bytes=int(args.cache_mb * (1 << 20)),
                            kv_cache_bytes=int(args.kv_cache_mb * (1 << 20)),
-                           max_new_tokens_limit=settings.max_new_tokens)
+                           max_new_tokens_limit=settings.max_new_tokens,
+                           decode_mode=args.decode, compile_decode=args.compile)
 
     from medmvl_core.worker.loading import load_engine
     from medmvl_core.worker.server import WorkerServer

@@ -291,16 +291,37 @@ class MedMVLDataset:
         return sample
 
 
-def encode_train(processor: Any, conversations: list) -> dict:
+def placeholder_runs(ids: Sequence[int]) -> dict:
+    """Number of image positions per kind: runs of consecutive -200 ("image") / -201 ("image3d") ids."""
+    runs = {"image": 0, "image3d": 0}
+    prev = None
+    for v in ids:
+        if v in (-200, -201) and v != prev:
+            runs["image" if v == -200 else "image3d"] += 1
+        prev = v
+    return runs
+
+
+def encode_train(processor: Any, conversations: list, n_images: Optional[dict] = None) -> dict:
     """Train-mode ``{"input_ids", "labels"}`` (lists of int) with every placeholder expanded into
-    ``processor.num_image_tokens[kind]`` copies of its negative id (labels -100 there)."""
+    ``processor.num_image_tokens[kind]`` copies of its negative id (labels -100 there).
+
+    With ``n_images`` (``{"image": n, "image3d": m}``, the files of the row) the number of image
+    positions the template produced must match, else :class:`DataError` (e.g. a pretrain template,
+    which puts the image in every human turn, on multi-turn data).
+    """
     enc = processor.encode(conversations, mode="train")
     ids, labels = list(enc["input_ids"]), list(enc["labels"])
-    n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) + t["value"].count(IMAGE3D_PLACEHOLDER)
-                         for t in conversations)
-    n_sentinels = sum(1 for v in ids if v in (-200, -201))
-    if n_sentinels == n_placeholders and hasattr(processor, "expand"):  # not yet expanded
-        ids, labels = processor.expand(ids, labels)
+    sentinels = sum(1 for v in ids if v in (-200, -201))
+    if sentinels and sentinels == sum(placeholder_runs(ids).values()) and hasattr(processor, "expand"):
+        ids, labels = processor.expand(ids, labels)  # one sentinel per image: not expanded yet
+    if n_images is not None:
+        runs = placeholder_runs(ids)
+        for kind in ("image", "image3d"):
+            if runs[kind] != n_images.get(kind, 0):
+                raise DataError(f"the template gives {runs[kind]} {kind} position(s) for {n_images.get(kind, 0)} "
+                                f"{kind} file(s); check the placeholders (a pretrain template expects one "
+                                "human/gpt pair per row)")
     return {"input_ids": ids, "labels": labels}
 
 

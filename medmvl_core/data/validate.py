@@ -93,7 +93,8 @@ def validate_data(path: str | Path, image_dir: Optional[str | Path] = None, imag
                         probs.append(RowProblem(str(path), i, rec.id, "unreadable_file", f"{f}: {exc}"))
             if processor is not None:
                 try:
-                    enc = encode_train(processor, rec.conversations)
+                    enc = encode_train(processor, rec.conversations,
+                                       {"image": len(rec.images), "image3d": len(rec.images3d)})
                     n = len(enc["input_ids"])
                     rep.lengths.append(n)
                     if max_length is not None and n > max_length:

@@ -193,6 +193,34 @@ class Engine:
             self.sessions[s.id] = s
         return s
 
+    def evict_idle_sessions(self, keep: int) -> int:
+        """Delete least-recently-used idle sessions until at most ``keep`` remain; returns how many."""
+        removed = 0
+        with self._lock:
+            idle = sorted((s for s in self.sessions.values() if not s.lock.locked()),
+                          key=lambda s: s.last_used)
+            while len(self.sessions) > keep and idle:
+                victim = idle.pop(0)
+                self.sessions.pop(victim.id, None)
+                self._kv_lru.pop(victim.id, None)
+                victim.drop_kv()
+                removed += 1
+        return removed
+
+    def warmup(self, max_new_tokens: int = 4) -> float:
+        """Run one throw-away answer per input kind (compiles/captures the static decode step,
+        fills allocator pools) and forget it; returns the seconds it took."""
+        t0 = time.perf_counter()
+        from medmvl_core.engine.testing import ToyVolume
+        shapes = {"image3d": (32, 64, 64), "image": (1, 64, 64)}
+        for kind in self.kinds:
+            vol = ToyVolume(np.zeros(shapes[kind], dtype=np.int16))
+            try:
+                self.answer(vol, "Warm-up.", max_new_tokens=max_new_tokens)
+            finally:
+                self.images.clear()
+        return time.perf_counter() - t0
+
     def get_session(self, session_id: str) -> Session:
         s = self.sessions.get(session_id)
         if s is None:
@@ -560,7 +588,8 @@ class Engine:
         s = p.session
         if not p.ephemeral:
             s.turns.append((p.q, text.strip()))
-            if self.use_cache:
+            # only registered sessions keep a cache (one-off answers and deleted sessions don't)
+            if self.use_cache and self.sessions.get(s.id) is s:
                 s.past, s.kv_ids = p.past, p.ids + tokens[:fed]
                 self._account_kv(s)
         boxes = []

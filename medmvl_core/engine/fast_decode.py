@@ -103,6 +103,10 @@ class FastDecoder:
         floats = [q.dtype for q in self.llm.parameters() if q.dtype.is_floating_point]
         self.dtype = floats[0] if floats else torch.float32
         self.mode, self.reason = select_mode(self.device.type, mode)
+        if self.mode in ("graph", "compile") and _has_int8_layers(self.llm):
+            self.mode = "static"
+            self.reason = ("8-bit bitsandbytes layers synchronize with the host (outlier search), which "
+                           "CUDA graphs cannot capture; using the static KV cache without graphs")
         self.fallback_reason: str | None = None
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.verify = verify
@@ -303,6 +307,59 @@ class FastDecoder:
 
     # ------------------------------------------------------------------ engine helpers
     @torch.inference_mode()
+    def start_from(self, pasts: Any, lengths: int | Sequence[int], max_new_tokens: int = 256) -> None:
+        """Continue decoding from prefilled DynamicCaches (the engine's session caches).
+
+        pasts: one cache or a list (one per row), each holding at least ``lengths[i]`` positions
+        of a single sequence; rows are left-padded into one static cache. Then call ``step``.
+        """
+        if not isinstance(pasts, (list, tuple)):
+            pasts, lengths = [pasts], [int(lengths)]  # type: ignore[list-item]
+        lengths = [int(n) for n in lengths]  # type: ignore[union-attr]
+        self._ids, self._key = [], None
+        if self.mode == "plain":
+            if len(pasts) != 1:
+                raise FastPathError("the plain path decodes one sequence at a time; use mode='static'")
+            pasts[0].crop(lengths[0])
+            self._dyn, self._plain_len = pasts[0], lengths[0]
+            return
+        b, lmax = len(pasts), max(lengths)
+        slot = self._get_slot(pick_bucket(lmax + max_new_tokens, self.buckets), b)
+        per_row = [_kv_layers(p) for p in pasts]
+        for li, layer in enumerate(slot.cache.layers):
+            if not getattr(layer, "is_initialized", False):
+                k0 = per_row[0][li][0]
+                layer.lazy_initialization(k0[:, :, :1].expand(b, -1, -1, -1))
+            for r, n in enumerate(lengths):
+                k, v = per_row[r][li]
+                layer.keys[r, :, lmax - n:lmax].copy_(k[0, :, :n])
+                layer.values[r, :, lmax - n:lmax].copy_(v[0, :, :n])
+        slot.valid.zero_()
+        for r, n in enumerate(lengths):
+            slot.valid[r, lmax - n:lmax] = True
+        self._slot, self._w = slot, lmax
+        self._row_pos = torch.tensor(lengths, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def to_dynamic(self, row: int = 0, length: int | None = None) -> Any:
+        """Row ``row``'s first ``length`` real positions (default: all) as a DynamicCache."""
+        from transformers import DynamicCache
+
+        if self.mode == "plain":
+            if length is not None:
+                self._dyn.crop(length)
+            return self._dyn
+        slot = self._slot
+        start = int(slot.valid[row].nonzero()[0]) if slot.valid[row].any() else 0
+        end = self._w if length is None else start + int(length)
+        out = DynamicCache()
+        for li, layer in enumerate(slot.cache.layers):
+            out.update(layer.keys[row:row + 1, :, start:end].clone(),
+                       layer.values[row:row + 1, :, start:end].clone(), li)
+        return out
+
+
+    @torch.inference_mode()
     def prefill_ids(self, ids: Sequence[int], image_embeds: torch.Tensor | None, key: Any = None,
                     max_new_tokens: int = 256) -> tuple[torch.Tensor, int]:
         """Prefill prompt ``ids`` (placeholders expanded; negative ids = image positions) for one
@@ -365,3 +422,16 @@ def capture_cuda_graph(fn: Callable[[], torch.Tensor], owner: FastDecoder) -> Ca
         return out
 
     return replay
+
+
+def _kv_layers(past: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer, each [B, heads, L, head_dim], of a transformers cache."""
+    if hasattr(past, "layers"):
+        return [(layer.keys, layer.values) for layer in past.layers]
+    if hasattr(past, "key_cache"):
+        return list(zip(past.key_cache, past.value_cache))
+    return [(k, v) for k, v in past]
+
+
+def _has_int8_layers(module: torch.nn.Module) -> bool:
+    return any(type(m).__name__ == "Linear8bitLt" for m in module.modules())

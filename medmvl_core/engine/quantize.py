@@ -11,6 +11,7 @@ CPU (slow; for tests). The model is modified in place and returned.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -55,19 +56,24 @@ def _new_linear(lin: nn.Linear, mode: str, device: torch.device, compute_dtype: 
     return q.to(device)
 
 
-def quantize_model(model: Any, mode: str) -> Any:
+def quantize_model(model: Any, mode: str, device: str | torch.device | None = None) -> Any:
     """Quantize the LLM's decoder-layer linear weights in place; returns ``model``.
 
     model: a MedMVLForConditionalGeneration (its ``.llm``) or a causal LM. mode: "none" |
-    "8bit" | "4bit". Raises QuantizationError for an unknown mode or when bitsandbytes fails.
+    "8bit" | "4bit". device: where the model should end up; give it with a model loaded on the
+    CPU so the full-precision weights never have to fit on the GPU (each layer is quantized
+    straight onto ``device``, then the rest of the model is moved). Raises QuantizationError for
+    an unknown mode or when bitsandbytes fails.
     """
     if mode not in QUANT_MODES:
         raise QuantizationError(f"quantize mode {mode!r} is not known; use one of {list(QUANT_MODES)}")
     if mode == "none":
-        return model
+        return model if device is None else model.to(device)
+    # bitsandbytes warns on every int8 matmul whose input is not fp16; once is enough
+    warnings.filterwarnings("once", message="MatMul8bitLt: inputs will be cast")
     llm = getattr(model, "llm", model)
     params = list(llm.parameters())
-    device = params[0].device
+    device = torch.device(device) if device is not None else params[0].device
     floats = [p.dtype for p in params if p.dtype.is_floating_point]
     compute_dtype = floats[0] if floats else torch.float32
     base = getattr(llm, "model", llm)  # the decoder stack; lm_head and embeddings stay float
@@ -85,6 +91,7 @@ def quantize_model(model: Any, mode: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - bitsandbytes backend errors vary by platform
         raise QuantizationError(f"bitsandbytes could not quantize the LLM to {mode} on {device.type}: "
                                 f"{type(exc).__name__}: {exc}; run with --quantize none") from exc
+    model.to(device)  # the float parts (embeddings, head, vision); quantized layers are already there
     after = sum(quantized_bytes(m) for m in base.modules() if _is_bnb(m))
     logger.info("quantized %d LLM linear layers to %s: %.1f MB -> %.1f MB", len(targets), mode,
                 before / 1e6, after / 1e6)

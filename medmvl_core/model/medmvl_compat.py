@@ -26,8 +26,6 @@ TEMPLATE_FOR_LLM = {"qwen2": "qwen2", "llama": "llama", "llama3": "llama3", "phi
 _MODEL_TYPE_FOR_LLM = {"llama3": "llama"}
 V1_ATTN_POOLING_QUERIES = 256
 MEDMVL_SLICES = 32
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass
@@ -65,22 +63,21 @@ def _vision_config(cfg: dict) -> dict:
 
 
 def _image_normalize(enc_type: str, vis_cfg: dict, pre: dict | None) -> dict:
-    """The ``normalize`` block of a preprocessing spec from an image processor config."""
+    """The ``normalize`` block of a preprocessing spec, from the tower's image processor config
+    (or, without one, the defaults of that tower type at its configured image size)."""
+    from medmvl_core.imaging.spec import (
+        CLIP_MEAN_STD,
+        SIGLIP_MEAN_STD,
+        image_processor_normalize,
+        normalize_from_processor_config,
+    )
+
+    if pre:
+        return normalize_from_processor_config(pre)[1]
     size = int(vis_cfg.get("image_size", 224))
-    pre = pre or {}
-    mean = pre.get("image_mean", [0.5] * 3 if enc_type == "siglip" else _CLIP_MEAN)
-    std = pre.get("image_std", [0.5] * 3 if enc_type == "siglip" else _CLIP_STD)
-    out = {"type": "image_processor", "image_size": size, "resample": int(pre.get("resample", 3)),
-           "rescale": float(pre.get("rescale_factor", 1 / 255)), "mean": list(mean), "std": list(std)}
-    resize = pre.get("size") or {}
-    if isinstance(resize, int):  # older processor configs: an int means the shortest edge
-        resize = {"shortest_edge": resize}
-    if "shortest_edge" in resize or (enc_type == "clip" and not resize):
-        out["resize_shortest_edge"] = int(resize.get("shortest_edge", size))
-    if pre.get("do_center_crop", enc_type == "clip"):
-        crop = pre.get("crop_size", size)
-        out["center_crop"] = int(crop["height"] if isinstance(crop, dict) else crop)
-    return out
+    if enc_type == "clip":
+        return image_processor_normalize(size, *CLIP_MEAN_STD, crop_size=size)
+    return image_processor_normalize(size, *SIGLIP_MEAN_STD)
 
 
 def image_spec(enc_type: str, vis_cfg: dict, pre: dict | None) -> dict:
@@ -89,28 +86,34 @@ def image_spec(enc_type: str, vis_cfg: dict, pre: dict | None) -> dict:
 
 
 def volume_spec_2d_encoder(enc_type: str, vis_cfg: dict, pre: dict | None, schema: str) -> dict:
-    """Spec for a CT through a 2D tower per slice (MedM-VL-CT-Chest)."""
+    """Spec for a CT through a 2D tower per slice (MedM-VL-CT-Chest): HU window [-1000, 1000],
+    CropForeground, Resize to [32, S, S], uint8 truncation, 3 channels, the tower's normalisation."""
     norm = _image_normalize(enc_type, vis_cfg, pre)
-    s = norm["image_size"]
+    s = int(norm.get("crop_size") or norm["image_size"])
     if schema == "lvlm_v1":  # v1 expects npy already windowed, cropped and resized to [1, 32, S, S]
         return {"kind": "volume_preprocessed", "size": [MEDMVL_SLICES, s, s], "cast_uint8": True,
-                "channels": 3, "normalize": norm}
+                "channels": 3, "orientation": "native", "normalize": norm}
     return {"kind": "volume", "hu_window": [-1000, 1000], "crop_foreground": True, "size": [MEDMVL_SLICES, s, s],
             "cast_uint8": True, "channels": 3, "orientation": "native", "normalize": norm}
 
 
-def volume_spec_3d_encoder(enc_type: str, enc_cfg: dict) -> dict:
-    """Spec for a CT through M3D-CLIP (data preprocessed to [0, 1]) or MedM-CLIP (HU standardised)."""
+def volume_spec_3d_encoder(enc_type: str, enc_cfg: dict, schema: str) -> dict:
+    """Spec for a CT through M3D-CLIP or MedM-CLIP (``medmvl_core.imaging.spec.default_spec``,
+    at the encoder's configured size; v1.0 M3D-CLIP data is already preprocessed)."""
+    from medmvl_core.imaging.spec import default_spec
+
     if enc_type == "m3dclip":
-        size = list(enc_cfg.get("img_size", [32, 256, 256]))
-        return {"kind": "volume_preprocessed", "size": size, "channels": int(enc_cfg.get("in_channels", 1)),
-                "normalize": {"type": "minmax"}}
-    img = enc_cfg.get("image_size", 256)
-    img = img[-1] if isinstance(img, list) else img
-    size = [int(enc_cfg.get("frame_size", 32)), int(img), int(img)]
-    return {"kind": "volume", "hu_window": None, "crop_foreground": True, "size": size, "cast_uint8": False,
-            "channels": 1, "orientation": "native", "normalize_before_crop": True,
-            "normalize": {"type": "mean_std", "mean": 55.6982188356434, "std": 66.1943479570918}}
+        size = [int(v) for v in enc_cfg.get("img_size", [32, 256, 256])]
+        if schema == "lvlm_v1":
+            return {"kind": "volume_preprocessed", "cast_uint8": False, "channels": 1, "orientation": "native",
+                    "normalize": {"type": "none"}}
+    else:
+        img = enc_cfg.get("image_size", 256)
+        img = int(img[-1] if isinstance(img, list) else img)
+        size = [int(enc_cfg.get("frame_size", 32)), img, img]
+    spec = default_spec(enc_type, size[-1], depth=size[0], orientation="native")
+    spec["size"] = size
+    return spec
 
 
 def _encoder_spec(enc_type: str, vis_cfg: dict, layer, feature) -> dict:
@@ -211,7 +214,7 @@ def import_config(raw: dict, checkpoint_dir: str | Path) -> ImportedConfig:
             if not f.get("encoder_image3d_type"):
                 preprocessing["image3d"] = volume_spec_2d_encoder(enc_type, enc_cfg, pre, schema)
         else:
-            preprocessing["image3d"] = volume_spec_3d_encoder(enc_type, enc_cfg)
+            preprocessing["image3d"] = volume_spec_3d_encoder(enc_type, enc_cfg, schema)
 
     config = MedMVLConfig(
         llm_config=llm_cfg,

@@ -170,8 +170,10 @@ def create_app(state: WorkerState) -> FastAPI:
         eng = need_engine()
         vol = state.volumes.get(body.volume_id)
         if len(eng.sessions) >= state.settings.max_sessions:
-            raise RequestError(f"too many sessions ({state.settings.max_sessions}); delete old "
-                               "ones (DELETE /v1/sessions/ID)", code="too_many_sessions")
+            eng.evict_idle_sessions(state.settings.max_sessions - 1)
+        if len(eng.sessions) >= state.settings.max_sessions:
+            raise RequestError(f"too many sessions ({state.settings.max_sessions}) are answering; "
+                               "retry later", code="too_many_sessions")
         s = eng.create_session(vol, volume_id=body.volume_id)
         return {"session_id": s.id, "volume_id": body.volume_id}
 
@@ -223,21 +225,32 @@ def create_app(state: WorkerState) -> FastAPI:
         def emit(event: str, data: dict) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (event, data))
 
-        def run(job: Job) -> dict:
-            t_queue = time.monotonic() - job.enqueued
-            ans = eng.answer(session=session, question=body.question, task=body.task,
-                             box=body.box, max_new_tokens=body.max_new_tokens,
-                             do_sample=body.do_sample, temperature=body.temperature,
-                             top_p=body.top_p, top_k=body.top_k, seed=body.seed,
-                             on_token=lambda piece: emit("token", {"text": piece}),
-                             cancel=job.cancel, deadline=job.deadline)
+        def make_request(job: Job):
+            from medmvl_core.engine import Request
+            return Request(session=session, question=body.question, task=body.task, box=body.box,
+                           max_new_tokens=body.max_new_tokens, do_sample=body.do_sample,
+                           temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                           seed=body.seed, on_token=lambda piece: emit("token", {"text": piece}),
+                           cancel=job.cancel, deadline=job.deadline)
+
+        def to_final(job: Job, ans) -> dict:
             timings = dict(ans.timings)
-            timings["queue_s"] = t_queue
+            timings["queue_s"] = (job.started or job.enqueued) - job.enqueued
             return {"text": ans.text, "boxes": ans.boxes, "timings": timings,
                     "num_tokens": len(ans.token_ids), "finish_reason": ans.finish_reason,
                     "task": ans.task, "question": ans.question}
 
-        job = Job(session_id=sid, run=run, emit=emit, deadline=time.monotonic() + timeout)
+        def run(job: Job) -> dict:
+            r = make_request(job)
+            ans = eng.answer(session=r.session, question=r.question, task=r.task, box=r.box,
+                             max_new_tokens=r.max_new_tokens, do_sample=r.do_sample,
+                             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                             seed=r.seed, on_token=r.on_token, cancel=r.cancel,
+                             deadline=r.deadline)
+            return to_final(job, ans)
+
+        job = Job(session_id=sid, run=run, emit=emit, deadline=time.monotonic() + timeout,
+                  request=make_request, to_final=to_final)
         with state.lock:
             current = state.active.get(sid)
             if current is not None and not current.done.is_set():

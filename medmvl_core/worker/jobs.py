@@ -30,6 +30,8 @@ class Job:
     run: Callable[["Job"], dict]
     emit: Callable[[str, dict], None]
     deadline: float
+    request: Callable[["Job"], Any] | None = None       # -> engine Request (for batching)
+    to_final: Callable[["Job", Any], dict] | None = None  # Answer -> final event data
     cancel: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
@@ -44,11 +46,18 @@ class Job:
 
 
 class GpuQueue:
-    """Bounded FIFO served by one daemon thread."""
+    """Bounded FIFO served by one daemon thread.
 
-    def __init__(self, max_waiting: int):
+    With ``max_batch > 1`` and a ``batch_runner(jobs) -> list[dict | BaseException]``, jobs
+    waiting together are answered in one batch (shared decode steps).
+    """
+
+    def __init__(self, max_waiting: int, max_batch: int = 1,
+                 batch_runner: Callable[[list[Job]], list[Any]] | None = None):
         self._q: queue.Queue[Job | None] = queue.Queue()
         self.max_waiting = max_waiting
+        self.max_batch = max(1, max_batch)
+        self.batch_runner = batch_runner
         self._submit_lock = threading.Lock()
         self.running: Job | None = None
         self._thread = threading.Thread(target=self._loop, name="medmvl-gpu", daemon=True)
@@ -70,29 +79,68 @@ class GpuQueue:
     def stop(self) -> None:
         self._q.put_nowait(None)
 
+    def _take(self) -> list[Job] | None:
+        job = self._q.get()
+        if job is None:
+            return None
+        jobs = [job]
+        while self.batch_runner is not None and len(jobs) < self.max_batch:
+            try:
+                nxt = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._q.put_nowait(None)  # stop after this batch
+                break
+            jobs.append(nxt)
+        return jobs
+
     def _loop(self) -> None:
         while True:
-            job = self._q.get()
-            if job is None:
+            jobs = self._take()
+            if jobs is None:
                 return
-            self.running = job
-            job.started = time.monotonic()
-            try:
+            ready = []
+            for job in jobs:
+                job.started = time.monotonic()
                 if job.cancel.is_set():
-                    raise CancelledError("the answer was cancelled before it started")
-                if time.monotonic() > job.deadline:
-                    raise RequestTimeoutError("the request waited in the queue past its time "
-                                              "limit; retry when the worker is less busy")
-                final = job.run(job)
-            except BaseException as exc:  # noqa: BLE001 - one request never stops the queue
-                if not isinstance(exc, MedMVLError):
-                    logger.exception("request failed")
+                    self._end(job, CancelledError("the answer was cancelled before it started"))
+                elif time.monotonic() > job.deadline:
+                    self._end(job, RequestTimeoutError(
+                        "the request waited in the queue past its time limit; retry when the "
+                        "worker is less busy"))
                 else:
-                    logger.info("request failed: %s", exc.code)
-                self.running = None
-                job.done.set()
-                job.fail(exc)
+                    ready.append(job)
+            if not ready:
+                continue
+            self.running = ready[0]
+            if len(ready) == 1 or self.batch_runner is None:
+                for job in ready:
+                    self.running = job
+                    try:
+                        final = job.run(job)
+                    except BaseException as exc:  # noqa: BLE001 - one request never stops the queue
+                        self._end(job, exc)
+                    else:
+                        self._end(job, final)
+                continue
+            try:
+                results = self.batch_runner(ready)
+            except BaseException as exc:  # noqa: BLE001
+                results = [exc] * len(ready)
+            for job, res in zip(ready, results):
+                self._end(job, res)
+
+    def _end(self, job: Job, result: Any) -> None:
+        """Mark done (so the session is free), then send the final or error event."""
+        self.running = None
+        job.done.set()
+        if isinstance(result, BaseException):
+            if not isinstance(result, MedMVLError):
+                logger.error("request failed: %s", result.__class__.__name__,
+                             exc_info=(type(result), result, result.__traceback__))
             else:
-                self.running = None
-                job.done.set()
-                job.emit("final", final)
+                logger.info("request failed: %s", result.code)
+            job.fail(result)
+        else:
+            job.emit("final", result)

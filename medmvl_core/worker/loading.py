@@ -76,4 +76,8 @@ def load_engine(checkpoint: str | Path, device: str = "auto", dtype: str | None 
     """An Engine over the loaded checkpoint (``engine_kwargs`` go to :class:`Engine`)."""
     from medmvl_core.engine import Engine
     model, proc = load_model(checkpoint, device, dtype, quantize)
-    return Engine(model, proc, **engine_kwargs)
+    engine = Engine(model, proc, **engine_kwargs)
+    if engine._use_static():
+        # compile / capture the decode step now rather than in the first user's question
+        logger.info("warm-up took %.1f s", engine.warmup())
+    return engine

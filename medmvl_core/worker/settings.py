@@ -19,7 +19,7 @@ class WorkerSettings:
     max_upload_bytes: largest accepted array; max_question_chars: longest question;
     max_new_tokens: upper bound a request may ask for; request_timeout_s: default and maximum
     time one answer may take (queue wait included); volume_store_bytes: budget of uploaded
-    arrays kept in memory (LRU).
+    arrays kept in memory (LRU); max_batch: questions decoded together in one batch.
     """
 
     token: str
@@ -30,6 +30,7 @@ class WorkerSettings:
     request_timeout_s: float = 300.0
     volume_store_bytes: int = 4 << 30
     max_sessions: int = 256
+    max_batch: int = 4
     model_name: str = ""
 
 

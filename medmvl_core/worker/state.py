@@ -23,9 +23,15 @@ class WorkerState:
         self.error: str | None = None
         self.device = str(getattr(engine, "device", "")) if engine is not None else ""
         self.volumes = VolumeStore(settings.volume_store_bytes)
-        self.queue = GpuQueue(settings.max_queue)
+        self.queue = GpuQueue(settings.max_queue, settings.max_batch, self._run_batch)
         self.active: dict[str, Job] = {}
         self.lock = threading.Lock()
+
+    def _run_batch(self, jobs: list[Job]) -> list[Any]:
+        """Answer several queued questions together through ``Engine.answer_batch``."""
+        results = self.engine.answer_batch([job.request(job) for job in jobs])
+        return [r if isinstance(r, BaseException) else job.to_final(job, r)
+                for job, r in zip(jobs, results)]
 
     def set_engine(self, engine: Any) -> None:
         self.engine = engine
