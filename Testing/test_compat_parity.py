@@ -181,6 +181,8 @@ def test_effective_settings_match_medmvl(models, reference_dir, name):
         assert tokenizer.eos_token_id == g["tokenizer"]["eos_token_id"]
         assert tokenizer.padding_side == g["tokenizer"]["padding_side"]
         assert tokenizer.model_max_length == g["tokenizer"]["model_max_length"]
+        gen = model.llm.generation_config  # what inference.py passes to generate
+        assert gen.eos_token_id == g["tokenizer"]["eos_token_id"] and gen.pad_token_id == g["tokenizer"]["pad_token_id"]
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)

@@ -226,3 +226,27 @@ def test_idle_sessions_are_evicted_oldest_first(toy, volume):
     eng.answer(question=QUESTIONS[0], session=a, max_new_tokens=2)   # a is now the most recent
     assert eng.evict_idle_sessions(keep=1) == 2
     assert list(eng.sessions) == [a.id]
+
+
+def test_context_limit_clamps_the_answer_then_refuses(toy, volume):
+    model, proc = toy
+    eng = Engine(model, proc)
+    n = len(eng.encode_prompt(eng.conversation([], QUESTIONS[0])))
+    eng.context_limit = n + 3
+    ans = eng.answer(volume, QUESTIONS[0], max_new_tokens=50)
+    assert len(ans.token_ids) <= 3
+    eng.context_limit = n
+    with pytest.raises(RequestError, match="start a new session"):
+        eng.answer(volume, QUESTIONS[0])
+
+
+def test_sampling_is_opt_in_and_seeded(toy, volume):
+    model, proc = toy
+    eng = Engine(model, proc)
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5)
+    a = eng.answer(volume, QUESTIONS[0], seed=1, **kw).token_ids
+    assert eng.answer(volume, QUESTIONS[0], seed=1, **kw).token_ids == a
+    others = {tuple(eng.answer(volume, QUESTIONS[0], seed=s, **kw).token_ids) for s in range(2, 6)}
+    assert len(others | {tuple(a)}) > 1          # different seeds give different answers
+    greedy = eng.answer(volume, QUESTIONS[0], max_new_tokens=12).token_ids
+    assert greedy == eng.answer(volume, QUESTIONS[0], max_new_tokens=12).token_ids

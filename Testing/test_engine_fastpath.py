@@ -126,3 +126,25 @@ def test_warmup_runs_the_static_path_and_leaves_nothing_behind(toy):
     assert eng.warmup() > 0
     assert len(eng.images) == 0 and not eng.sessions and eng.kv_bytes_used() == 0
     assert eng._static_ok   # the static path worked during warm-up (no fallback)
+
+
+def test_oom_in_a_batched_step_falls_back_to_one_by_one(toy):
+    model, proc = toy
+    state = {"calls": 0}
+
+    def hook(stage):
+        if stage == "decode":
+            state["calls"] += 1
+            if state["calls"] == 2:   # the second batched step
+                raise RuntimeError("CUDA out of memory (simulated)")
+
+    eng = Engine(model, proc, fault_hook=hook)
+    streamed = [[], []]
+    got = eng.answer_batch([Request(volume=_vol(30 + i), question=QUESTIONS[0], max_new_tokens=6,
+                                    on_token=streamed[i].append) for i in range(2)])
+    ref = Engine(model, proc)
+    for i in range(2):
+        want = ref.answer(_vol(30 + i), QUESTIONS[0], max_new_tokens=6)
+        assert got[i].token_ids == want.token_ids
+        assert "".join(streamed[i]) == want.text      # nothing streamed twice
+        assert got[i].timings["decode_path"] == "plain"

@@ -226,3 +226,20 @@ def test_start_from_session_caches_single_and_batched(model):
         with torch.no_grad():
             want = model.llm(inputs_embeds=full).logits[:, -1]
         torch.testing.assert_close(o.logits[:, -1], want, atol=1e-4, rtol=1e-4)
+
+
+def test_warmup_leaves_the_decoder_clean(model):
+    dec = FastDecoder(model, buckets=BUCKETS)
+    dec.warmup(prompt_len=20, batch_sizes=(1, 2), max_new_tokens=30)
+    assert set(dec._slots) == {(64, 1), (64, 2)} and dec.length == 0
+    embeds = model.llm.get_input_embeddings()(torch.tensor([_ids(10, 30)])).detach()
+    assert _greedy(dec, dec.prefill(embeds, max_new_tokens=6), 6)[0] == _hf_greedy(model, embeds, 6)
+
+
+def test_least_recently_used_caches_are_freed(model):
+    dec = FastDecoder(model, buckets=BUCKETS, max_slots=2)
+    for n, new in ((10, 5), (40, 5), (80, 5), (12, 5)):  # buckets 32, 64, 128, 32
+        embeds = model.llm.get_input_embeddings()(torch.tensor([_ids(n, n)])).detach()
+        dec.prefill(embeds, max_new_tokens=new)
+        dec.step(1)
+    assert list(dec._slots) == [(128, 1), (32, 1)]

@@ -91,6 +91,15 @@ def test_placeholders_without_image_and_image_without_placeholders():
         model(input_ids=text, attention_mask=torch.ones_like(text), images=torch.randn(1, 3, 16, 16))
 
 
+def test_features_dict_missing_a_kind_raises():
+    model = build("qwen2", "siglip", "mlp")
+    n = model.num_image_tokens("image")
+    ids = torch.tensor([[5] + [IMAGE_TOKEN_INDEX] * n + [-201, 6]])
+    feats = {"image": model.encode_images(images=torch.randn(1, 3, 16, 16))}
+    with pytest.raises(PlaceholderError, match="image3d.*tokens: 1, features: 0"):
+        model.embed_inputs(ids, feats)
+
+
 def test_kind_without_encoder_raises():
     model = build("qwen2", "m3dclip", "mlp")
     with pytest.raises(ConfigError, match="no 2D image encoder"):

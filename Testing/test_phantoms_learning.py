@@ -2,8 +2,8 @@
 
 Task: closed questions about the large findings of radiograph phantoms ("Is there a mass in the
 right lung?", "Is there a pleural effusion on the left side?"), answered "Yes." / "No.". The
-score is the balanced accuracy (mean of the yes- and no-recall) of comparing the model's
-next-token logits for "Yes" and "No" on held-out (test-split) phantoms; any constant answer and
+score is the balanced accuracy (mean of the yes- and no-recall) of picking the more likely of the
+answers "Yes." and "No." (teacher-forced log-probability) on held-out (test-split) phantoms; any constant answer and
 any image-blind model score 0.5 in expectation. The trained model must reach 0.75; the untrained
 one, scored the same way in this test, stays below 0.65.
 """
@@ -46,18 +46,32 @@ def _items(split: str, n_wanted: int, folder, rng) -> list[dict]:
     return rows
 
 
-def _balanced_accuracy(model, processor, rows, folder) -> float:
+def _answer_logprob(model, processor, question: dict, answer: str, image) -> float:
+    """Sum of the log-probabilities of ``answer``'s tokens after the question (teacher forcing)."""
     import torch
 
-    tok = processor.tokenizer
-    yes_id, no_id = tok.convert_tokens_to_ids("ĠYes"), tok.convert_tokens_to_ids("ĠNo")
+    conv = [question, {"from": "gpt", "value": answer}]
+    s = processor(conv, image=image, mode="train")
+    logits = model(input_ids=s["input_ids"][None], attention_mask=s["attention_mask"][None],
+                   images=s["images"]).logits[0, :-1]
+    labels = s["labels"][1:]
+    mask = labels != -100
+    logp = torch.log_softmax(logits[mask].float(), dim=-1)
+    return float(logp.gather(1, labels[mask][:, None]).sum())
+
+
+def _balanced_accuracy(model, processor, rows, folder) -> float:
+    """Mean of yes- and no-recall when the more likely of "Yes." / "No." is the answer."""
+    import torch
+
     hits = {True: [], False: []}
     with torch.no_grad():
         for r in rows:
-            s = processor(r["conversations"][:1], image=str(folder / r["image"][0]), mode="generate")
-            logits = model(input_ids=s["input_ids"][None], attention_mask=s["attention_mask"][None],
-                           images=s["images"]).logits[0, -1]
-            hits[r["yes"]].append(float((logits[yes_id] > logits[no_id]).item() == r["yes"]))
+            image = str(folder / r["image"][0])
+            q = r["conversations"][0]
+            says_yes = (_answer_logprob(model, processor, q, "Yes.", image)
+                        > _answer_logprob(model, processor, q, "No.", image))
+            hits[r["yes"]].append(float(says_yes == r["yes"]))
     return 0.5 * (np.mean(hits[True]) + np.mean(hits[False]))
 
 
@@ -65,6 +79,7 @@ def _balanced_accuracy(model, processor, rows, folder) -> float:
 def test_short_training_beats_chance_and_untrained_does_not(tmp_path):
     from medmvl_core.data.phantom_tokenizer import train_phantom_tokenizer
     from medmvl_core.model import load_checkpoint
+    from medmvl_core.processing import get_template
     import torch
 
     from training.build import build_model
@@ -76,14 +91,15 @@ def test_short_training_beats_chance_and_untrained_does_not(tmp_path):
     train_rows = _items("train", 160, img, rng)
     test_rows = _items("test", 40, img, rng)
     (tmp_path / "train.json").write_text(json.dumps(train_rows))
-    texts = [t["value"] for r in train_rows for t in r["conversations"]]
-    train_phantom_tokenizer(texts * 3, tmp_path / "tok", vocab_size=280)
+    template = get_template("qwen2")
+    train_phantom_tokenizer([template.render(r["conversations"]) for r in train_rows], tmp_path / "tok",
+                            vocab_size=400)
     cfg = {
         "name": "phantom_learning_test", "seed": 0,
         "model": {
             "llm": {"config": {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128,
                                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-                               "vocab_size": 320, "max_position_embeddings": 256, "tie_word_embeddings": True}},
+                               "vocab_size": 448, "max_position_embeddings": 256, "tie_word_embeddings": True}},
             "tokenizer": str(tmp_path / "tok"),
             "encoder_image": {"type": "siglip",
                               "config": {"model_type": "siglip_vision_model", "hidden_size": 64,
@@ -91,7 +107,7 @@ def test_short_training_beats_chance_and_untrained_does_not(tmp_path):
                                          "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
                               "options": {"select_layer": -1, "select_feature": "cls_patch"}},
             "connector_image": {"type": "mlp", "options": {"name": "mlp2x_gelu"}},
-            "max_length": 128,
+            "max_length": 256,
         },
         "tune": {"llm": "full", "encoder_image": "full", "connector_image": "full"},
         "data": {"datasets": [{"path": str(tmp_path / "train.json"), "image_dir": str(img)}]},

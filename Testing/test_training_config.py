@@ -113,3 +113,12 @@ def test_accelerate_configs_parse(path):
 def test_accelerate_setups_shipped():
     names = {p.stem for p in (CONFIG_DIR.parent / "accelerate").glob("*.yaml")}
     assert {"single_gpu", "ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"} <= names
+
+
+def test_train_cli_reports_config_errors(tmp_path, capsys):
+    from training.cli import main
+
+    assert main(["--config", str(CONFIG_DIR / "tiny_ct_pretrain_cpu.yaml"), "tune.llm=half"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid training config") and "tune.llm" in err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2

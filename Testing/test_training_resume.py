@@ -80,3 +80,45 @@ def test_resume_with_other_batch_or_missing_checkpoint_fails(runs, tmp_path):
         run(_cfg(tmp, tmp / "cut", ["train.micro_batch_size=2"]), resume=str(tmp / "cut" / "checkpoints" / "step-2"))
     with pytest.raises(CheckpointError, match="no resumable checkpoint"):
         run(_cfg(tmp, tmp_path / "empty"), resume=str(tmp_path))
+
+
+_KILLER = """
+import os, signal, sys
+import training.recipe as r
+orig = r.Recipe._micro_step
+def micro_step(self, *a, **k):
+    if self.step == 2:  # in the middle of step 3, after the step-2 checkpoint: no clean-up of any kind
+        os.kill(os.getpid(), signal.SIGKILL)
+    return orig(self, *a, **k)
+r.Recipe._micro_step = micro_step
+from training.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_mid_step_then_resume_equals_uninterrupted(runs, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from training.testing import REPO_ROOT
+
+    tmp, _, _, _ = runs
+    cfg_args = ["--config", str(CONFIGS / "tiny_2d_lora_cpu.yaml"),
+                f"data.datasets.0.path={tmp / 'data' / 'image_2.json'}", f"data.datasets.0.image_dir={INPUTS}",
+                "data.datasets.0.ratio=2", f"train.output_dir={tmp_path / 'killed'}", "train.micro_batch_size=1",
+                "train.grad_accum=1", "train.scheduler=cosine", "train.warmup_ratio=0.2", "tune.lora.dropout=0.2",
+                "log.progress_bar=false", "log.every=1", "log.loss_curve=false", "train.save_every=1"]
+    # same thread count as this process: float reductions in the same order
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(REPO_ROOT))
+    proc = subprocess.run([sys.executable, "-c", _KILLER, *cfg_args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["step-1", "step-2"]
+    assert not (tmp_path / "killed" / "final").exists()
+    result = run(_cfg(tmp, tmp_path / "killed", ["train.save_every=1"]), resume="latest")
+    assert result["steps"] == 4
+    a, b = _weights(tmp / "full" / "final"), _weights(tmp_path / "killed" / "final")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (k, (a[k] - b[k]).abs().max())

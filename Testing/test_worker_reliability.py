@@ -263,3 +263,15 @@ def test_request_time_limit_gives_a_timeout_and_frees_the_queue(client):
     assert time.monotonic() - t0 < 2.0
     HOOK["delay"] = 0.0
     assert client.ask(sid, question="Is there a nodule?", max_new_tokens=2).num_tokens == 2
+
+
+def test_no_prompt_or_answer_in_logs_above_debug(client, caplog):
+    import logging
+    marker = "Zebra-marker-question"
+    with caplog.at_level(logging.INFO):
+        sid = client.create_session(client.upload_volume(_vol(8)))
+        ans = client.ask(sid, question=marker, max_new_tokens=4)
+        with pytest.raises(errors.BadRequestError):
+            client.ask(sid, task="describe", question=marker, box=[1, 2])
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not any(marker in m or (ans.text.strip() and ans.text.strip() in m) for m in info), info

@@ -127,7 +127,7 @@ def build_from_parts(cfg: RunConfig) -> tuple[Any, Any]:
     if m.preprocessing:
         prep.update(m.preprocessing)
     mcfg = MedMVLConfig(template=m.template, preprocessing=prep, padding_side=m.padding_side,
-                        max_length=m.max_length, llm_attn_implementation=m.attn_implementation, **kwargs)
+                        max_length=m.max_length or 2048, llm_attn_implementation=m.attn_implementation, **kwargs)
     torch.manual_seed(cfg.seed)
     model = MedMVLForConditionalGeneration(mcfg)
     if llm_folder is not None:

@@ -74,9 +74,16 @@ def run_validate(args: argparse.Namespace) -> int:
 
     processor, max_length = None, args.max_length
     if args.checkpoint:
-        from medmvl_core.model import load_checkpoint
+        from pathlib import Path
 
-        _, processor = load_checkpoint(args.checkpoint)
+        if (Path(args.checkpoint) / "processor_config.json").is_file():  # our format: no need to load weights
+            from medmvl_core.processing import MedMVLProcessor
+
+            processor = MedMVLProcessor.from_pretrained(args.checkpoint)
+        else:  # a MedM-VL folder: the loader derives the processor settings
+            from medmvl_core.model import load_checkpoint
+
+            _, processor = load_checkpoint(args.checkpoint)
         if max_length is None:
             max_length = getattr(processor, "max_length", None)
     rep = validate_data(args.data, args.image_dir, args.image3d_dir, processor=processor, max_length=max_length,

@@ -62,7 +62,7 @@ class ModelConfig:
     connector_image: Optional[ComponentConfig] = None
     connector_image3d: Optional[ComponentConfig] = None
     template: str = "qwen2"
-    max_length: int = 2048
+    max_length: Optional[int] = None  # default: the init_from checkpoint's, else 2048
     padding_side: str = "right"
     preprocessing: Optional[dict] = None
     attn_implementation: str = "sdpa"
@@ -141,6 +141,7 @@ class TrainConfig:
     merge_at_end: bool = False
     stop_after: int = 0         # > 0: stop (after a checkpoint) once this invocation ran so many steps; --resume continues
     num_workers: int = 0        # DataLoader worker processes
+    save_final: bool = True     # false: no final/ (throughput benchmarks)
 
 
 @dataclass
@@ -347,7 +348,7 @@ def config_problems(cfg: RunConfig) -> list[str]:
         p.append("model.tokenizer: required when the LLM is not loaded from a folder (give a tokenizer folder)")
     if m.padding_side not in ("left", "right"):
         p.append(f"model.padding_side: {m.padding_side!r} is not left/right")
-    if m.max_length < 8:
+    if m.max_length is not None and m.max_length < 8:
         p.append(f"model.max_length: {m.max_length} is too small")
     if t.llm not in LLM_TUNE_TYPES:
         p.append(f"tune.llm: {t.llm!r} is not one of {', '.join(LLM_TUNE_TYPES)}")
@@ -404,6 +405,14 @@ def config_problems(cfg: RunConfig) -> list[str]:
         p.append("train.eval_every: set data.eval_datasets too")
     if tr.merge_at_end and t.llm not in ("lora", "qlora"):
         p.append("train.merge_at_end: only for tune.llm=lora/qlora")
+    try:  # template names, when the processing package is importable (it does not import torch)
+        from medmvl_core.processing.templates import TEMPLATES
+    except ImportError:
+        TEMPLATES = None
+    if TEMPLATES is not None:
+        for where, name in (("model.template", m.template), ("data.template", d.template)):
+            if name is not None and name not in TEMPLATES:
+                p.append(f"{where}: {name!r} is not a template; use one of {', '.join(sorted(TEMPLATES))}")
     if cfg.log.every < 1:
         p.append("log.every: must be >= 1")
     if cfg.log.peak_tflops is not None and cfg.log.peak_tflops <= 0:

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import yaml
@@ -76,10 +76,13 @@ class Recipe:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         model, processor = build_model(cfg)
-        if cfg.model.init_from is None or cfg.model.max_length != processor.max_length:
+        if cfg.model.max_length is not None:
             processor.max_length = cfg.model.max_length
+        elif processor.max_length is None:
+            processor.max_length = 2048
+        model.config.max_length = processor.max_length
         self.processor = processor
-        self.max_length = cfg.model.max_length
+        self.max_length = processor.max_length
         self.n_llm = sum(p.numel() for p in model.llm.parameters()) - model.llm.get_input_embeddings().weight.numel()
         self.n_enc = {k: sum(p.numel() for p in getattr(model, f"encoder_{k}").parameters())
                       for k in ("image", "image3d") if getattr(model, f"encoder_{k}", None) is not None}
@@ -364,7 +367,7 @@ def run(cfg: RunConfig, resume: Optional[str] = None, dry_run: bool = False) -> 
     result = recipe.train()
     result["output_dir"] = str(recipe.out)
     result["final_dir"] = None
-    if not result["stopped_early"]:
+    if not result["stopped_early"] and cfg.train.save_final:
         result["final_dir"] = str(recipe.save_final())
     result["seconds"] = time.perf_counter() - t0
     recipe.cleanup()

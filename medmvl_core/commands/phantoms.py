@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="also train a byte-level BPE tokenizer on the training text into DIR")
     parser.add_argument("--vocab-size", type=int, default=512, help="tokenizer vocabulary size (default 512)")
+    parser.add_argument("--template", default="qwen2", help="chat template the tokenizer text is rendered with")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,8 +57,15 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer:
         from medmvl_core.data.phantom_tokenizer import train_phantom_tokenizer
 
-        texts = [t["value"] for s in splits for e in json.loads((out / f"{s}.json").read_text())
-                 for t in e["conversations"]]
+        from medmvl_core.processing import get_template
+
+        # The prompts exactly as the model sees them (system prompt and USER/ASSISTANT markers
+        # included), so the template costs few tokens too. Only training text is used.
+        template = get_template(args.template)
+        rows = json.loads((out / "train.json").read_text()) if "train" in splits else []
+        if not rows:
+            raise DataError("--tokenizer needs the train split (add train to --splits and --n > 0)")
+        texts = [template.render(e["conversations"]) for e in rows]
         train_phantom_tokenizer(texts, Path(args.tokenizer), vocab_size=args.vocab_size)
         print(f"wrote tokenizer to {args.tokenizer}")
     return 0

@@ -21,7 +21,7 @@ import torch
 from medmvl_core.engine import tasks as T
 from medmvl_core.engine.cache import LRUCache
 from medmvl_core.engine.decode import SamplingParams, TextStreamer, choose_token, run_decode
-from medmvl_core.engine.fastpath import StaticDecoder, split_cache, stack_caches
+from medmvl_core.engine.fastpath import split_cache, stack_caches
 from medmvl_core.engine.errors import (CancelledError, EngineOutOfMemoryError, NotFoundError,
                                        RequestError, RequestTimeoutError, SessionBusyError)
 from medmvl_core.engine.hashing import volume_hash
@@ -121,6 +121,10 @@ class Engine:
         self.decode_mode = decode_mode
         self.compile_decode = compile_decode
         self._static_ok = True
+        self._fast: Any = None
+        self._fast_lock = threading.Lock()
+        from medmvl_core.engine.fastpath import llm_config
+        self.context_limit = int(getattr(llm_config(model), "max_position_embeddings", 0) or 0)
         self.max_new_tokens_limit = max_new_tokens_limit
         self.fault_hook = fault_hook
         self.images: LRUCache[ImageEntry] = LRUCache(
@@ -211,10 +215,13 @@ class Engine:
         """Run one throw-away answer per input kind (compiles/captures the static decode step,
         fills allocator pools) and forget it; returns the seconds it took."""
         t0 = time.perf_counter()
-        from medmvl_core.engine.testing import ToyVolume
+        try:
+            from medmvl_core.imaging import Volume
+        except ImportError:
+            from medmvl_core.engine.testing import ToyVolume as Volume  # type: ignore[assignment]
         shapes = {"image3d": (32, 64, 64), "image": (1, 64, 64)}
         for kind in self.kinds:
-            vol = ToyVolume(np.zeros(shapes[kind], dtype=np.int16))
+            vol = Volume(np.zeros(shapes[kind], dtype=np.int16))
             try:
                 self.answer(vol, "Warm-up.", max_new_tokens=max_new_tokens)
             finally:
@@ -420,6 +427,11 @@ class Engine:
         q = T.build_question(task, kind, req.question, box_text)
         turns = [] if ephemeral else s.turns
         ids = self.encode_prompt(self.conversation(turns, q, kind), kind)
+        if self.context_limit and len(ids) >= self.context_limit:
+            raise RequestError(f"the conversation is {len(ids)} tokens long, the model's limit is "
+                               f"{self.context_limit}: start a new session", code="context_full")
+        if self.context_limit:  # the answer may use what is left of the context
+            params.max_new_tokens = min(params.max_new_tokens, self.context_limit - len(ids))
         check()
         # Reuse the longest prefix whose KV is cached; never split the image span.
         past, lcp = None, 0
@@ -459,42 +471,68 @@ class Engine:
         return self.decode_mode == "static" or (self.decode_mode == "auto"
                                                 and self.device.type == "cuda")
 
+    def _fast_decoder(self) -> Any:
+        """The engine's one FastDecoder (static KV cache; CUDA graphs / compile on CUDA)."""
+        if self._fast is None:
+            from medmvl_core.engine.fast_decode import FastDecoder
+            mode = "compile" if self.compile_decode else (
+                "static" if self.decode_mode == "static" else "auto")
+            self._fast = FastDecoder(self.model, mode=mode)
+        return self._fast
+
+    def _start_fast(self, pasts: list[Any], lengths: list[int], max_new: int) -> Any:
+        """A FastDecoder loaded with these caches, or None (plain path) when unavailable/busy."""
+        if not (self._use_static() and self._static_ok):
+            return None
+        if not self._fast_lock.acquire(blocking=False):
+            return None  # another thread is decoding with it
+        try:
+            fast = self._fast_decoder()
+            fast.start_from(pasts if len(pasts) > 1 else pasts[0],
+                            lengths if len(lengths) > 1 else lengths[0], max_new)
+            return fast
+        except Exception as exc:  # noqa: BLE001 - any failure: fall back to the plain path
+            self._fast_lock.release()
+            if is_oom(exc):
+                raise
+            logger.warning("static-cache decoding unavailable (%s); using the plain path", exc)
+            self._static_ok = False
+            return None
+
     def _decode_one(self, p: "_Prepared", logits: torch.Tensor) -> tuple[list[int], str, int]:
         total = len(p.ids)
-        static = None
-        if self._use_static() and self._static_ok:
-            try:
-                static = StaticDecoder(self.model, p.past, total, p.params.max_new_tokens,
-                                       compile_step=self.compile_decode)
-            except Exception as exc:  # noqa: BLE001 - any failure: fall back to the plain path
-                logger.warning("static-cache decoding unavailable (%s); using the plain path", exc)
-                self._static_ok = False
-                static = None
+        fast = self._start_fast([p.past], [total], p.params.max_new_tokens)
+        used_fast = fast is not None
 
         def step(tok: int) -> torch.Tensor:
-            nonlocal total, static
+            nonlocal total, fast
             self._hook("decode")
             total += 1
-            if static is not None:
+            if fast is not None:
                 try:
-                    return static.step(tok)
+                    return fast.step(tok).to(logits.dtype)
                 except Exception as exc:  # noqa: BLE001 - continue on the plain path
                     if is_oom(exc):
                         raise
                     logger.warning("static-cache step failed (%s); continuing on the plain path",
                                    exc)
                     self._static_ok = False
-                    p.past, static = static.to_dynamic(), None
+                    p.past = fast.to_dynamic(0, total - 1)
+                    fast = None
+                    self._fast_lock.release()
             lg, p.past = self._forward([tok], total, p.past, None)
             return lg
 
-        used_static = static is not None
-        out = run_decode(logits, step, p.params, self.eos_ids, p.streamer, p.check, p.generator,
-                         p.on_token_id)
-        if static is not None:
-            p.past = static.to_dynamic()
-        p.timings["decode_path"] = "static" if static is not None else (
-            "static->plain" if used_static else "plain")
+        try:
+            out = run_decode(logits, step, p.params, self.eos_ids, p.streamer, p.check,
+                             p.generator, p.on_token_id)
+            if fast is not None:
+                p.past = fast.to_dynamic(0, len(p.ids) + out[2])
+        finally:
+            if fast is not None:
+                self._fast_lock.release()
+        p.timings["decode_path"] = (f"static:{self._fast.mode}" if fast is not None else
+                                    "static->plain" if used_fast else "plain")
         return out
 
     def _decode_many(self, live: list[tuple[int, "_Prepared", torch.Tensor]]
@@ -512,6 +550,8 @@ class Engine:
                 torch.cuda.empty_cache()
             outs = []
             for _, p, lg in live:
+                # restart this row from its prefill; text already streamed is not sent again
+                p.streamer.ids = []
                 try:
                     with self._oom_guard(p.session):
                         outs.append(self._decode_one(p, lg))

@@ -26,6 +26,7 @@ How it works:
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 import torch
@@ -92,10 +93,12 @@ class FastDecoder:
     model: a MedMVLForConditionalGeneration (its ``.llm`` is used) or a transformers causal LM.
     mode: "auto" | "graph" | "compile" | "static" | "plain". buckets: allowed cache lengths.
     verify: compare the first replay of each captured graph with the eager step (fallback if not close).
+    max_slots: how many (bucket, batch size) caches (+ graphs) are kept; the least recently used
+    one beyond that is freed.
     """
 
     def __init__(self, model: Any, *, mode: str = "auto", buckets: Sequence[int] = DEFAULT_BUCKETS,
-                 verify: bool = True):
+                 verify: bool = True, max_slots: int = 6):
         self.model = model
         self.llm = getattr(model, "llm", model)
         p = next(self.llm.parameters())
@@ -110,7 +113,8 @@ class FastDecoder:
         self.fallback_reason: str | None = None
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.verify = verify
-        self._slots: dict[tuple[int, int], _Slot] = {}
+        self.max_slots = max(1, int(max_slots))
+        self._slots: OrderedDict[tuple[int, int], _Slot] = OrderedDict()
         self._slot: _Slot | None = None
         self._w = 0                       # next write index in the static cache
         self._row_pos: torch.Tensor | None = None   # [B] next position id per row
@@ -133,7 +137,11 @@ class FastDecoder:
     def _get_slot(self, cap: int, batch: int) -> _Slot:
         key = (cap, batch)
         if key not in self._slots:
+            spare = [k for k, v in self._slots.items() if v is not self._slot]  # oldest first
+            while spare and len(self._slots) >= self.max_slots:
+                del self._slots[spare.pop(0)]  # frees its cache tensors and graph
             self._slots[key] = _Slot(self.llm, cap, batch, self.device, self.dtype)
+        self._slots.move_to_end(key)
         return self._slots[key]
 
     def _fallback(self, why: str) -> None:
@@ -388,10 +396,15 @@ class FastDecoder:
 
     @torch.inference_mode()
     def warmup(self, prompt_len: int = 64, steps: int = 2, batch_sizes: Sequence[int] = (1,),
-               buckets: Sequence[int] | None = None) -> None:
-        """Capture/compile the decode step for the given buckets and batch sizes (worker start)."""
+               buckets: Sequence[int] | None = None, max_new_tokens: int = 256) -> None:
+        """Capture/compile the decode step for the given buckets and batch sizes (worker start).
+
+        buckets: default, the bucket a ``prompt_len`` prompt with ``max_new_tokens`` answer uses.
+        """
+        if self.mode == "plain":
+            return
         hidden = self.llm.get_input_embeddings().weight.shape[-1]
-        for cap in buckets or self.buckets[:1]:
+        for cap in buckets or [pick_bucket(prompt_len + max_new_tokens, self.buckets)]:
             for b in batch_sizes:
                 n = max(1, min(prompt_len, cap - steps))
                 x = torch.zeros(b, n, hidden, dtype=self.dtype, device=self.device)

@@ -14,8 +14,9 @@ from medmvl_core.model.modeling import (
 )
 
 
-def load_checkpoint(path, device="cpu", dtype=None):
-    """Load our format or a MedM-VL folder; returns ``(model, processor)``. See ``loader``."""
+def load_checkpoint(path, device="cpu", dtype=None):  # noqa: ANN001 - typed in loader.load_checkpoint
+    """Load our format or a MedM-VL folder (HEAD or v1.0 schema), offline; returns
+    ``(model, processor)``. See :func:`medmvl_core.model.loader.load_checkpoint`."""
     from medmvl_core.model.loader import load_checkpoint as _load
 
     return _load(path, device=device, dtype=dtype)

@@ -170,7 +170,17 @@ def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu
     tokenizer = _load_tokenizer(tok_dirs, model.config.model_max_length, model.config.padding_side)
     if fmt != "medmvl":
         _medmvl_pad_rules(tokenizer, model.config.source.get("llm_type"))
+    _generation_defaults(model, tokenizer)
     return model, tokenizer
+
+
+def _generation_defaults(model: MedMVLForConditionalGeneration, tokenizer: Any) -> None:
+    """Stop at the tokenizer's eos and pad with its pad, as MedM-VL's inference.py passes them."""
+    gen = model.llm.generation_config
+    if tokenizer.eos_token_id is not None:
+        gen.eos_token_id = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
 
 
 def _medmvl_pad_rules(tokenizer: Any, llm_type: str | None) -> None:

@@ -54,12 +54,16 @@ def detect_format(raw: dict) -> str:
 
 
 def _vision_config(cfg: dict) -> dict:
+    """The vision tower's config dict (``vision_config`` of a full CLIP/SigLIP config, else ``cfg``)."""
     cfg = dict(cfg)
     if isinstance(cfg.get("vision_config"), dict):  # a full CLIP/SigLIP config
         vis = dict(cfg["vision_config"])
         vis.setdefault("model_type", cfg.get("model_type", "") + "_vision_model")
         return vis
     return cfg
+
+
+vision_tower_config = _vision_config  # public name (training/build.py uses it too)
 
 
 def _image_normalize(enc_type: str, vis_cfg: dict, pre: dict | None) -> dict:
@@ -97,7 +101,7 @@ def volume_spec_2d_encoder(enc_type: str, vis_cfg: dict, pre: dict | None, schem
             "cast_uint8": True, "channels": 3, "orientation": "native", "normalize": norm}
 
 
-def volume_spec_3d_encoder(enc_type: str, enc_cfg: dict, schema: str) -> dict:
+def volume_spec_3d_encoder(enc_type: str, enc_cfg: dict, schema: str = "lvlm_head") -> dict:
     """Spec for a CT through M3D-CLIP or MedM-CLIP (``medmvl_core.imaging.spec.default_spec``,
     at the encoder's configured size; v1.0 M3D-CLIP data is already preprocessed)."""
     from medmvl_core.imaging.spec import default_spec

@@ -211,6 +211,13 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
                         "into model.num_image_tokens(kind) copies, one per image"
                     )
                 embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), rows.to(embeds.dtype))
+            if isinstance(image_embeds, dict):
+                for kind, mask in masks.items():
+                    if kind not in image_embeds and mask.any():
+                        raise PlaceholderError(
+                            f"{kind} features and placeholder tokens do not match: tokens: {int(mask.sum())}, "
+                            f"features: 0; give the {kind} input or remove its placeholders"
+                        )
         if attention_mask is not None and attention_mask.shape == input_ids.shape:
             embeds = embeds * attention_mask.unsqueeze(-1).to(embeds.dtype)
         return embeds

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import time
 from typing import Any
 
@@ -282,7 +281,3 @@ def create_app(state: WorkerState) -> FastAPI:
 
     return app
 
-
-def default_token_dir() -> str:
-    return os.environ.get("XDG_RUNTIME_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                             "medmvl")

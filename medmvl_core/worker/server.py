@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
-import secrets
 import socket
 import threading
 from contextlib import asynccontextmanager
