@@ -32,21 +32,26 @@ def test_static_cache_equals_plain_over_turns(toy):
     for q in QUESTIONS:
         a = plain.answer(question=q, session=sp, max_new_tokens=10)
         b = static.answer(question=q, session=ss, max_new_tokens=10)
-        assert b.timings["decode_path"] == "static" and a.timings["decode_path"] == "plain"
+        assert b.timings["decode_path"] == "static:static" and a.timings["decode_path"] == "plain"
         assert a.token_ids == b.token_ids and a.text == b.text
         assert ss.kv_ids == sp.kv_ids           # the session cache covers the same tokens
     assert b.timings["cached_tokens"] > 8       # and the static path's cache was reused
 
 
 def test_static_path_falls_back_to_plain(toy, monkeypatch):
-    import medmvl_core.engine.engine as E
     model, proc = toy
 
-    def broken(*a, **k):
-        raise RuntimeError("graphs unavailable on this platform")
+    class Broken:
+        mode = "static"
 
-    monkeypatch.setattr(E, "StaticDecoder", broken)
+        def __init__(self, *a, **k):
+            pass
+
+        def start_from(self, *a, **k):
+            raise RuntimeError("graphs unavailable on this platform")
+
     eng = Engine(model, proc, decode_mode="static")
+    monkeypatch.setattr(eng, "_fast_decoder", lambda: Broken())
     a = eng.answer(_vol(1), QUESTIONS[0], max_new_tokens=8)
     assert a.timings["decode_path"] == "plain"
     assert a.token_ids == Engine(model, proc, decode_mode="plain").answer(

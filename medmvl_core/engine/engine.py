@@ -570,8 +570,21 @@ class Engine:
                         ) -> list[tuple[list[int], str, int] | BaseException]:
         lengths = [len(p.ids) for p in preps]
         lmax = max(lengths)
-        cache, mask = stack_caches([p.past for p in preps], lengths)
         n = len(preps)
+        fast = self._start_fast([p.past for p in preps], lengths,
+                                max(p.params.max_new_tokens for p in preps))
+        try:
+            return self._batched_loop(preps, logits, lengths, lmax, n, fast)
+        finally:
+            if fast is not None:
+                self._fast_lock.release()
+
+    def _batched_loop(self, preps: list["_Prepared"], logits: torch.Tensor, lengths: list[int],
+                      lmax: int, n: int, fast: Any
+                      ) -> list[tuple[list[int], str, int] | BaseException]:
+        cache = mask = None
+        if fast is None:
+            cache, mask = stack_caches([p.past for p in preps], lengths)
         tokens: list[list[int]] = [[] for _ in range(n)]
         fed = [0] * n
         done: list[tuple[list[int], str, int] | BaseException | None] = [None] * n
@@ -602,18 +615,24 @@ class Engine:
                 break
             self._hook("decode")
             active = [d is None for d in done]
-            x = torch.tensor([[t] for t in feed], dtype=torch.long, device=self.device)
-            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], 1)
-            pos = torch.tensor([[lengths[b] + fed[b]] for b in range(n)], device=self.device)
-            out = self.model(input_ids=x, attention_mask=mask, position_ids=pos,
-                             past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            if fast is not None:
+                logits = fast.step(torch.tensor(feed, dtype=torch.long, device=self.device))
+            else:
+                x = torch.tensor([[t] for t in feed], dtype=torch.long, device=self.device)
+                mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], 1)
+                pos = torch.tensor([[lengths[b] + fed[b]] for b in range(n)], device=self.device)
+                out = self.model(input_ids=x, attention_mask=mask, position_ids=pos,
+                                 past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, out.logits[:, -1, :]
             for b in range(n):
                 if active[b]:
                     fed[b] += 1
         for b, p in enumerate(preps):
-            p.past = split_cache(cache, b, lmax - lengths[b], lengths[b] + fed[b])
-            p.timings["decode_path"] = f"batch{n}"
+            if fast is not None:
+                p.past = fast.to_dynamic(b, lengths[b] + fed[b])
+            else:
+                p.past = split_cache(cache, b, lmax - lengths[b], lengths[b] + fed[b])
+            p.timings["decode_path"] = f"batch{n}" + (f":static:{fast.mode}" if fast else "")
         return done  # type: ignore[return-value]
 
     def _finish(self, p: "_Prepared", tokens: list[int], reason: str, fed: int) -> Answer:

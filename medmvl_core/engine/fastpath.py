@@ -1,15 +1,11 @@
-"""KV-cache plumbing for the fast decode paths: a static (preallocated) cache with bucketed
-lengths for one sequence, and stacking/splitting per-request caches for batched decoding.
-
-The static path keeps every decode step's tensor shapes fixed (the precondition for CUDA-graph
-capture / ``torch.compile(mode="reduce-overhead")``); on the CPU it runs eagerly and exists so the
-cache logic is tested. Greedy tokens equal the plain path's (tests).
-"""
+"""KV-cache plumbing for batched decoding on the plain path: stacking per-request (session)
+caches into one left-padded batch cache and splitting it back. The static-cache / CUDA-graph
+path is :mod:`medmvl_core.engine.fast_decode`."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +22,6 @@ def llm_config(model: Any) -> Any:
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def bucket_len(n: int, bucket: int = 256) -> int:
-    """Round a cache length up to a multiple of ``bucket`` so compiled graphs are reused."""
-    return ((n + bucket - 1) // bucket) * bucket
-
-
 def _layers(past: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(keys, values) per layer, each [B, heads, L, head_dim], of a DynamicCache."""
     if hasattr(past, "layers"):
@@ -44,48 +35,6 @@ def dynamic_from(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
     for i, (k, v) in enumerate(layers):
         cache.update(k, v, i)
     return cache
-
-
-class StaticDecoder:
-    """Decode one sequence with a preallocated cache of ``bucket_len(length + max_new)`` slots.
-
-    ``step(token) -> logits [1, V]``; ``to_dynamic()`` returns the filled part as a DynamicCache
-    (so the session keeps reusing it). ``compiled`` wraps the step with ``torch.compile`` (CUDA).
-    """
-
-    def __init__(self, model: Any, past: Any, length: int, max_new_tokens: int,
-                 bucket: int = 256, compile_step: bool = False):
-        from transformers import StaticCache
-        self.model = model
-        self.pos = length
-        layers = _layers(past)
-        k0 = layers[0][0]
-        self.max_len = bucket_len(length + max_new_tokens + 1, bucket)
-        self.cache = StaticCache(config=llm_config(model), max_cache_len=self.max_len)
-        prefix = torch.arange(length, device=k0.device)
-        for i, (k, v) in enumerate(layers):
-            self.cache.update(k[:, :, :length], v[:, :, :length], i, {"cache_position": prefix})
-        self._forward: Callable = self._eager
-        if compile_step:
-            self._forward = torch.compile(self._eager, mode="reduce-overhead", fullgraph=False)
-
-    def _eager(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=x, attention_mask=None, past_key_values=self.cache,
-                         use_cache=True, cache_position=pos, position_ids=pos[None])
-        return out.logits[:, -1, :]
-
-    def step(self, token: int) -> torch.Tensor:
-        dev = self.cache.layers[0].keys.device
-        x = torch.tensor([[token]], dtype=torch.long, device=dev)
-        pos = torch.tensor([self.pos], dtype=torch.long, device=dev)
-        with torch.inference_mode():
-            logits = self._forward(x, pos)
-        self.pos += 1
-        return logits.clone()
-
-    def to_dynamic(self) -> Any:
-        return dynamic_from([(layer.keys[:, :, :self.pos].clone(), layer.values[:, :, :self.pos].clone())
-                             for layer in self.cache.layers])
 
 
 def stack_caches(pasts: list[Any], lengths: list[int]) -> tuple[Any, torch.Tensor]:
