@@ -120,9 +120,11 @@ def test_fast_paths_reproduce_medmvl_on_the_ct_checkpoint(reference_dir):
     static = Engine(model, proc, decode_mode="static")
     for v, q, e in zip(vols, qs, expect):
         assert static.answer(v, q, max_new_tokens=12).token_ids == e
-    got = Engine(model, proc).answer_batch([Request(volume=v, question=q, max_new_tokens=12)
-                                            for v, q in zip(vols, qs)])
-    assert [g.token_ids for g in got] == expect
+    for eng in (Engine(model, proc), static):   # batch on the plain and the static path
+        got = eng.answer_batch([Request(volume=v, question=q, max_new_tokens=12)
+                                for v, q in zip(vols, qs)])
+        assert [g.token_ids for g in got] == expect
+    assert got[0].timings["decode_path"] == "batch2:static:static"
 
 
 def test_warmup_runs_the_static_path_and_leaves_nothing_behind(toy):

@@ -45,3 +45,19 @@ def test_bench_refuses_cuda_without_a_gpu():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cuda", "--small"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+def test_a_failing_section_becomes_a_row():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows: list = []
+
+    def boom():
+        raise RuntimeError("CUDA error: out of memory")
+
+    assert mod.guarded(rows, "memory 4bit", boom) is None
+    assert rows[0][0] == "memory 4bit" and math.isnan(rows[0][1]) and "out of memory" in rows[0][3]
+    assert mod.guarded(rows, "ok", lambda x: x + 1, 1) == 2 and len(rows) == 1

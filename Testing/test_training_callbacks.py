@@ -54,3 +54,11 @@ def test_logger_jsonl_and_curve(tmp_path):
     png = write_loss_curve(tmp_path)
     assert png and png.stat().st_size > 1000
     assert write_loss_curve(tmp_path / "none") is None
+
+
+def test_convention_reproduces_issue_reference_mfu():
+    # issue 10: reference CT-Chest LoRA step, batch 8 x 556 tokens, 19.9 samples/s on an H200 = 24% MFU
+    # (Qwen2.5-3B: 3.09e9 parameters; SigLIP-base vision tower ~9.3e7, frozen, 32 slices x 256 patches)
+    per_step = step_flops(3_090_000_000, 8 * 556, [(93_000_000, 8 * 32 * 256, False)])
+    mfu = per_step * (19.9 / 8) / (peak_tflops_for_device("NVIDIA H200") * 1e12)
+    assert round(mfu, 2) == 0.24

@@ -194,3 +194,23 @@ def test_pretrain_template_rows(stages, tmp_path):
     multi = load_records(INPUTS / "ct_finetune.json", image3d_dir=INPUTS)   # 2 human turns, 1 volume
     with pytest.raises(DataError, match="2 image3d position"):
         check_rows(multi, pre, 512, "error", "ct_finetune.json")
+
+
+def test_two_datasets_mix_by_ratio(stages, tmp_path):
+    from collections import Counter
+
+    from medmvl_core.model import load_checkpoint
+    from training.data import load_train_data
+    from training.testing import write_dataset
+
+    out, _, _ = stages
+    _, proc = load_checkpoint(str(out / "s1" / "final"))
+    extra = write_dataset(tmp_path, "image3d", n=4)
+    cfg = load_config(CONFIGS / "tiny_ct_pretrain_cpu.yaml",
+                      ["data.datasets.0.ratio=2", f"data.datasets.1={{path: {extra}, image3d_dir: {INPUTS}, ratio: 0.5}}"])
+    data = load_train_data(cfg, proc, 512)
+    assert data.sizes == [1, 4] and data.epoch_len == 4
+    order = data.epoch_order(0, seed=0)
+    src = Counter("a" if i < data.offsets[1] else "b" for i in order)
+    assert src == {"a": 2, "b": 2} and len(set(i for i in order if i >= data.offsets[1])) == 2
+    assert order == data.epoch_order(0, seed=0)

@@ -19,7 +19,6 @@ peak (a measured matmul rate where the card is not known, e.g. on CPU).
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import logging
@@ -223,7 +222,9 @@ def bench_ttft(model, spec, small: bool, n_text: int, n_new: int, rows: list, de
     shape = (40, 64, 64) if small else (300, 512, 512)
     with tempfile.TemporaryDirectory() as tmp:
         path = synthetic_ct(shape, Path(tmp))
-        dec.warmup(prompt_len=len(ids), buckets=[_bucket(dec, len(ids) + n_new)])
+        # the first answer's bucket and the follow-up's (prompt + answer + question + answer)
+        dec.warmup(prompt_len=len(ids), buckets=sorted({_bucket(dec, len(ids) + n_new),
+                                                        _bucket(dec, len(ids) + 2 * n_new + 12)}))
         with torch.inference_mode():  # warm the encoder kernels on a random input
             model.encode_images(images3d=torch.zeros(1, 3, *spec["size"], device=device, dtype=dtype))
         t0 = clock.now()
@@ -250,37 +251,37 @@ def bench_ttft(model, spec, small: bool, n_text: int, n_new: int, rows: list, de
 
 
 def bench_memory(build, modes: list[str], n_new: int, rows: list, device) -> None:
+    for mode in modes:
+        guarded(rows, f"memory {mode}", _memory_one, build, mode, n_new, rows, device)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _memory_one(build, mode: str, n_new: int, rows: list, device) -> None:
+    """Build the model, quantize it, decode ``n_new`` tokens: peak memory and speed of ``mode``."""
     from medmvl_core.engine.fast_decode import FastDecoder
     from medmvl_core.engine.quantize import quantize_model, weight_bytes
 
     clock = Clock(device)
-    for mode in modes:
-        model = build()
-        try:
-            quantize_model(model, mode)
-        except Exception as exc:  # noqa: BLE001 - reported in the table
-            rows.append((f"memory {mode}", float("nan"), "MB", f"failed: {type(exc).__name__}: {exc}"))
-            continue
-        if device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        hidden = model.config.llm_config.hidden_size
-        emb = torch.randn(1, 64, hidden, device=device, dtype=next(model.llm.parameters()).dtype) * 0.02
-        dec = FastDecoder(model)
-        greedy_ours(dec, dec.prefill(emb, max_new_tokens=n_new), 2)
-        t0 = clock.now()
-        greedy_ours(dec, dec.prefill(emb, max_new_tokens=n_new), n_new)
-        tps = n_new / (clock.now() - t0)
-        if device.type == "cuda":
-            peak, what = torch.cuda.max_memory_allocated(), "peak GPU memory during decode"
-        else:
-            peak, what = weight_bytes(model), "weights + buffers"
-        rows.append((f"memory {mode}", peak / 1e6, "MB", f"{what}; decode {tps:.1f} tokens/s ({dec.mode})"))
-        del model, dec
+    model = quantize_model(build(), mode)
+    if device.type == "cuda":
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    hidden = model.config.llm_config.hidden_size
+    emb = torch.randn(1, 64, hidden, device=device, dtype=model.get_input_embeddings().weight.dtype) * 0.02
+    dec = FastDecoder(model)
+    greedy_ours(dec, dec.prefill(emb, max_new_tokens=n_new), 2)  # warm-up / capture
+    t0 = clock.now()
+    greedy_ours(dec, dec.prefill(emb, max_new_tokens=n_new), n_new)
+    tps = n_new / (clock.now() - t0)
+    if device.type == "cuda":
+        peak, what = torch.cuda.max_memory_allocated(), "peak GPU memory during decode"
+    else:
+        peak, what = weight_bytes(model), "weights + buffers"
+    note = f"{what}; decode {tps:.1f} tokens/s ({dec.mode}{', fallback' if dec.fallback_reason else ''})"
+    rows.append((f"memory {mode}", peak / 1e6, "MB", note))
 
 
 def bench_train(model, small: bool, peak: float, peak_src: str, rows: list, device, dtype) -> None:
@@ -329,6 +330,18 @@ def bench_train(model, small: bool, peak: float, peak_src: str, rows: list, devi
     model.eval()
 
 
+def guarded(rows: list, name: str, fn, *args):
+    """Run one bench section; a failure becomes a table row instead of ending the run."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        logger.exception("bench section %s failed", name)
+        rows.append((name, float("nan"), "", f"failed: {type(exc).__name__}: {str(exc)[:200]}"))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+
+
 def machine(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "device": device.type}
@@ -371,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="none,8bit,4bit", help="quantization modes to measure")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write rows + machine to this file")
+    ap.add_argument("--verbose", action="store_true", help="log INFO (fast-path mode choices, fallbacks)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible; use --device cpu --small", file=sys.stderr)
         return 2
@@ -389,8 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     model, spec = build_model(args.small, device, dtype)
     llm_bytes = nbytes(model.llm)
     rows.append(("decode floor b1", bw / llm_bytes, "tokens/s", f"{llm_bytes / 1e9:.3g} GB of LLM weights per token"))
-    ids, image_embeds = bench_ttft(model, spec, args.small, 64 if not args.small else 16, n_new, rows, device, dtype)
-    bench_decode(model, ids, image_embeds, n_new, args.batch, rows, device)
+    got = guarded(rows, "cold TTFT", bench_ttft, model, spec, args.small, 16 if args.small else 64, n_new, rows,
+                  device, dtype)
+    if got is not None:
+        guarded(rows, "decode", bench_decode, model, got[0], got[1], n_new, args.batch, rows, device)
     if not args.skip_train:
         name = info.get("gpu", "")
         known = [v for k, v in BF16_PEAK.items() if k in name]
@@ -398,13 +415,14 @@ def main(argv: list[str] | None = None) -> int:
             peak, src = known[0], f"{name} dense bf16 datasheet peak"
         else:
             peak, src = matmul_peak(device, dtype, args.small), f"measured {dtype} matmul on {device.type}"
-        bench_train(model, args.small, peak, src, rows, device, dtype)
+        guarded(rows, "train LoRA", bench_train, model, args.small, peak, src, rows, device, dtype)
     del model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     modes = [m for m in args.modes.split(",") if m]
-    bench_memory(lambda: build_model(args.small, device, dtype)[0], modes, min(n_new, 32), rows, device)
+    guarded(rows, "memory", bench_memory, lambda: build_model(args.small, device, dtype)[0], modes,
+            min(n_new, 32), rows, device)
     print_table(rows, info)
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "rows": [list(r) for r in rows]}, indent=1))

@@ -65,7 +65,11 @@ def _merge_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbose: int) -> None:
+    import os
+
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose + 1, 2)]
+    if os.environ.get("RANK", "0") != "0" and verbose < 2:  # other processes of a launch: warnings only
+        level = logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 

@@ -28,7 +28,8 @@ from training.config import RunConfig
 from training.data import KeyedCollator, load_train_data, make_dataset, move_batch, rank_micro_batches
 from training.encoder_cache import EncoderCache
 from training.step import TrainStepModule
-from training.tuning import apply_tuning, enable_gradient_checkpointing, trainable_summary, unpack_4bit_for_training
+from training.tuning import apply_tuning, cast_frozen, enable_gradient_checkpointing, trainable_summary, \
+    unpack_4bit_for_training
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Recipe:
     # -- setup --------------------------------------------------------------------------------------
     def setup(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
         cfg, tr = self.cfg, self.cfg.train
         ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)
@@ -83,11 +84,18 @@ class Recipe:
         model.config.max_length = processor.max_length
         self.processor = processor
         self.max_length = processor.max_length
-        self.n_llm = sum(p.numel() for p in model.llm.parameters()) - model.llm.get_input_embeddings().weight.numel()
+        # issue 10's convention: N = every LLM parameter (a tied embedding counted once)
+        self.n_llm = sum(p.numel() for p in model.llm.parameters())
         self.n_enc = {k: sum(p.numel() for p in getattr(model, f"encoder_{k}").parameters())
                       for k in ("image", "image3d") if getattr(model, f"encoder_{k}", None) is not None}
         self.base_dir = self._base_for_adapter(model)
-        self.lora = apply_tuning(model, cfg)
+        self.lora = apply_tuning(model, cfg, device=self.acc.device)
+        # (not under FSDP: a flat-parameter unit must hold one dtype)
+        if self.lora is not None and tr.save_adapter_only and tr.precision in ("bf16", "fp16") and \
+                self.acc.distributed_type != DistributedType.FSDP:
+            # frozen weights are never saved from this model (the adapter is): keep them in half precision
+            n = cast_frozen(model, torch.bfloat16 if tr.precision == "bf16" else torch.float16)
+            logger.info("frozen parameters stored in %s: %d", tr.precision, n)
         if tr.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.model = model
@@ -204,8 +212,9 @@ class Recipe:
     def _micro_step(self, batch: dict, scale: float, sync: bool) -> torch.Tensor:
         inputs, pending = move_batch(batch, self.acc.device, self.cache)
         ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.step_module)
-        with ctx, self.acc.autocast():
-            loss_sum, _, new = self.step_module(**inputs)
+        with ctx:
+            with self.acc.autocast():
+                loss_sum, _, new = self.step_module(**inputs)
             self.acc.backward(loss_sum * scale)
         enc_tokens = {k: sum(int(f.shape[0] * f.shape[1]) for f in v) for k, v in new.items()}
         if self.cache is not None:
@@ -217,11 +226,15 @@ class Recipe:
         return loss_sum.detach()
 
     def train(self) -> dict:
+        from accelerate.utils import DistributedType
+
         cfg, tr, acc = self.cfg, self.cfg.train, self.acc
         self.log = RunLogger(self.out, self.total_steps, self.step, tensorboard=cfg.log.tensorboard,
                              progress_bar=cfg.log.progress_bar, enabled=acc.is_main_process)
         self.step_module.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if acc.distributed_type == DistributedType.FSDP:  # accelerate clips FSDP shards given all parameters
+            params = list(self.step_module.parameters())
         last_loss = None
         # accelerate (and DeepSpeed) divide the backward loss by grad_accum; undo that so the gradient
         # is exactly d(sum of token losses of the global batch / its supervised tokens)

@@ -80,10 +80,11 @@ def unpack_4bit_for_training(model: nn.Module) -> int:
     return n
 
 
-def apply_tuning(model: nn.Module, cfg: RunConfig) -> Optional[Any]:
+def apply_tuning(model: nn.Module, cfg: RunConfig, device: str | torch.device = "cpu") -> Optional[Any]:
     """Freeze / unfreeze each part, add LoRA or QLoRA. Returns the peft ``LoraModel`` (or None).
 
-    After this, exactly the parameters that should train have ``requires_grad=True``.
+    After this, exactly the parameters that should train have ``requires_grad=True``. QLoRA
+    quantizes the LLM's linear layers on ``device`` (the training device).
     """
     t = cfg.tune
     model.requires_grad_(False)
@@ -92,7 +93,7 @@ def apply_tuning(model: nn.Module, cfg: RunConfig) -> Optional[Any]:
         from peft import LoraConfig, LoraModel
 
         if t.llm == "qlora":
-            quantize_llm_4bit(model, t.qlora.quant_type, t.qlora.double_quant, t.qlora.compute_dtype)
+            quantize_llm_4bit(model, t.qlora.quant_type, t.qlora.double_quant, t.qlora.compute_dtype, device)
         lcfg = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
                           target_modules=lora_target_regex(list(t.lora.target_modules)), bias="none")
         lora_model = LoraModel(model, lcfg, "default")  # injects in place into `model`
@@ -139,3 +140,15 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         if inner is not None and hasattr(inner, "gradient_checkpointing_enable") and \
                 getattr(inner, "supports_gradient_checkpointing", False):
             inner.gradient_checkpointing_enable(**kw)
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen floating-point parameters in ``dtype`` (e.g. bf16 under bf16 autocast: half the
+    memory, no per-step weight casts). Only safe when those weights are not saved from this model
+    (LoRA/QLoRA adapters). Returns the number of parameters converted."""
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += p.numel()
+    return n

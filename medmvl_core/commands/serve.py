@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     def loader():
         return load_engine(args.checkpoint, args.device, args.dtype, args.quantize,
+                           warmup_batch=args.max_batch,
                            cache_bytes=int(args.cache_mb * (1 << 20)),
                            kv_cache_bytes=int(args.kv_cache_mb * (1 << 20)),
                            max_new_tokens_limit=settings.max_new_tokens,

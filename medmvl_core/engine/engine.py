@@ -97,9 +97,11 @@ class Engine:
     use_cache=False gives the reference path (re-preprocess, re-encode, re-prefill every turn).
     fault_hook(stage) is called at "preprocess", "encode", "prefill" and every "decode" step
     (tests inject failures and delays through it).
-    decode_mode: "plain" (DynamicCache, every device), "static" (preallocated cache, bucketed
-    length; with compile_decode=True the step is torch.compile'd for CUDA graphs) or "auto"
-    (static on CUDA, plain elsewhere); any failure of the static path falls back to plain.
+    decode_mode: "plain" (DynamicCache, every device), "static" (the static-KV-cache
+    :class:`~medmvl_core.engine.fast_decode.FastDecoder`, eager) or "auto" (FastDecoder in its
+    own "auto" mode — CUDA graphs — on CUDA, plain elsewhere); compile_decode=True asks the
+    FastDecoder for torch.compile instead. Session caches move in and out of its static cache
+    (``start_from`` / ``to_dynamic``); any failure falls back to the plain path.
     """
 
     def __init__(self, model: Any, processor: Any, *,
@@ -211,7 +213,7 @@ class Engine:
                 removed += 1
         return removed
 
-    def warmup(self, max_new_tokens: int = 4) -> float:
+    def warmup(self, max_new_tokens: int = 4, batch_sizes: Sequence[int] = (1,)) -> float:
         """Run one throw-away answer per input kind (compiles/captures the static decode step,
         fills allocator pools) and forget it; returns the seconds it took."""
         t0 = time.perf_counter()
@@ -226,6 +228,11 @@ class Engine:
                 self.answer(vol, "Warm-up.", max_new_tokens=max_new_tokens)
             finally:
                 self.images.clear()
+        if self._fast is not None and self._static_ok:
+            try:  # capture the batched decode steps too
+                self._fast.warmup(batch_sizes=batch_sizes)
+            except Exception as exc:  # noqa: BLE001 - warm-up is an optimisation only
+                logger.warning("fast-path warm-up failed: %s", exc)
         return time.perf_counter() - t0
 
     def get_session(self, session_id: str) -> Session:

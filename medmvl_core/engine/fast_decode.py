@@ -236,6 +236,7 @@ class FastDecoder:
     def step(self, token: int | torch.Tensor) -> torch.Tensor:
         """Feed one token per row (an int, or LongTensor [B]); returns the next logits [B, vocab]."""
         tok = torch.as_tensor(token, dtype=torch.long, device=self.device).reshape(-1, 1)
+        first = int(token) if isinstance(token, int) else None  # avoids a device sync per step
         if self.mode == "plain":
             self._plain_len += 1
             out = self.llm(input_ids=tok, attention_mask=torch.ones(1, self._plain_len, dtype=torch.long,
@@ -243,7 +244,7 @@ class FastDecoder:
                            past_key_values=self._dyn, use_cache=True)
             self._dyn = out.past_key_values
             if self._ids:
-                self._ids.append(int(tok[0, 0]))
+                self._ids.append(first if first is not None else int(tok[0, 0]))
             return out.logits[:, -1, :].float()
         if self._slot is None:
             raise FastPathError("step() before prefill(): prefill the prompt first")
@@ -258,7 +259,7 @@ class FastDecoder:
         self._w += 1
         self._row_pos = self._row_pos + 1
         if self._ids:
-            self._ids.append(int(tok[0, 0]))
+            self._ids.append(first if first is not None else int(tok[0, 0]))
         return logits.float()
 
     def _eager_step(self, slot: _Slot) -> torch.Tensor:

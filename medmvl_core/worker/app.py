@@ -196,7 +196,7 @@ def create_app(state: WorkerState) -> FastAPI:
         return {"cancelled": True}
 
     @app.post("/v1/sessions/{sid}/messages")
-    async def message(sid: str, body: MessageIn, request: Request):
+    async def message(sid: str, body: MessageIn):
         eng = need_engine()
         session = eng.get_session(sid)
         st = state.settings
@@ -222,7 +222,10 @@ def create_app(state: WorkerState) -> FastAPI:
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(event: str, data: dict) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (event, data))
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (event, data))
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                job.cancel.set()
 
         def make_request(job: Job):
             from medmvl_core.engine import Request

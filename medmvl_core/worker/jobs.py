@@ -135,6 +135,13 @@ class GpuQueue:
         """Mark done (so the session is free), then send the final or error event."""
         self.running = None
         job.done.set()
+        try:
+            self._emit_result(job, result)
+        except Exception:  # noqa: BLE001 - a dead listener must not stop the GPU thread
+            logger.exception("could not deliver a result")
+
+    @staticmethod
+    def _emit_result(job: Job, result: Any) -> None:
         if isinstance(result, BaseException):
             if not isinstance(result, MedMVLError):
                 logger.error("request failed: %s", result.__class__.__name__,

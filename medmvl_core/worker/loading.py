@@ -61,23 +61,26 @@ def load_model(checkpoint: str | Path, device: str = "auto", dtype: str | None =
                                            for k, v in spec.items()})
         return model.to(dev, torch_dtype).eval(), proc
     from medmvl_core.model import load_checkpoint
-    kwargs: dict[str, Any] = {"device": dev, "dtype": torch_dtype}
-    if quantize != "none":
-        params = inspect.signature(load_checkpoint).parameters
-        if "quantize" not in params:
-            raise ConfigError("this build's load_checkpoint cannot quantize; use --quantize none")
-        kwargs["quantize"] = quantize
-    model, proc = load_checkpoint(str(path), **kwargs)
-    return model.eval(), proc
+    if quantize == "none":
+        model, proc = load_checkpoint(str(path), device=dev, dtype=torch_dtype)
+        return model.eval(), proc
+    if "quantize" in inspect.signature(load_checkpoint).parameters:
+        model, proc = load_checkpoint(str(path), device=dev, dtype=torch_dtype, quantize=quantize)
+        return model.eval(), proc
+    # load on the CPU, then quantize the LLM's layers straight onto the device (bitsandbytes)
+    from medmvl_core.engine.quantize import quantize_model
+    model, proc = load_checkpoint(str(path), device="cpu", dtype=torch_dtype)
+    return quantize_model(model, quantize, device=dev).eval(), proc
 
 
 def load_engine(checkpoint: str | Path, device: str = "auto", dtype: str | None = None,
-                quantize: str = "none", **engine_kwargs: Any):
+                quantize: str = "none", warmup_batch: int = 1, **engine_kwargs: Any):
     """An Engine over the loaded checkpoint (``engine_kwargs`` go to :class:`Engine`)."""
     from medmvl_core.engine import Engine
     model, proc = load_model(checkpoint, device, dtype, quantize)
     engine = Engine(model, proc, **engine_kwargs)
     if engine._use_static():
         # compile / capture the decode step now rather than in the first user's question
-        logger.info("warm-up took %.1f s", engine.warmup())
+        sizes = tuple(range(1, max(1, warmup_batch) + 1))
+        logger.info("warm-up took %.1f s", engine.warmup(batch_sizes=sizes))
     return engine
