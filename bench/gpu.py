@@ -36,15 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 logger = logging.getLogger("bench.gpu")
 
-# Public config.json values (Qwen/Qwen2.5-3B-Instruct, google/siglip-base-patch16-256), used when
-# medmvl_core.model.presets ships no preset for them.
-QWEN25_3B = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
-             "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
-             "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-             "tie_word_embeddings": True, "hidden_act": "silu", "use_sliding_window": False}
-SIGLIP_B256 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-               "image_size": 256, "patch_size": 16, "num_channels": 3, "layer_norm_eps": 1e-6,
-               "hidden_act": "gelu_pytorch_tanh"}
 TINY_LLM = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
             "max_position_embeddings": 4096, "tie_word_embeddings": True}
@@ -64,17 +55,12 @@ class Clock:
         return time.perf_counter()
 
 
-def _preset_config(name: str, fallback: dict) -> dict:
-    try:
-        from medmvl_core.model.presets import get_preset
+def _preset_config(name: str) -> dict:
+    """The shipped preset's (vision) config dict: real sizes, no download."""
+    from medmvl_core.model.presets import get_preset
 
-        p = get_preset(name)
-    except Exception:  # noqa: BLE001 - presets optional
-        p = None
-    cfg = dict(p["config"]) if p else dict(fallback)
-    if "vision_config" in cfg:
-        cfg = dict(cfg["vision_config"])
-    return cfg
+    cfg = dict(get_preset(name)["config"])
+    return dict(cfg["vision_config"]) if "vision_config" in cfg else cfg
 
 
 def build_model(small: bool, device: torch.device, dtype: torch.dtype):
@@ -82,9 +68,9 @@ def build_model(small: bool, device: torch.device, dtype: torch.dtype):
     from medmvl_core.imaging.spec import default_spec
     from medmvl_core.model import MedMVLConfig, MedMVLForConditionalGeneration
 
-    llm = dict(TINY_LLM) if small else _preset_config("Qwen/Qwen2.5-3B-Instruct", QWEN25_3B)
+    llm = dict(TINY_LLM) if small else _preset_config("Qwen/Qwen2.5-3B-Instruct")
     llm.setdefault("model_type", "qwen2")
-    vis = dict(TINY_SIGLIP) if small else _preset_config("google/siglip-base-patch16-256", SIGLIP_B256)
+    vis = dict(TINY_SIGLIP) if small else _preset_config("google/siglip-base-patch16-256-multilingual")
     spec = default_spec("siglip_slices", int(vis["image_size"]), depth=4 if small else 32)
     cfg = MedMVLConfig(llm_config=llm,
                        encoder_image={"type": "siglip", "select_layer": -1, "select_feature": "cls_patch",
