@@ -20,10 +20,11 @@ REQUIRED = [
     "openai/clip-vit-large-patch14-336", "GoodBaiBai88/M3D-CLIP", "shiym2000/MedM-CLIP-CT",
 ]
 
-# Published parameter counts (model cards): Qwen2.5-3B 3.09B, Llama-3.2-3B 3.21B, phi-2 2.7B, Phi-3-mini 3.8B.
-LLM_PARAMS_B = {"Qwen/Qwen2.5-3B-Instruct": (3.0, 3.15), "meta-llama/Llama-3.2-3B-Instruct": (3.15, 3.3),
-                "microsoft/phi-2": (2.7, 2.85), "microsoft/Phi-3-mini-4k-instruct": (3.75, 3.9),
-                "microsoft/Phi-3-mini-128k-instruct": (3.75, 3.9)}
+# Published parameter counts: the hub's safetensors totals for the released weights (tied
+# embeddings counted once): Qwen2.5-3B 3.09B, Llama-3.2-3B 3.21B, phi-2 2.78B, Phi-3-mini 3.82B.
+LLM_PARAMS = {"Qwen/Qwen2.5-3B-Instruct": 3_085_938_688, "meta-llama/Llama-3.2-3B-Instruct": 3_212_749_824,
+              "microsoft/phi-2": 2_779_683_840, "microsoft/Phi-3-mini-4k-instruct": 3_821_079_552,
+              "microsoft/Phi-3-mini-128k-instruct": 3_821_079_552}
 # Vision tokens per input: SigLIP 256/16 -> 16x16, so400m 384/14 -> 27x27, CLIP-L 336/14 -> 24x24 + CLS
 # (LLaVA-1.5's 576 patches), M3D-CLIP / MedM-CLIP 32x256x256 / 4x16x16 -> 8x16x16 + CLS.
 VISION_TOKENS = {"google/siglip-base-patch16-256-multilingual": ("siglip", 256),
@@ -36,7 +37,7 @@ def test_every_required_preset_is_shipped():
     assert set(REQUIRED) <= set(list_presets())
 
 
-@pytest.mark.parametrize("name", list(LLM_PARAMS_B))
+@pytest.mark.parametrize("name", list(LLM_PARAMS))
 def test_llm_presets_build_with_published_size(name):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -44,9 +45,8 @@ def test_llm_presets_build_with_published_size(name):
     cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    n = sum(p.numel() for p in model.parameters()) / 1e9
-    lo, hi = LLM_PARAMS_B[name]
-    assert lo <= n <= hi, f"{name}: {n:.3f} B parameters"
+    n = sum(p.numel() for p in model.parameters())
+    assert n == LLM_PARAMS[name], f"{name}: {n} parameters"
 
 
 @pytest.mark.parametrize("name", list(VISION_TOKENS))

@@ -100,6 +100,11 @@ def test_not_a_list_is_an_error(tmp_path):
     p.write_text("[")
     with pytest.raises(DataError, match="not valid JSON"):
         load_records(p)
+    p.write_bytes(b"\xff\xfe[\x00")  # not UTF-8: a typed error, not a UnicodeDecodeError
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_records(p)
+    with pytest.raises(DataError, match=r"does not exist; check data.datasets\[\].path"):
+        load_records(tmp_path / "missing.json")
 
 
 def test_mixture_plan_ratios_and_determinism():

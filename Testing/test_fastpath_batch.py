@@ -1,90 +1,99 @@
-"""Batched decoding: each row of a shared-step batch gets its single-run greedy tokens."""
+"""Batched decoding (``Engine.answer_batch``, the path the worker runs): each row of a
+shared-step batch gets the greedy tokens transformers' ``generate`` gives it alone, stops on its
+own, and the engine's one FastDecoder is reused; the KV plumbing left-pads and splits back."""
 
 from __future__ import annotations
 
-import threading
+import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
-from medmvl_core.engine.batching import BatchDecoder, BatchQueue, BatchRequest, left_pad
-from medmvl_core.engine.fast_decode import FastPathError
+from medmvl_core.engine import Engine, Request
+from medmvl_core.engine.errors import CancelledError, RequestError
+from medmvl_core.engine.fast_decode import dynamic_from, split_cache, stack_caches
+
+QUESTIONS = ["Describe the image.", "Is there an abnormality in the left upper lung field?",
+             "What is shown?", "Write a short report of this chest radiograph, region by region."]
 
 
 @pytest.fixture(scope="module")
-def model(reference_dir):
+def tiny(reference_dir):
+    from medmvl_core.imaging import read_image
     from medmvl_core.model import load_checkpoint
 
     torch.set_num_threads(2)
-    m, _ = load_checkpoint(reference_dir / "2d_tiny")
-    return m.eval()
+    m, proc = load_checkpoint(reference_dir / "2d_tiny")
+    img = read_image(reference_dir / "inputs" / "cxr.png")
+    images = [dataclasses.replace(img, array=np.roll(img.array, 3 * i, axis=2)) for i in range(4)]
+    return m.eval(), proc, images
 
 
-def _prompt(model, n: int, seed: int) -> torch.Tensor:
-    ids = torch.randint(0, 800, (1, n), generator=torch.Generator().manual_seed(seed))
-    return model.llm.get_input_embeddings()(ids).detach()[0]
-
-
-def _alone(model, embeds: torch.Tensor, n: int) -> list[int]:
-    """Reference: transformers generate on the sequence alone."""
+def _alone(eng: Engine, image, question: str, n: int, eos: list[int] | None = None) -> list[int]:
+    """Reference: transformers generate (greedy, stopping at ``eos``, default the model's EOS)
+    on the engine's prompt embeddings, this sequence alone."""
+    model = eng.model
+    ids = eng.encode_prompt(eng.conversation([], question, "image"), "image")
+    kw = {} if eos is None else {"eos_token_id": eos}
     with torch.no_grad():
-        out = model.llm.generate(inputs_embeds=embeds[None], attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long),
-                                 max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        emb = model.embed_inputs(torch.tensor([ids]), eng.prepare(image).embeds)
+        out = model.llm.generate(inputs_embeds=emb, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
     return out[0].tolist()
 
 
-def test_left_pad_shapes():
-    e, m = left_pad([torch.ones(2, 3), torch.ones(4, 3)])
-    assert e.shape == (2, 4, 3) and m.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
-    assert e[0, :2].abs().sum() == 0
+def test_stack_caches_left_pads_and_split_cache_undoes_it():
+    a = dynamic_from([(torch.ones(1, 2, 2, 3), 2 * torch.ones(1, 2, 2, 3))])
+    b = dynamic_from([(3 * torch.ones(1, 2, 4, 3), 4 * torch.ones(1, 2, 4, 3))])
+    cache, mask = stack_caches([a, b], [2, 4])
+    assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    k = cache.layers[0].keys
+    assert k.shape == (2, 2, 4, 3) and k[0, :, :2].abs().sum() == 0 and bool((k[0, :, 2:] == 1).all())
+    back = split_cache(cache, 0, 2, 2)
+    assert torch.equal(back.layers[0].keys, a.layers[0].keys)
+    assert torch.equal(back.layers[0].values, a.layers[0].values)
 
 
-def test_batch_rows_equal_single_runs(model):
-    lengths, n_new = (4, 17, 9, 30), 8
-    prompts = [_prompt(model, n, s) for s, n in enumerate(lengths)]
-    refs = [_alone(model, p, n_new) for p in prompts]
-    stop_tok = refs[1][3]  # row 1 stops early at its 4th token (EOS), the others run on
-    seen: list[int] = []
-    reqs = [BatchRequest(p, max_new_tokens=n_new) for p in prompts]
-    reqs[1] = BatchRequest(prompts[1], max_new_tokens=n_new, eos_ids={stop_tok}, on_token=seen.append)
-    reqs[2] = BatchRequest(prompts[2], max_new_tokens=5)
-    dec = BatchDecoder(model, buckets=(32, 64), max_batch=4)
-    out = dec.run(reqs)
-    assert out[0].tokens == refs[0] and out[0].finish_reason == "length"
-    cut = refs[1].index(stop_tok) + 1
-    assert out[1].tokens == refs[1][:cut] and out[1].finish_reason == "stop" and seen == refs[1][:cut]
-    assert out[2].tokens == refs[2][:5] and out[2].finish_reason == "length"
-    assert out[3].tokens == refs[3]
-    # groups larger than max_batch are split; the decoder object is reused
-    out2 = BatchDecoder(model, buckets=(32, 64), max_batch=3, decoder=dec.decoder).run(
-        [BatchRequest(p, max_new_tokens=n_new) for p in prompts])
-    assert [r.tokens for r in out2] == refs
+def test_batch_rows_equal_single_runs(tiny):
+    model, proc, images = tiny
+    eng = Engine(model, proc, decode_mode="static")
+    eos = proc.tokenizer.eos_token_id
+    lengths = {len(eng.encode_prompt(eng.conversation([], q, "image"), "image")) for q in QUESTIONS}
+    assert len(lengths) == 4                      # four prompt lengths: rows are left-padded
+    first = _alone(eng, images[0], QUESTIONS[0], 8)
+    assert len(first) == 8 and eos not in first and first[3] not in first[:3]
+    stop_tok = first[3]   # a second EOS: row 0 stops at its 4th token while others run on
+    eng.eos_ids = {eos, stop_tok}
+    maxes = [8, 8, 8, 5]
+    refs = [first[:4]] + [_alone(eng, im, q, m, eos=[eos, stop_tok])
+                          for im, q, m in zip(images[1:], QUESTIONS[1:], maxes[1:])]
+    streamed: list[list[str]] = [[] for _ in range(4)]
+    got = eng.answer_batch([Request(volume=im, question=q, max_new_tokens=m, on_token=streamed[i].append)
+                            for i, (im, q, m) in enumerate(zip(images, QUESTIONS, maxes))])
+    for i in range(4):
+        assert got[i].token_ids == refs[i], i
+        assert got[i].finish_reason == ("stop" if refs[i][-1] in (eos, stop_tok) else "length"), i
+        assert "".join(streamed[i]) == got[i].text, i
+        assert got[i].timings["decode_path"] == "batch4:static:static"
+    assert got[0].token_ids == first[:4] and got[0].finish_reason == "stop"
+    assert len(refs[3]) == 5 and got[3].finish_reason == "length"   # its own max_new_tokens
+    # another batch (a different size) reuses the engine's one decoder object
+    dec = eng._fast
+    again = eng.answer_batch([Request(volume=im, question=q, max_new_tokens=m)
+                              for im, q, m in zip(images[1:], QUESTIONS[1:], maxes[1:])])
+    assert eng._fast is dec
+    assert [a.token_ids for a in again] == refs[1:]
+    assert again[0].timings["decode_path"] == "batch3:static:static"
 
 
-def test_queue_batches_concurrent_requests_and_cancel(model):
-    prompts = [_prompt(model, n, 10 + n) for n in (6, 13, 21)]
-    refs = [_alone(model, p, 6) for p in prompts]
-    dec = BatchDecoder(model, buckets=(32, 64), max_batch=4)
-    calls = []
-    real = dec.run
-    dec.run = lambda reqs: calls.append(len(reqs)) or real(reqs)
-    q = BatchQueue(dec, window_s=0.5)
-    futs: list = [None] * 3
-
-    def submit(i):
-        futs[i] = q.submit(BatchRequest(prompts[i], max_new_tokens=6))
-
-    threads = [threading.Thread(target=submit, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [f.result(timeout=60).tokens for f in futs] == refs
-    assert calls == [3]  # one shared batch
-    cancelled = q.submit(BatchRequest(prompts[0], max_new_tokens=6, cancel=lambda: True)).result(timeout=60)
-    assert cancelled.finish_reason == "cancelled" and cancelled.tokens == []
-    q.close()
-    with pytest.raises(FastPathError, match="closed"):
-        q.submit(BatchRequest(prompts[0]))
-    with pytest.raises(FastPathError, match="max_new_tokens"):
-        dec.run([BatchRequest(prompts[0], max_new_tokens=0)])
+def test_a_row_cancelled_before_its_first_token_and_a_bad_row_fail_alone(tiny):
+    model, proc, images = tiny
+    eng = Engine(model, proc, decode_mode="static")
+    got = eng.answer_batch([Request(volume=images[0], question=QUESTIONS[0], max_new_tokens=6),
+                            Request(volume=images[1], question=QUESTIONS[0], max_new_tokens=6,
+                                    cancel=lambda: True),
+                            Request(volume=images[2], question=QUESTIONS[0], max_new_tokens=0)])
+    assert got[0].token_ids == _alone(eng, images[0], QUESTIONS[0], 6)
+    assert isinstance(got[1], CancelledError) and "cancelled" in str(got[1])
+    assert isinstance(got[2], RequestError) and "max_new_tokens" in str(got[2])

@@ -78,31 +78,42 @@ def test_static_cache_matches_generate_across_buckets(model):
     assert caps == {32, 64, 128}
 
 
-def test_image_prompt_and_prefix_reuse(model):
-    n_img = model.num_image_tokens("image3d")
-    image_embeds = torch.randn(1, n_img, model.config.llm_config.hidden_size,
-                               generator=torch.Generator().manual_seed(5)) * 0.02
-    ids = _ids(6, 6) + [-201] * n_img + _ids(8, 7)
+def test_image_prompt_and_prefix_reuse(model, reference_dir):
+    """Prefix reuse is the engine's (session caches moved into the static cache): the first
+    answer equals ``generate``; a follow-up prefills only its new tokens and equals re-prefilling
+    everything; another image never reuses the cache."""
+    from medmvl_core.engine import Engine
+    from medmvl_core.imaging import read_image
+    from medmvl_core.model import load_checkpoint
+
+    _, proc = load_checkpoint(reference_dir / "ct_chest_tiny")
+    vols = [read_image(reference_dir / "inputs" / f) for f in ("ct_volume.npy", "ct_volume_b.npy")]
+    q1, q2 = "Is there a nodule?", "Where is it?"
+    eng = Engine(model, proc, decode_mode="static")
+    ids = eng.encode_prompt(eng.conversation([], q1))
+    image_embeds = eng.prepare(vols[0]).embeds
     with torch.no_grad():
         ref = model.generate(input_ids=torch.tensor([ids]), image_embeds=image_embeds, max_new_tokens=6,
-                             min_new_tokens=6, do_sample=False, pad_token_id=0)[0].tolist()
-    dec = FastDecoder(model, buckets=BUCKETS)
-    first, kept = dec.prefill_ids(ids, image_embeds, key="vol-a", max_new_tokens=6)
-    assert kept == 0
-    toks, _ = _greedy(dec, first, 6)
-    assert toks == ref
+                             do_sample=False, pad_token_id=0)[0].tolist()
+    s = eng.create_session(vols[0])
+    first = eng.answer(question=q1, session=s, max_new_tokens=6)
+    assert first.timings["cached_tokens"] == 0 and first.timings["decode_path"] == "static:static"
+    assert first.token_ids == ref
     # follow-up: previous prompt + answer + a new question; only the new part is prefilled
-    follow = ids + toks[:-1] + _ids(5, 8)
-    lg, kept = dec.prefill_ids(follow, image_embeds, key="vol-a", max_new_tokens=4)
-    assert kept == len(ids) + len(toks) - 1
-    fresh = FastDecoder(model, buckets=BUCKETS)
-    lg_full, kept_full = fresh.prefill_ids(follow, image_embeds, key="vol-a", max_new_tokens=4)
-    assert kept_full == 0
-    torch.testing.assert_close(lg, lg_full, atol=1e-4, rtol=1e-4)
-    assert _greedy(dec, lg, 4)[0] == _greedy(fresh, lg_full, 4)[0]
-    # another image with the same ids: nothing may be reused
-    _, kept_other = dec.prefill_ids(follow, image_embeds * 2, key="vol-b", max_new_tokens=4)
-    assert kept_other == 0
+    follow = eng.answer(question=q2, session=s, max_new_tokens=4)
+    n_follow = len(eng.encode_prompt(eng.conversation(s.turns[:1], q2)))
+    kept = follow.timings["cached_tokens"]
+    assert len(ids) < kept < n_follow and follow.timings["prefill_tokens"] == n_follow - kept
+    fresh = Engine(model, proc, decode_mode="static", use_cache=False)
+    rs = fresh.create_session(vols[0])
+    rs.turns = list(s.turns[:1])
+    full = fresh.answer(question=q2, session=rs, max_new_tokens=4)
+    assert full.timings["cached_tokens"] == 0 and follow.token_ids == full.token_ids
+    # another image with the same conversation: nothing may be reused
+    other = eng.create_session(vols[1])
+    other.turns = list(s.turns[:1])
+    again = eng.answer(question=q2, session=other, max_new_tokens=4)
+    assert again.timings["cached_tokens"] == 0
 
 
 def test_cache_grows_past_its_bucket_and_plain_mode_agrees(model):

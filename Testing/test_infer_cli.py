@@ -54,7 +54,13 @@ def test_infer_reproduces_golden_then_eval(reference_dir, tmp_path, ckpt, data, 
     rep = tmp_path / "rep"
     assert cli_main(["eval", "--predictions", str(out), "--benchmark", "m3d-cap", "--report", str(rep)]) == 0
     metrics = json.loads((rep / "metrics.json").read_text())["metrics"]
-    assert metrics["bleu1"]["status"] == "ok" and metrics["bleu1"]["value"] is not None
+    assert metrics["bleu1"]["status"] == "ok"
+    # BLEU-1 per sample by the reference library (sacrebleu, 13a, no smoothing), averaged, in percent
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU(max_ngram_order=1, smooth_method="none", tokenize="13a")
+    expect = [bleu.corpus_score([golden[r["id"]]], [[r["answer"]]]).score for r in res]
+    assert metrics["bleu1"]["value"] == pytest.approx(sum(expect) / len(expect), abs=1e-6)
     assert json.loads((rep / "metrics.json").read_text())["provenance"]["n"] == 2
 
 

@@ -149,6 +149,18 @@ def test_generate_sampling_and_beam():
     assert beam.shape == (2, 5)
     out = model.generate(ids, mask, **pix, max_new_tokens=5, num_beams=3, num_return_sequences=2, eos_token_id=None)
     assert out.shape == (4, 5)
+    torch.testing.assert_close(out[0::2], beam, rtol=0, atol=0)  # the best beam is the num_return_sequences=1 answer
+    # the beams come back best first: teacher-forced log-probability of the new tokens, per sample
+    emb = model.encode_images(**pix)
+    with torch.no_grad():
+        for b in range(2):
+            scores = []
+            for r in range(2):
+                seq = torch.cat([ids[b:b + 1], out[2 * b + r][None]], dim=1)
+                logp = model(input_ids=seq, attention_mask=torch.ones_like(seq),
+                             image_embeds=emb[b:b + 1]).logits[0].log_softmax(-1)
+                scores.append(sum(float(logp[ids.shape[1] - 1 + t, out[2 * b + r, t]]) for t in range(5)))
+            assert scores[0] >= scores[1] - 1e-4 and not torch.equal(out[2 * b], out[2 * b + 1])
 
 
 def test_text_only_and_cache_continuation():

@@ -1,7 +1,7 @@
 """Learning test: a short medmvl-train run on phantoms beats chance; the untrained model does not.
 
-Task: closed questions about the large findings of radiograph phantoms ("Is there a mass in the
-right lung?", "Is there a pleural effusion on the left side?"), answered "Yes." / "No.". The
+Task: closed questions about the large findings of radiograph phantoms ("Is there a mass?",
+"Is there a pleural effusion?"), answered "Yes." / "No.". The
 score is the balanced accuracy (mean of the yes- and no-recall) of picking the more likely of the
 answers "Yes." and "No." (teacher-forced log-probability) on held-out (test-split) phantoms; any constant answer and
 any image-blind model score 0.5 in expectation. The trained model must reach 0.75; the untrained
@@ -18,13 +18,11 @@ import yaml
 
 from medmvl_core.data.phantoms import make_xray_phantom, write_phantom
 
-COMBOS = [("mass", "right"), ("mass", "left"), ("effusion", "right"), ("effusion", "left")]
+KINDS = ("mass", "effusion")
 
 
-def _question(kind: str, side: str) -> str:
-    if kind == "effusion":
-        return f"Is there a pleural effusion on the {side} side?"
-    return f"Is there a mass in the {side} lung?"
+def _question(kind: str) -> str:
+    return "Is there a pleural effusion?" if kind == "effusion" else "Is there a mass?"
 
 
 def _items(split: str, n_wanted: int, folder, rng) -> list[dict]:
@@ -36,13 +34,13 @@ def _items(split: str, n_wanted: int, folder, rng) -> list[dict]:
         if len(ph.findings) > 1 or any(f.kind not in ("mass", "effusion") for f in ph.findings):
             continue
         name = write_phantom(ph, folder)
-        present = {(f.kind, f.location.split()[0]) for f in ph.findings}
-        # "no" questions ask about a kind that is absent from the whole image
-        absent = [c for c in COMBOS if c[0] not in {k for k, _ in present}]
-        asks = [(c, True) for c in present] + [(absent[rng.integers(len(absent))], False)]
-        for (kind, side), yes in asks:
-            rows.append({"id": f"{ph.id}-{kind}-{side}", "phantom": ph.id, "image": [name], "yes": yes,
-                         "conversations": [{"from": "human", "value": f"<image>\n{_question(kind, side)}"},
+        present = {f.kind for f in ph.findings}
+        # one question about the kind present (yes), one about the other kind (no)
+        absent = [k for k in KINDS if k not in present]
+        asks = [(k, True) for k in present] + [(absent[rng.integers(len(absent))], False)]
+        for kind, yes in asks:
+            rows.append({"id": f"{ph.id}-{kind}", "phantom": ph.id, "image": [name], "yes": yes,
+                         "conversations": [{"from": "human", "value": f"<image>\n{_question(kind)}"},
                                            {"from": "gpt", "value": "Yes." if yes else "No."}]})
     return rows
 
@@ -105,14 +103,14 @@ def test_short_training_beats_chance_and_untrained_does_not(tmp_path):
             "encoder_image": {"type": "siglip",
                               "config": {"model_type": "siglip_vision_model", "hidden_size": 64,
                                          "intermediate_size": 128, "num_hidden_layers": 2,
-                                         "num_attention_heads": 2, "image_size": 64, "patch_size": 16},
+                                         "num_attention_heads": 2, "image_size": 32, "patch_size": 16},
                               "options": {"select_layer": -1, "select_feature": "cls_patch"}},
             "connector_image": {"type": "mlp", "options": {"name": "mlp2x_gelu"}},
             "max_length": 256,
         },
         "tune": {"llm": "full", "encoder_image": "full", "connector_image": "full"},
         "data": {"datasets": [{"path": str(tmp_path / "train.json"), "image_dir": str(img)}]},
-        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 300, "micro_batch_size": 16, "lr": 3.0e-3,
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 150, "micro_batch_size": 32, "lr": 3.0e-3,
                   "warmup_ratio": 0.05, "precision": "fp32", "save_every": 0},
         "log": {"every": 40, "tensorboard": False, "progress_bar": False, "loss_curve": False},
     }
@@ -124,5 +122,6 @@ def test_short_training_beats_chance_and_untrained_does_not(tmp_path):
     assert train_main(["--config", str(tmp_path / "cfg.yaml")]) == 0
     model, proc = load_checkpoint(tmp_path / "run" / "final")
     trained = _balanced_accuracy(model, proc, test_rows, img)
+    print(f"balanced accuracy: untrained {untrained:.3f}, trained {trained:.3f}")
     assert untrained < 0.65, untrained
     assert trained >= 0.75, (trained, untrained)

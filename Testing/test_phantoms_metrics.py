@@ -77,3 +77,26 @@ def test_parse_box_and_errors():
         evaluate([_item("segment", "x", {})])
     with pytest.raises(DataError, match="same even length"):
         box_iou([0, 0, 1, 1], [0, 0, 0, 1, 1, 1])
+
+
+def test_medmvl_eval_benchmark_phantoms(tmp_path, capsys):
+    """Through `medmvl eval`: reference answers as predictions score 100; flipped yes/no answers do not."""
+    import json
+
+    from medmvl_core.cli import main
+    from medmvl_core.data.phantom_dataset import generate_dataset
+
+    generate_dataset(tmp_path, {"test": 3}, seed=1)
+    items = json.loads((tmp_path / "test_tasks.json").read_text())
+    (tmp_path / "perfect.json").write_text(json.dumps(items))
+    assert main(["eval", "--predictions", str(tmp_path / "perfect.json"), "--benchmark", "phantoms", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["metrics"]
+    assert m["closed_accuracy"]["value"] == 100.0 and m["report_f1"]["value"] == 100.0
+    closed = [it for it in items if it["task"] == "closed"]
+    for it in closed:  # the generated gpt turn is the prediction
+        it["conversations"][-1]["value"] = "No." if it["truth"]["yes"] else "Yes."
+    (tmp_path / "flipped.json").write_text(json.dumps(items))
+    assert main(["eval", "--predictions", str(tmp_path / "flipped.json"), "--benchmark", "phantoms", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["metrics"]
+    assert m["yesno_accuracy"]["value"] == 0.0
+    assert m["closed_accuracy"]["value"] == pytest.approx(100.0 * 3 / (3 + len(closed)))

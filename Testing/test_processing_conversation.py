@@ -78,7 +78,7 @@ def test_split_inference_item():
     assert split_inference_item({"conversations": [Q]}) == ([Q], "")
     assert split_inference_item({"conversations": [Q, A], "answer": "Kept."}) == ([Q], "Kept.")
     assert split_inference_item({"conversations": [Q, A, Q]}) == ([Q, A, Q], "")
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="must be a dict with a 'conversations' list"):
         split_inference_item({"conversation": []})
 
 
@@ -86,5 +86,5 @@ def test_multiturn_questions():
     follow_up = {"from": "human", "value": "Where?"}
     assert multiturn_questions({"conversations": [Q, A, follow_up, A]}) == [Q["value"], "Where?"]
     assert multiturn_questions({"conversations": [Q, A, follow_up]}) == [Q["value"], "Where?"]
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="turn 0 is from 'gpt' but 'human' was expected"):
         multiturn_questions({"conversations": [A]})

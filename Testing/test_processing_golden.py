@@ -156,6 +156,8 @@ def test_pixels_through_imaging_match_dataset_tensors(reference_dir, tokenizer, 
         pixels = np.load(path) if path.suffix == ".npy" else str(path)
         samples.append(proc(item["conversations"], **{kind: pixels}))
         expected.append(np.load(reference_dir / sample["image_tensor_npy"]))
-        assert samples[-1]["geometry"][kind][0] is not None
+        geom = samples[-1]["geometry"][kind][0]  # the record maps the model grid the tensor is on
+        spatial = expected[-1].shape[1:]
+        assert tuple(geom.model_shape) == (tuple(spatial) if kind == "image3d" else (1, *spatial))
     batch = proc.collate(samples, padding_side="left")
     assert np.array_equal(batch[_batch_key(kind)].numpy(), np.stack(expected))

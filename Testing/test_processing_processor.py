@@ -124,7 +124,7 @@ def test_collate_left_and_right(proc):
     assert left["images3d"].shape == (2, 3, 2, 4, 4) and left["images"] is None
     with pytest.raises(ConfigError, match="padding_side"):
         proc.collate([short], padding_side="middle")
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="at least one sample"):
         proc.collate([])
 
 
@@ -143,7 +143,7 @@ def test_mode_and_turn_checks(proc):
         proc.encode(QUESTION_3D, mode="train")
     with pytest.raises(DataError, match="needs it to be from 'human'"):
         proc.encode(TRAIN_2D, mode="generate")
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="needs it to be from 'human'; drop the trailing answer"):
         proc.prompt(TRAIN_2D, add_generation_prompt=True)
     assert proc.prompt(TRAIN_2D).endswith("effusion.<|im_end|>")
     with pytest.raises(ValueError, match="mode"):
@@ -152,7 +152,7 @@ def test_mode_and_turn_checks(proc):
 
 def test_mismatch_is_raised_or_reported(proc):
     bad = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "Odd ASSISTANT: text"}]
-    with pytest.raises(TokenizationMismatchError):
+    with pytest.raises(TokenizationMismatchError, match="MedM-VL would silently ignore every label"):
         proc(bad, image=IMAGE, mode="train")
     sample = proc(bad, image=IMAGE, mode="train", on_mismatch="mask")
     assert sample["tokenization_mismatch"] is True
@@ -205,7 +205,7 @@ def test_pixels_go_through_imaging_preprocess(proc, monkeypatch):
     proc(QUESTION_3D, image3d=hu, augment="rot90-k1")
     assert calls[-1][3] == "rot90-k1"
     n_calls = len(calls)
-    with pytest.raises(PlaceholderError):  # text is checked before any preprocessing
+    with pytest.raises(PlaceholderError, match="0 <image3d> placeholder"):  # text is checked before preprocessing
         proc([{"from": "human", "value": "No placeholder."}], image3d=hu)
     assert len(calls) == n_calls
     proc.preprocess_volume("/data/ct.nii.gz")
@@ -252,5 +252,5 @@ def test_pretrain_template_counts_its_own_placeholder(tokenizer):
     caption_ids = tokenizer("A chest CT.").input_ids
     assert sample["input_ids"].tolist() == [-201, -201] + caption_ids
     assert sample["labels"].tolist() == [IGNORE_INDEX, IGNORE_INDEX] + caption_ids
-    with pytest.raises(PlaceholderError):
+    with pytest.raises(PlaceholderError, match=r"1 <image3d> placeholder\(s\) for 0 image3d"):
         proc(caption, mode="train")

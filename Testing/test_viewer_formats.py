@@ -10,6 +10,7 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 QtWidgets = pytest.importorskip("qtpy.QtWidgets")
+from qtpy import QtGui  # noqa: E402
 sitk = pytest.importorskip("SimpleITK")
 
 from medmvl_core.viewer.window import ViewerWindow  # noqa: E402
@@ -82,8 +83,14 @@ def test_2d_images(win, tmp_path, suffix):
     Image.fromarray(rgb).save(tmp_path / f"img{suffix}")
     win.load_path(tmp_path / f"img{suffix}")
     a = win.volume.array
-    assert a.shape[0] == 1 and a.shape[1:3] == (30, 40)
+    assert a.shape == (1, 30, 40, 3)
+    # the pixels as Pillow decodes the file (PNG: exactly what was written)
+    np.testing.assert_array_equal(a[0], np.asarray(Image.open(tmp_path / f"img{suffix}").convert("RGB")))
+    if suffix == ".png":
+        np.testing.assert_array_equal(a[0], rgb)
     assert win.view.num_slices == 1
     win.view.resize(400, 300)
-    shot = win.view.grab().toImage()
+    shot = win.view.grab().toImage().convertToFormat(QtGui.QImage.Format_RGB32)
     assert not shot.isNull()
+    px = np.array(shot.constBits()).reshape(shot.height(), shot.bytesPerLine())[:, :shot.width() * 4]
+    assert len(np.unique(px.reshape(-1, 4), axis=0)) > 2  # the image is drawn: not a blank widget

@@ -30,9 +30,9 @@ SHAPE = (300, 512, 512)
 def make_series(folder: Path) -> None:
     """Write the synthetic CT as 300 single-frame DICOM files (skipped when already there)."""
     import numpy as np
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
+
+    from medmvl_core.imaging.testing import write_ct_slice
 
     if folder.is_dir() and len(list(folder.glob("*.dcm"))) == SHAPE[0]:
         return
@@ -49,27 +49,10 @@ def make_series(folder: Path) -> None:
             hu[body] = 40
             hu[lungs & body] = -850
         hu = hu + rng.integers(-20, 20, size=(h, w), dtype=np.int16) * (hu > -1000)
-        stored = (hu.astype(np.int32) + 1024).clip(0, 4095).astype(np.uint16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", series, study
-        ds.FrameOfReferenceUID = frame
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [-250.0, -250.0, -300.0 + 2.0 * k]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [0.9765625, 0.9765625]
-        ds.SliceThickness = 2.0
-        ds.Rows, ds.Columns = h, w
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = stored.tobytes()
-        ds.save_as(folder / f"slice_{k:04d}.dcm", enforce_file_format=True)
+        stored_hu = hu.astype(np.int32).clip(-1024, 4095 - 1024)  # stored = HU + 1024 in 12 bits
+        write_ct_slice(folder / f"slice_{k:04d}.dcm", stored_hu, position=(-250.0, -250.0, -300.0 + 2.0 * k),
+                       spacing=(0.9765625, 0.9765625, 2.0), series_uid=series, study_uid=study, instance=k + 1,
+                       slope=1, intercept=-1024, bits_stored=12, frame_uid=frame)
 
 
 OURS = r"""

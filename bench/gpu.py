@@ -11,7 +11,9 @@ slice + attention pooling, built from the configs with random weights (no downlo
 
 Conventions: copy bandwidth counts bytes read + written; decode floor = bandwidth / LLM weight
 bytes (every decode step reads every weight once); tokens/s = new tokens (x batch) / wall time of
-the whole generation (prefill included); MFU = (6·N_llm·T + 2·N_enc·T_enc) / step time / peak,
+the whole generation (prefill included). Every "ours" row (batch 1, batch N, TTFT, memory) runs
+the worker's own path: ``Engine.answer`` / ``Engine.answer_batch`` with the engine's decoder
+(decode_mode "auto"; EOS off so answers have the requested length). MFU = (6·N_llm·T + 2·N_enc·T_enc) / step time / peak,
 T = LLM tokens per step, T_enc = encoder patch tokens per step, peak = the card's dense bf16
 peak (a measured matmul rate where the card is not known, e.g. on CPU).
 """
@@ -36,8 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 logger = logging.getLogger("bench.gpu")
 
+ROOT = Path(__file__).resolve().parents[1]
+#: The reference fixture's tokenizer: real prompts (template + question) without a download.
+TOKENIZER = ROOT / "Testing" / "data" / "medmvl_reference" / "base" / "llm"
+
 TINY_LLM = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 832,
             "max_position_embeddings": 4096, "tie_word_embeddings": True}
 TINY_SIGLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                "image_size": 32, "patch_size": 8, "num_channels": 3}
@@ -137,13 +143,39 @@ def synthetic_ct(shape: tuple[int, int, int], folder: Path) -> Path:
     return path
 
 
-def greedy_ours(dec, first: torch.Tensor, n: int) -> list[int]:
-    toks, lg = [], first
-    for i in range(n):
-        toks.append(int(lg.argmax(-1)[0]))
-        if i + 1 < n:
-            lg = dec.step(toks[-1])
-    return toks
+QUESTION = "Generate radiology report for the CT."
+FOLLOW_UP = "Where is the nodule located and how large is it?"
+
+
+def make_engine(model, n_new: int):
+    """The worker's engine over ``model`` (decode_mode "auto": CUDA graphs on CUDA, the plain
+    DynamicCache path on the CPU), with the fixture tokenizer (no download). EOS is switched off
+    so every answer has exactly the requested length (fair token counts)."""
+    from transformers import AutoTokenizer
+
+    from medmvl_core.engine import Engine
+    from medmvl_core.model.loader import make_processor
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    eng = Engine(model, make_processor(model, tok), max_new_tokens_limit=max(2048, n_new))
+    eng.eos_ids = set()
+    return eng
+
+
+def _decode_note(eng, answer) -> str:
+    path = answer.timings.get("decode_path", "?")
+    fast = eng._fast
+    fb = f" (fallback: {fast.fallback_reason})" if fast is not None and fast.fallback_reason else ""
+    return f"Engine path {path}{fb}"
+
+
+def _volumes(n: int, seed: int = 0) -> list:
+    """``n`` distinct small 'CT' arrays (resampled to the model's input size by preprocessing)."""
+    from medmvl_core.imaging import Volume
+
+    rng = np.random.default_rng(seed)
+    return [Volume(rng.integers(-1000, 1000, (32, 64, 64)).astype(np.int16), modality="CT")
+            for _ in range(n)]
 
 
 def reference_generate(model, embeds: torch.Tensor, n: int) -> torch.Tensor:
@@ -152,88 +184,79 @@ def reference_generate(model, embeds: torch.Tensor, n: int) -> torch.Tensor:
                               do_sample=False, pad_token_id=0)
 
 
-def bench_decode(model, ids: list[int], image_embeds, n_new: int, batch: int, rows: list, device) -> None:
-    from medmvl_core.engine.batching import BatchDecoder, BatchRequest
-    from medmvl_core.engine.fast_decode import FastDecoder
+def bench_decode(eng, n_new: int, batch: int, rows: list, device) -> None:
+    """transformers ``generate`` at batch 1 and ``batch`` vs the worker's path on the same prompts:
+    ``Engine.answer`` (batch 1) and ``Engine.answer_batch`` (``batch`` questions about
+    ``batch`` volumes sharing their decode steps). Encoder outputs are cached first, so every row
+    times prefill + decode, as ``generate`` from embeddings does."""
+    from medmvl_core.engine import Request
 
-    clock = Clock(device)
+    model, clock = eng.model, Clock(device)
+    vols = _volumes(batch)
+    entries = [eng.prepare(v) for v in vols]
+    ids = eng.encode_prompt(eng.conversation([], QUESTION))
     with torch.inference_mode():
         x = torch.tensor([ids], device=device)
-        emb1 = model.embed_inputs(x, image_embeds)
-        embB = torch.cat([emb1 + 1e-3 * i for i in range(batch)])  # distinct rows, same length
-        for b, emb in ((1, emb1), (batch, embB)):
+        embB = torch.cat([model.embed_inputs(x, e.embeds) for e in entries])  # distinct rows, same length
+        for b, emb in ((1, embB[:1]), (batch, embB)):
             reference_generate(model, emb, 2)  # warm-up
             t0 = clock.now()
-            out = reference_generate(model, emb, n_new)
+            reference_generate(model, emb, n_new)
             dt = clock.now() - t0
             rows.append((f"reference generate b{b}", b * n_new / dt, "tokens/s",
                          f"transformers generate, dynamic cache, {emb.shape[1]}-token prompt"))
-        ref_tokens = out[0].tolist()
-        dec = FastDecoder(model)
-        dec.warmup(prompt_len=len(ids), batch_sizes=(1,), buckets=[_bucket(dec, len(ids) + n_new)])
-        t0 = clock.now()
-        toks = greedy_ours(dec, dec.prefill(emb1, max_new_tokens=n_new), n_new)
-        dt = clock.now() - t0
-        note = f"mode {dec.mode}" + (f" (fallback: {dec.fallback_reason})" if dec.fallback_reason else "")
-        rows.append(("ours b1", n_new / dt, "tokens/s", note))
-        bd = BatchDecoder(model, max_batch=batch)
-        reqs = [BatchRequest(e, max_new_tokens=n_new) for e in embB]
-        bd.run([BatchRequest(e, max_new_tokens=2) for e in embB])  # warm-up / capture
-        t0 = clock.now()
-        res = bd.run(reqs)
-        dt = clock.now() - t0
-        rows.append((f"ours b{batch}", sum(len(r.tokens) for r in res) / dt, "tokens/s",
-                     f"static batching, mode {bd.decoder.mode}"))
-        same = res[0].tokens == ref_tokens
-        logger.info("batch row 0 equals reference generate row 0: %s (first single %s)", same, toks[:4])
+    eng.answer(vols[0], QUESTION, max_new_tokens=n_new)  # warm-up (captures the decode graph)
+    t0 = clock.now()
+    one = eng.answer(vols[0], QUESTION, max_new_tokens=n_new)
+    dt = clock.now() - t0
+    rows.append(("ours b1", len(one.token_ids) / dt, "tokens/s", _decode_note(eng, one)))
+
+    def reqs() -> list:
+        return [Request(volume=v, question=QUESTION, max_new_tokens=n_new) for v in vols]
+
+    eng.answer_batch(reqs())  # warm-up / capture at this batch size
+    t0 = clock.now()
+    res = eng.answer_batch(reqs())
+    dt = clock.now() - t0
+    bad = [r for r in res if isinstance(r, BaseException)]
+    if bad:
+        raise bad[0]
+    rows.append((f"ours b{batch}", sum(len(r.token_ids) for r in res) / dt, "tokens/s",
+                 _decode_note(eng, res[0]) + ", one forward per step for all rows"))
+    logger.info("batch row 0 equals the batch-1 answer: %s", res[0].token_ids == one.token_ids)
 
 
-def _bucket(dec, n: int) -> int:
-    from medmvl_core.engine.fast_decode import pick_bucket
-
-    return pick_bucket(n, dec.buckets)
-
-
-def bench_ttft(model, spec, small: bool, n_text: int, n_new: int, rows: list, device, dtype) -> tuple:
-    from medmvl_core.engine.fast_decode import FastDecoder
-    from medmvl_core.imaging import preprocess, read_image
+def bench_ttft(eng, small: bool, n_new: int, rows: list, device) -> None:
+    """Cold TTFT (read a CT file, preprocess, encode, prefill, first token) and follow-up TTFT
+    (the session's KV cache reused) through ``Engine.answer``, the worker's path."""
+    from medmvl_core.imaging import read_image
 
     clock = Clock(device)
-    vocab = model.config.llm_config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    n_img = model.num_image_tokens("image3d")
-    ids = torch.randint(0, vocab, (n_text,), generator=g).tolist()
-    ids = ids[:8] + [-201] * n_img + ids[8:]
-    dec = FastDecoder(model)
     shape = (40, 64, 64) if small else (300, 512, 512)
+    # warm-up on another volume: kernels, allocator pools and the decode graph are ready
+    warm = eng.create_session(_volumes(1, seed=1)[0])
+    eng.answer(question=QUESTION, session=warm, max_new_tokens=n_new)
+    eng.answer(question=FOLLOW_UP, session=warm, max_new_tokens=n_new)
+    eng.delete_session(warm.id)
     with tempfile.TemporaryDirectory() as tmp:
         path = synthetic_ct(shape, Path(tmp))
-        # the first answer's bucket and the follow-up's (prompt + answer + question + answer)
-        dec.warmup(prompt_len=len(ids), buckets=sorted({_bucket(dec, len(ids) + n_new),
-                                                        _bucket(dec, len(ids) + 2 * n_new + 12)}))
-        with torch.inference_mode():  # warm the encoder kernels on a random input
-            model.encode_images(images3d=torch.zeros(1, 3, *spec["size"], device=device, dtype=dtype))
         t0 = clock.now()
         vol = read_image(path)
-        arr, _ = preprocess(vol, spec)
-        t1 = clock.now()
-        with torch.inference_mode():
-            image_embeds = model.encode_images(images3d=torch.as_tensor(arr)[None].to(device, dtype))
-            t2 = clock.now()
-            first, _ = dec.prefill_ids(ids, image_embeds, key="ct", max_new_tokens=n_new)
-            tok = int(first.argmax(-1)[0])
-            t3 = clock.now()
-    rows.append(("cold TTFT", (t3 - t0) * 1e3, "ms",
-                 f"{'x'.join(map(str, shape[::-1]))} CT: read+preprocess {(t1 - t0) * 1e3:.0f} ms, encode "
-                 f"{(t2 - t1) * 1e3:.0f} ms, prefill {len(ids)} tokens {(t3 - t2) * 1e3:.0f} ms"))
-    answer = [tok] + greedy_ours(dec, dec.step(tok), n_new - 1)
-    follow = ids + answer + torch.randint(0, vocab, (12,), generator=g).tolist()
-    t0 = clock.now()
-    first, kept = dec.prefill_ids(follow, image_embeds, key="ct", max_new_tokens=n_new)
-    int(first.argmax(-1)[0])
-    rows.append(("follow-up TTFT", (clock.now() - t0) * 1e3, "ms",
-                 f"{len(follow) - kept} new tokens prefilled, {kept} reused from the KV cache"))
-    return ids, image_embeds
+        t_read = clock.now() - t0
+    s = eng.create_session(vol)
+    first = eng.answer(question=QUESTION, session=s, max_new_tokens=n_new)
+    t = first.timings
+    rows.append(("cold TTFT", (t_read + t["ttft_s"]) * 1e3, "ms",
+                 f"{'x'.join(map(str, shape[::-1]))} CT: read {t_read * 1e3:.0f} ms, preprocess "
+                 f"{t['preprocess_s'] * 1e3:.0f} ms, encode {t['encode_s'] * 1e3:.0f} ms, prefill "
+                 f"{t['prefill_tokens']:.0f} tokens {t['prefill_s'] * 1e3:.0f} ms"))
+    follow = eng.answer(question=FOLLOW_UP, session=s, max_new_tokens=n_new)
+    t = follow.timings
+    rows.append(("follow-up TTFT", t["ttft_s"] * 1e3, "ms",
+                 f"{t['prefill_tokens']:.0f} new tokens prefilled, {t['cached_tokens']:.0f} reused from the "
+                 f"KV cache (session)"))
+    eng.delete_session(s.id)
+    eng.images.clear()
 
 
 def bench_memory(build, modes: list[str], n_new: int, rows: list, device) -> None:
@@ -245,8 +268,8 @@ def bench_memory(build, modes: list[str], n_new: int, rows: list, device) -> Non
 
 
 def _memory_one(build, mode: str, n_new: int, rows: list, device) -> None:
-    """Build the model, quantize it, decode ``n_new`` tokens: peak memory and speed of ``mode``."""
-    from medmvl_core.engine.fast_decode import FastDecoder
+    """Build the model, quantize it, answer with ``n_new`` tokens through the engine: peak memory
+    and decode speed of ``mode``."""
     from medmvl_core.engine.quantize import quantize_model, weight_bytes
 
     clock = Clock(device)
@@ -255,19 +278,17 @@ def _memory_one(build, mode: str, n_new: int, rows: list, device) -> None:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    hidden = model.config.llm_config.hidden_size
-    emb = torch.randn(1, 64, hidden, device=device, dtype=model.get_input_embeddings().weight.dtype) * 0.02
-    dec = FastDecoder(model)
-    greedy_ours(dec, dec.prefill(emb, max_new_tokens=n_new), 2)  # warm-up / capture
+    eng = make_engine(model, n_new)
+    vol = _volumes(1, seed=2)[0]
+    eng.answer(vol, QUESTION, max_new_tokens=n_new)  # warm-up / capture (encoder output cached)
     t0 = clock.now()
-    greedy_ours(dec, dec.prefill(emb, max_new_tokens=n_new), n_new)
-    tps = n_new / (clock.now() - t0)
+    ans = eng.answer(vol, QUESTION, max_new_tokens=n_new)
+    tps = len(ans.token_ids) / (clock.now() - t0)
     if device.type == "cuda":
         peak, what = torch.cuda.max_memory_allocated(), "peak GPU memory during decode"
     else:
         peak, what = weight_bytes(model), "weights + buffers"
-    note = f"{what}; decode {tps:.1f} tokens/s ({dec.mode}{', fallback' if dec.fallback_reason else ''})"
-    rows.append((f"memory {mode}", peak / 1e6, "MB", note))
+    rows.append((f"memory {mode}", peak / 1e6, "MB", f"{what}; decode {tps:.1f} tokens/s ({_decode_note(eng, ans)})"))
 
 
 def bench_train(model, small: bool, peak: float, peak_src: str, rows: list, device, dtype) -> None:
@@ -390,10 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     model, spec = build_model(args.small, device, dtype)
     llm_bytes = nbytes(model.llm)
     rows.append(("decode floor b1", bw / llm_bytes, "tokens/s", f"{llm_bytes / 1e9:.3g} GB of LLM weights per token"))
-    got = guarded(rows, "cold TTFT", bench_ttft, model, spec, args.small, 16 if args.small else 64, n_new, rows,
-                  device, dtype)
-    if got is not None:
-        guarded(rows, "decode", bench_decode, model, got[0], got[1], n_new, args.batch, rows, device)
+    eng = make_engine(model, n_new)
+    guarded(rows, "cold TTFT", bench_ttft, eng, args.small, n_new, rows, device)
+    guarded(rows, "decode", bench_decode, eng, n_new, args.batch, rows, device)
+    del eng
     if not args.skip_train:
         name = info.get("gpu", "")
         known = [v for k, v in BF16_PEAK.items() if k in name]

@@ -146,24 +146,16 @@ def make_processor(model: Any, tokenizer_dir: Optional[Path]) -> Any:
     """The processor for ``model`` with the tokenizer in ``tokenizer_dir``."""
     from transformers import AutoTokenizer
 
-    from medmvl_core.processing import MedMVLProcessor
+    from medmvl_core.model.loader import make_processor as processor_for
 
     if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
         raise ConfigError(f"model.tokenizer: {tokenizer_dir} is not a tokenizer folder")
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
-    c = model.config
-    n_tokens = {}
-    for kind in ("image", "image3d"):
-        try:
-            n_tokens[kind] = model.num_image_tokens(kind)
-        except ConfigError:
-            pass
-    vocab = c.llm_config.vocab_size
+    vocab = model.config.llm_config.vocab_size
     if len(tok) > vocab:
         raise ConfigError(f"the tokenizer has {len(tok)} tokens but the LLM's vocab_size is {vocab}; "
                           "raise model.llm.config.vocab_size (or use the matching tokenizer)")
-    return MedMVLProcessor(tok, template=c.template, num_image_tokens=n_tokens, preprocessing=c.preprocessing,
-                           padding_side=c.padding_side, max_length=c.max_length)
+    return processor_for(model, tok)
 
 
 def build_model(cfg: RunConfig) -> tuple[Any, Any]:

@@ -4,6 +4,11 @@ The launcher runs ``PYTHON -m medmvl_core.cli serve --checkpoint DIR --port 0 --
 with a fresh random token in ``F`` (mode 0600), waits for the worker to write its ready file
 ``F.json`` (``{"url", "port", "pid", ...}``), then for ``/v1/health`` to say ``ready``.
 The worker's output goes to ``worker.log`` next to the token file.
+
+The worker's environment starts from ``base_env`` (default ``os.environ``) updated with ``env``.
+The folder holding this ``medmvl_core`` goes first on its ``PYTHONPATH`` only when that folder
+holds the full package (``medmvl_core/cli.py``): a Slicer extension ships a client-only copy,
+which must not hide the full package installed in the worker's Python.
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ logger = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def has_full_package(parent: str | os.PathLike) -> bool:
+    """True when ``parent/medmvl_core`` is the full package (not a client-only copy)."""
+    return (Path(parent) / "medmvl_core" / "cli.py").is_file()
+
+
 def ready_file_for(token_file: str | os.PathLike) -> Path:
     """Where a worker started with ``--token-file F`` writes its port and URL: ``F.json``."""
     p = Path(token_file)
@@ -39,12 +49,15 @@ class WorkerLauncher:
 
     python: the interpreter that has torch (Slicer's own Python usually does not).
     extra_args: more ``medmvl serve`` arguments (e.g. ``["--max-queue", "4"]``).
+    base_env: the environment the worker starts from (default: this process's ``os.environ``;
+    Slicer passes its startup environment). env: variables set on top of it.
     """
 
     def __init__(self, python: str | None = None, checkpoint: str | os.PathLike = "",
                  device: str = "auto", dtype: str | None = None, quantize: str = "none",
                  extra_args: list[str] | None = None, workdir: str | os.PathLike | None = None,
-                 start_timeout: float = 180.0, env: dict[str, str] | None = None):
+                 start_timeout: float = 180.0, env: dict[str, str] | None = None,
+                 base_env: dict[str, str] | None = None):
         if not checkpoint:
             raise errors.LaunchError("WorkerLauncher needs checkpoint=DIR (a model folder)",
                                      code="bad_argument")
@@ -54,6 +67,7 @@ class WorkerLauncher:
         self.extra_args = list(extra_args or [])
         self.start_timeout = start_timeout
         self.env = dict(env or {})
+        self.base_env = None if base_env is None else dict(base_env)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="medmvl-worker-"))
         self.token_file = self.workdir / "token"
@@ -69,6 +83,16 @@ class WorkerLauncher:
             cmd += ["--dtype", self.dtype]
         return cmd + self.extra_args
 
+    def worker_env(self) -> dict[str, str]:
+        """The worker's environment: ``base_env`` (default ``os.environ``) updated with ``env``;
+        this package's folder first on ``PYTHONPATH`` only if it holds the full package."""
+        env = dict(os.environ if self.base_env is None else self.base_env)
+        env.update(self.env)
+        if has_full_package(_REPO_ROOT):
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        return env
+
     def start(self, wait: bool = True) -> WorkerClient:
         """Start the worker (if not running) and return a client; ``wait`` for model ready."""
         if self.running():
@@ -80,10 +104,7 @@ class WorkerLauncher:
             fh.write(token)
         ready = ready_file_for(self.token_file)
         ready.unlink(missing_ok=True)
-        env = dict(os.environ)
-        env.update(self.env)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env = self.worker_env()
         log = open(self.log_file, "ab")
         logger.info("starting worker: %s", " ".join(self.command()))
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
     model, tokenizer = load_model_and_tokenizer(args.src, device="cpu", dtype=dtype)
     processor = make_processor(model, tokenizer)
-    save_checkpoint(model, processor if processor is not None else tokenizer, dst, max_shard_size=args.max_shard_size)
+    save_checkpoint(model, processor, dst, max_shard_size=args.max_shard_size)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {dst} ({n / 1e6:.1f} M parameters, {args.dtype or 'float32'}) in {time.perf_counter() - t0:.1f} s")
     return 0

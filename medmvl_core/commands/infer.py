@@ -8,7 +8,6 @@ Several GPUs or nodes: ``accelerate launch --num_processes 4 -m medmvl_core.cli 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -42,20 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=float, default=30.0, metavar="S",
                         help="seconds between incremental saves (default 30)")
     parser.add_argument("--seed", type=int, default=42, help="seed for sampling (MedM-VL uses 42)")
-
-
-def _read_data(path: str) -> list:
-    from medmvl_core.errors import DataError
-
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"--data {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"--data {path} is not readable JSON ({exc})") from None
-    if not isinstance(data, list):
-        raise DataError(f"--data {path} must be a JSON list of items (MedM-VL inference format)")
-    return data
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -109,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from tqdm import tqdm
 
+    from medmvl_core.data.datasets import read_json_list
     from medmvl_core.evaluation import batch_infer as bi
     from medmvl_core.model import load_checkpoint
 
@@ -119,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    items = bi.prepare_items(_read_data(args.data))
+    items = bi.prepare_items(read_json_list(args.data, "--data", "pass MedM-VL inference JSON"))
     keys = bi.keys_with_counts(bi.item_key(it) for it in items)
     done = bi.load_done(out)
     pending = [i for i, k in enumerate(keys) if k not in done]

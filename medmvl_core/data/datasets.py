@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -58,22 +57,31 @@ def _as_list(v: Any) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def read_json_rows(path: str | Path) -> list:
-    """Read a MedM-VL JSON file (a list of items; ``.jsonl`` with one item per line also works)."""
+def read_json_list(path: str | Path, what: str = "data file", fix: str = "check the path") -> list:
+    """Read a JSON file holding a list of items (``.jsonl``: one item per line) or raise DataError.
+
+    what: how messages name the file (e.g. ``"--data"``, ``"predictions file"``); fix: what to do
+    when it does not exist.
+    """
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"data file {p} does not exist; check data.datasets[].path")
-    text = p.read_text(encoding="utf-8")
+        raise DataError(f"{what} {p} does not exist; {fix}")
     try:
+        text = p.read_text(encoding="utf-8")
         if p.suffix == ".jsonl":
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"data file {p} is not valid JSON ({exc}); it must be a list of MedM-VL items") from exc
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{what} {p} is not valid JSON ({exc}); it must be a list of MedM-VL items") from None
     if not isinstance(rows, list):
-        raise DataError(f"data file {p} must hold a JSON list of items, got {type(rows).__name__}")
+        raise DataError(f"{what} {p} must hold a JSON list of items, got {type(rows).__name__}")
     return rows
+
+
+def read_json_rows(path: str | Path) -> list:
+    """Read a MedM-VL JSON training/validation file (a list of items; ``.jsonl`` also works)."""
+    return read_json_list(path, "data file", "check data.datasets[].path")
 
 
 def row_problems(row: Any, index: int, source: str, image_dir: Optional[Path], image3d_dir: Optional[Path],
@@ -323,12 +331,3 @@ def encode_train(processor: Any, conversations: list, n_images: Optional[dict] =
                                 f"{kind} file(s); check the placeholders (a pretrain template expects one "
                                 "human/gpt pair per row)")
     return {"input_ids": ids, "labels": labels}
-
-
-def num_supervised(labels: Sequence[int]) -> int:
-    """Count of tokens that contribute to the loss: positions t with labels[t+1] != -100."""
-    return int(sum(1 for v in list(labels)[1:] if v != -100))
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))

@@ -21,7 +21,7 @@ import torch
 from medmvl_core.engine import tasks as T
 from medmvl_core.engine.cache import LRUCache
 from medmvl_core.engine.decode import SamplingParams, TextStreamer, choose_token, run_decode
-from medmvl_core.engine.fastpath import split_cache, stack_caches
+from medmvl_core.engine.fast_decode import llm_config, split_cache, stack_caches
 from medmvl_core.engine.errors import (CancelledError, EngineOutOfMemoryError, NotFoundError,
                                        RequestError, RequestTimeoutError, SessionBusyError)
 from medmvl_core.engine.hashing import volume_hash
@@ -125,7 +125,6 @@ class Engine:
         self._static_ok = True
         self._fast: Any = None
         self._fast_lock = threading.Lock()
-        from medmvl_core.engine.fastpath import llm_config
         self.context_limit = int(getattr(llm_config(model), "max_position_embeddings", 0) or 0)
         self.max_new_tokens_limit = max_new_tokens_limit
         self.fault_hook = fault_hook

@@ -18,9 +18,11 @@ How it works:
   and ``plain`` (``DynamicCache``, what the engine does without a fast path). A capture or compile
   failure, or a captured step whose logits differ from the eager step, falls back to ``static``
   with the reason logged and kept in ``fallback_reason``.
-- Prefix reuse (follow-up questions): ``prefill_ids(ids, image_embeds, key)`` keeps the cached
-  prefix that the new prompt shares with the previous one (same ``key`` = same image), so only
-  the new tokens are prefilled.
+- Prefix reuse (follow-up questions) is the engine's: a session keeps its DynamicCache, the
+  engine prefills only the new tokens and moves the cache in here with ``start_from``.
+- Batched decoding is :meth:`Engine.answer_batch <medmvl_core.engine.engine.Engine.answer_batch>`:
+  it loads the rows' session caches into this decoder (``start_from``) or, on the plain path,
+  stacks them with :func:`stack_caches` and splits them back with :func:`split_cache`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from medmvl_core.errors import MedMVLError
 
@@ -120,8 +123,6 @@ class FastDecoder:
         self._row_pos: torch.Tensor | None = None   # [B] next position id per row
         self._dyn: Any = None             # plain mode: DynamicCache
         self._plain_len = 0
-        self._ids: list[int] = []         # token ids held in the cache (batch 1, prefill_ids)
-        self._key: Any = None
         self._pool = None
         logger.info("fast decode path: %s (%s)", self.mode, self.reason)
 
@@ -154,7 +155,7 @@ class FastDecoder:
     @torch.inference_mode()
     def reset(self) -> None:
         """Forget the cached tokens (the cache tensors and graphs are kept for reuse)."""
-        self._w, self._plain_len, self._dyn, self._ids, self._key = 0, 0, None, [], None
+        self._w, self._plain_len, self._dyn = 0, 0, None
         self._row_pos = None
         if self._slot is not None:
             self._slot.valid.zero_()
@@ -162,36 +163,26 @@ class FastDecoder:
     # ------------------------------------------------------------------ prefill
     @torch.inference_mode()
     def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                keep: int = 0, max_new_tokens: int = 256) -> torch.Tensor:
+                max_new_tokens: int = 256) -> torch.Tensor:
         """Prefill ``inputs_embeds`` [B, L, hidden] (rows left-padded, ``attention_mask`` [B, L]
-        with 0 at padding) after the first ``keep`` cached positions (batch 1 only).
+        with 0 at padding) into an empty cache.
 
         Returns the logits at the last position of each row, [B, vocab] (float).
         """
         b, n = inputs_embeds.shape[:2]
-        if keep and (b != 1 or keep > self.length):
-            raise FastPathError(f"keep={keep} needs batch 1 and at most {self.length} cached positions")
         if attention_mask is None:
             attention_mask = torch.ones(b, n, dtype=torch.long, device=self.device)
         attention_mask = attention_mask.to(self.device)
         inputs_embeds = inputs_embeds.to(self.device, self.dtype)
         if self.mode == "plain":
-            return self._prefill_plain(inputs_embeds, attention_mask, keep)
-        need = keep + n + max_new_tokens
-        cap = pick_bucket(need, self.buckets)
-        old = self._slot
-        slot = self._get_slot(cap, b)
-        if keep and old is not None and old is not slot:
-            self._copy_prefix(old, slot, keep)
-        self._slot = slot
-        slot.valid[:, keep:] = False
-        # next position id per row = real tokens kept before the new ones
-        self._row_pos = slot.valid[:, :keep].sum(-1)
+            return self._prefill_plain(inputs_embeds, attention_mask)
+        cap = pick_bucket(n + max_new_tokens, self.buckets)
+        slot = self._slot = self._get_slot(cap, b)
+        slot.valid.zero_()
+        slot.valid[:, :n] = attention_mask.bool()
         # positions: count of real tokens before each slot in its row
-        slot.valid[:, keep:keep + n] = attention_mask.bool()
-        pos = self._row_pos[:, None] + attention_mask.long().cumsum(-1) - 1
-        pos = pos.clamp_min(0)
-        cache_pos = torch.arange(keep, keep + n, device=self.device)
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        cache_pos = torch.arange(n, device=self.device)
         cols = torch.arange(cap, device=self.device)[None, None, :]
         allowed = slot.valid[:, None, :] & (cols <= cache_pos[None, :, None])
         # a padding query attends to itself only, so its (unused) states stay finite
@@ -201,8 +192,8 @@ class FastDecoder:
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos,
                        cache_position=cache_pos, past_key_values=slot.cache, use_cache=True,
                        logits_to_keep=1)
-        self._w = keep + n
-        self._row_pos = self._row_pos + attention_mask.long().sum(-1)
+        self._w = n
+        self._row_pos = attention_mask.long().sum(-1)  # next position id per row
         return out.logits[:, -1, :].float()
 
     def _copy_prefix(self, old: _Slot, new: _Slot, keep: int) -> None:
@@ -215,16 +206,13 @@ class FastDecoder:
             ln.values[:, :, :keep].copy_(lo.values[:, :, :keep])
         new.valid[:, :keep] = old.valid[:, :keep]
 
-    def _prefill_plain(self, embeds: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    def _prefill_plain(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
 
         if embeds.shape[0] != 1:
             raise FastPathError("the plain path decodes one sequence at a time; use mode='static'")
-        if keep == 0 or self._dyn is None:
-            self._dyn, keep = DynamicCache(), 0
-        else:
-            self._dyn.crop(keep)
-        total = keep + embeds.shape[1]
+        self._dyn = DynamicCache()
+        total = embeds.shape[1]
         out = self.llm(inputs_embeds=embeds, attention_mask=torch.ones(1, total, dtype=torch.long,
                                                                        device=self.device),
                        past_key_values=self._dyn, use_cache=True, logits_to_keep=1)
@@ -236,15 +224,12 @@ class FastDecoder:
     def step(self, token: int | torch.Tensor) -> torch.Tensor:
         """Feed one token per row (an int, or LongTensor [B]); returns the next logits [B, vocab]."""
         tok = torch.as_tensor(token, dtype=torch.long, device=self.device).reshape(-1, 1)
-        first = int(token) if isinstance(token, int) else None  # avoids a device sync per step
         if self.mode == "plain":
             self._plain_len += 1
             out = self.llm(input_ids=tok, attention_mask=torch.ones(1, self._plain_len, dtype=torch.long,
                                                                     device=self.device),
                            past_key_values=self._dyn, use_cache=True)
             self._dyn = out.past_key_values
-            if self._ids:
-                self._ids.append(first if first is not None else int(tok[0, 0]))
             return out.logits[:, -1, :].float()
         if self._slot is None:
             raise FastPathError("step() before prefill(): prefill the prompt first")
@@ -258,8 +243,6 @@ class FastDecoder:
         logits = self._run_step(slot)
         self._w += 1
         self._row_pos = self._row_pos + 1
-        if self._ids:
-            self._ids.append(first if first is not None else int(tok[0, 0]))
         return logits.float()
 
     def _eager_step(self, slot: _Slot) -> torch.Tensor:
@@ -325,7 +308,6 @@ class FastDecoder:
         if not isinstance(pasts, (list, tuple)):
             pasts, lengths = [pasts], [int(lengths)]  # type: ignore[list-item]
         lengths = [int(n) for n in lengths]  # type: ignore[union-attr]
-        self._ids, self._key = [], None
         if self.mode == "plain":
             if len(pasts) != 1:
                 raise FastPathError("the plain path decodes one sequence at a time; use mode='static'")
@@ -352,8 +334,6 @@ class FastDecoder:
     @torch.inference_mode()
     def to_dynamic(self, row: int = 0, length: int | None = None) -> Any:
         """Row ``row``'s first ``length`` real positions (default: all) as a DynamicCache."""
-        from transformers import DynamicCache
-
         if self.mode == "plain":
             if length is not None:
                 self._dyn.crop(length)
@@ -361,39 +341,9 @@ class FastDecoder:
         slot = self._slot
         start = int(slot.valid[row].nonzero()[0]) if slot.valid[row].any() else 0
         end = self._w if length is None else start + int(length)
-        out = DynamicCache()
-        for li, layer in enumerate(slot.cache.layers):
-            out.update(layer.keys[row:row + 1, :, start:end].clone(),
-                       layer.values[row:row + 1, :, start:end].clone(), li)
-        return out
-
-
-    @torch.inference_mode()
-    def prefill_ids(self, ids: Sequence[int], image_embeds: torch.Tensor | None, key: Any = None,
-                    max_new_tokens: int = 256) -> tuple[torch.Tensor, int]:
-        """Prefill prompt ``ids`` (placeholders expanded; negative ids = image positions) for one
-        sequence, reusing the cached prefix when ``key`` (which image / session) is unchanged.
-
-        Returns (logits [1, vocab], number of reused prefix tokens).
-        """
-        ids = [int(t) for t in ids]
-        keep = 0
-        if key is not None and key == self._key and self._ids:
-            for a, c in zip(self._ids, ids):
-                if a != c:
-                    break
-                keep += 1
-            keep = min(keep, len(ids) - 1, self.length)
-            img = [i for i, t in enumerate(ids) if t < 0]
-            if img and keep <= img[-1]:
-                keep = 0  # never split the image span
-        suffix = ids[keep:]
-        x = torch.tensor([suffix], dtype=torch.long, device=self.device)
-        has_img = any(t < 0 for t in suffix)
-        embeds = self.model.embed_inputs(x, image_embeds if has_img else None)
-        logits = self.prefill(embeds, keep=keep, max_new_tokens=max_new_tokens)
-        self._ids, self._key = ids, key
-        return logits, keep
+        return dynamic_from([(layer.keys[row:row + 1, :, start:end].clone(),
+                              layer.values[row:row + 1, :, start:end].clone())
+                             for layer in slot.cache.layers])
 
     @torch.inference_mode()
     def warmup(self, prompt_len: int = 64, steps: int = 2, batch_sizes: Sequence[int] = (1,),
@@ -436,6 +386,48 @@ def capture_cuda_graph(fn: Callable[[], torch.Tensor], owner: FastDecoder) -> Ca
         return out
 
     return replay
+
+
+def llm_config(model: Any) -> Any:
+    """The language model's config (what a StaticCache is shaped from)."""
+    llm = getattr(model, "llm", None)
+    if llm is not None and hasattr(llm, "config"):
+        return llm.config
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def dynamic_from(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A DynamicCache holding (keys, values) per layer, each [B, heads, L, head_dim]."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+def stack_caches(pasts: Sequence[Any], lengths: Sequence[int]) -> tuple[Any, torch.Tensor]:
+    """Left-pad per-request caches (first ``lengths[b]`` positions of each) into one batch
+    DynamicCache (plain-path batched decoding). Returns (cache, attention mask [B, Lmax])."""
+    lmax = max(lengths)
+    per = [_kv_layers(p) for p in pasts]
+    stacked = []
+    for li in range(len(per[0])):
+        ks = [F.pad(per[b][li][0][:, :, :n], (0, 0, lmax - n, 0)) for b, n in enumerate(lengths)]
+        vs = [F.pad(per[b][li][1][:, :, :n], (0, 0, lmax - n, 0)) for b, n in enumerate(lengths)]
+        stacked.append((torch.cat(ks), torch.cat(vs)))
+    mask = torch.zeros(len(lengths), lmax, dtype=torch.long, device=stacked[0][0].device)
+    for b, n in enumerate(lengths):
+        mask[b, lmax - n:] = 1
+    return dynamic_from(stacked), mask
+
+
+def split_cache(batch: Any, row: int, pad: int, length: int) -> Any:
+    """Row ``row`` of a batch cache without its ``pad`` left-padding slots: ``length`` positions."""
+    return dynamic_from([(k[row:row + 1, :, pad:pad + length].clone(),
+                          v[row:row + 1, :, pad:pad + length].clone())
+                         for k, v in _kv_layers(batch)])
 
 
 def _kv_layers(past: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -22,12 +22,12 @@ box (3D rec)      the first ``[a, b, c, d, e, f]`` in ``answer``, or ``box`` / `
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medmvl_core.data.datasets import read_json_list
 from medmvl_core.errors import DataError
 
 _CHOICE = re.compile(r"^\s*\(?([A-Za-z])[.)]")
@@ -101,23 +101,11 @@ def sample_from_item(index: int, item: Any, reference_item: Any = None) -> Sampl
                   raw=item)
 
 
-def _read_json_list(path: str | Path, what: str) -> list:
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{what} file {p} does not exist; pass the JSON that `medmvl infer` wrote") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{what} file {p} is not readable JSON ({exc}); fix or regenerate it") from None
-    if not isinstance(data, list):
-        raise DataError(f"{what} file {p} must hold a JSON list of items, got {type(data).__name__}")
-    return data
-
-
 def load_samples(path: str | Path, references: str | Path | None = None) -> list[Sample]:
     """Read a predictions file (and, for old list-of-strings outputs, a reference file)."""
-    items = _read_json_list(path, "predictions")
-    refs = _read_json_list(references, "references") if references else None
+    fix = "pass the JSON that `medmvl infer` wrote"
+    items = read_json_list(path, "predictions file", fix)
+    refs = read_json_list(references, "references file", fix) if references else None
     if refs is not None and len(refs) != len(items):
         raise DataError(f"{path} has {len(items)} predictions but {references} has {len(refs)} "
                         "items; they must be aligned one to one, in order")

@@ -58,11 +58,16 @@ def _rows(samples: Sequence[Sample]) -> list[dict]:
             for s in samples]
 
 
+def _exact(s: Sample) -> float:
+    """1.0 when the normalised prediction equals the normalised reference; an empty prediction
+    scores 0 (METRICS.md §0), even against an empty reference."""
+    pred = _s(s.prediction)
+    return 1.0 if pred.strip() and normalize_word(pred) == normalize_word(_s(s.reference)) else 0.0
+
+
 def evaluate_cls(samples: Sequence[Sample], options: EvalOptions, name: str = "unimed-cls") -> EvalResult:
     rows = _rows(samples)
-    vals = [1.0 if normalize_word(_s(s.prediction)) == normalize_word(_s(s.reference)) else 0.0
-            for s in samples]
-    metrics = {"accuracy": _mean_metric(rows, "correct", vals)}
+    metrics = {"accuracy": _mean_metric(rows, "correct", [_exact(s) for s in samples])}
     return _finish(name, samples, metrics, "accuracy", rows, {"aggregation": "mean over samples"})
 
 
@@ -99,9 +104,7 @@ def evaluate_identify(samples: Sequence[Sample], options: EvalOptions,
     rows = _rows(samples)
     metrics: dict[str, dict] = {}
     _bleu_f1(samples, rows, metrics)
-    metrics["accuracy"] = _mean_metric(rows, "correct", [
-        1.0 if normalize_word(_s(s.prediction)) == normalize_word(_s(s.reference)) else 0.0
-        for s in samples])
+    metrics["accuracy"] = _mean_metric(rows, "correct", [_exact(s) for s in samples])
     return _finish(name, samples, metrics, "bleu1", rows, {"aggregation": "mean over samples"})
 
 

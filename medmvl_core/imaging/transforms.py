@@ -50,11 +50,6 @@ def make_mapper(fn: IntensityFn, dtype) -> Callable[[np.ndarray], np.ndarray]:
     return lambda v: fn(np.asarray(v, dtype=np.float64)).astype(np.float32)
 
 
-def apply_lut_or_fn(values: np.ndarray, fn: IntensityFn, out_dtype=np.float32) -> np.ndarray:
-    """``fn(values)`` as float32 (see :func:`make_mapper`)."""
-    return make_mapper(fn, values.dtype)(values)
-
-
 # ----------------------------------------------------------------------------- crop
 def foreground_box(arr: np.ndarray, fn: IntensityFn | None = None,
                    chunk: int = 16) -> tuple[tuple[int, int], ...] | None:

@@ -33,16 +33,22 @@ def _check_choice(what: str, value: Any, allowed: tuple | list) -> None:
         raise ConfigError(f"{what} = {value!r} is not supported; use one of {list(allowed)}")
 
 
+def _copy_spec(spec: Any, where: str, registry: dict) -> dict:
+    """A deep copy of ``spec``, checked to be a dict whose ``type`` is a name in ``registry``."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a dict or None, got {type(spec).__name__}")
+    spec = copy.deepcopy(spec)
+    _check_choice(f"{where}.type", spec.get("type"), sorted(registry))
+    return spec
+
+
 def validate_encoder_spec(spec: dict | None, where: str) -> dict | None:
     """Check an encoder spec dict (``type``, ``select_layer``, ``select_feature``, ``config``)."""
     if spec is None:
         return None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where} must be a dict or None, got {type(spec).__name__}")
     from medmvl_core.model.encoders import ENCODERS
 
-    spec = copy.deepcopy(spec)
-    _check_choice(f"{where}.type", spec.get("type"), sorted(ENCODERS))
+    spec = _copy_spec(spec, where, ENCODERS)
     spec.setdefault("select_layer", -1)
     spec.setdefault("select_feature", "patch")
     if not isinstance(spec["select_layer"], int):
@@ -59,12 +65,9 @@ def validate_connector_spec(spec: dict | None, where: str) -> dict | None:
     """Check a connector spec dict (``type``, ``name`` = ``mlpNx_gelu``, extras per type)."""
     if spec is None:
         return None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where} must be a dict or None, got {type(spec).__name__}")
     from medmvl_core.model.connectors import CONNECTORS
 
-    spec = copy.deepcopy(spec)
-    _check_choice(f"{where}.type", spec.get("type"), sorted(CONNECTORS))
+    spec = _copy_spec(spec, where, CONNECTORS)
     spec.setdefault("name", "mlp2x_gelu")
     if not isinstance(spec["name"], str) or not _MLP_NAME.match(spec["name"]):
         raise ConfigError(

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from medmvl_core.errors import CheckpointError
+from medmvl_core.errors import CheckpointError, ConfigError
 from medmvl_core.model.configuration import MedMVLConfig
 from medmvl_core.model.medmvl_compat import ImportedConfig, detect_format, import_config
 from medmvl_core.model.modeling import MedMVLForConditionalGeneration
@@ -86,19 +86,16 @@ def _load_tokenizer(dirs: list[Path], max_length: int, padding_side: str):
 
 
 def make_processor(model: MedMVLForConditionalGeneration, tokenizer: Any) -> Any:
-    """A ``MedMVLProcessor`` for this model, or None while the processing package lacks it."""
-    try:
-        from medmvl_core.processing import MedMVLProcessor
-    except ImportError:
-        # TODO(lead): medmvl_core.processing.MedMVLProcessor is not there yet; load_checkpoint returns None.
-        logger.warning("medmvl_core.processing.MedMVLProcessor is not available; returning no processor")
-        return None
+    """The ``MedMVLProcessor`` for ``model``: its template, image-token counts, preprocessing,
+    padding side and maximum length, with ``tokenizer``."""
+    from medmvl_core.processing import MedMVLProcessor
+
     cfg = model.config
     counts = {}
     for kind in ("image", "image3d"):
         try:
             counts[kind] = model.num_image_tokens(kind)
-        except Exception:  # the model does not take this kind
+        except ConfigError:  # the model does not take this kind
             pass
     return MedMVLProcessor(tokenizer, template=cfg.template, num_image_tokens=counts,
                            preprocessing=cfg.preprocessing, padding_side=cfg.padding_side, max_length=cfg.model_max_length)
@@ -218,16 +215,3 @@ def save_checkpoint(model: MedMVLForConditionalGeneration, tokenizer_or_processo
         if tok is not None and not any((out / f).is_file() for f in _TOKENIZER_FILES):
             tok.save_pretrained(str(out))
     return out
-
-
-def load_tokenizer_for(path: str | Path) -> Any:
-    """The tokenizer a checkpoint folder would be loaded with (same rules as ``load_checkpoint``)."""
-    path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
-    if detect_format(raw) == "medmvl":
-        cfg = MedMVLConfig.from_pretrained(str(path))
-        return _load_tokenizer([path], cfg.model_max_length, cfg.padding_side)
-    imported = import_config(raw, path)
-    tok = _load_tokenizer(imported.tokenizer_dirs, imported.config.model_max_length, imported.config.padding_side)
-    _medmvl_pad_rules(tok, imported.config.source.get("llm_type"))
-    return tok
