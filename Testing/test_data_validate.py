@@ -129,4 +129,20 @@ def test_cli_validate_exit_codes(tmp_path, reference_dir, capsys):
     assert main(["validate", "--data", str(bad), "--image-dir", str(inp)]) == 1
     assert "missing_file 1" in capsys.readouterr().out
     assert main(["validate", "--data", str(tmp_path / "none.json")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "none.json does not exist; check the path given to validate (--data)" in capsys.readouterr().err
+
+
+def test_checkpoint_lengths_against_max_length(reference_dir):
+    """With a processor, each row is encoded with its image tokens: MedM-VL's recorded length
+    for the CT train sample is the boundary between fitting and ``too_long``."""
+    from medmvl_core.model import load_checkpoint
+
+    golden = json.loads((reference_dir / "ct_chest_tiny" / "golden.json").read_text())["train_sample"]
+    n = golden["llm_sequence_length"]
+    _, proc = load_checkpoint(str(reference_dir / "ct_chest_tiny"))
+    inp = reference_dir / "inputs"
+    fits = validate_data(inp / "ct_finetune.json", image3d_dir=inp, processor=proc, max_length=n)
+    assert fits.ok and fits.lengths == [n], fits.summary()
+    over = validate_data(inp / "ct_finetune.json", image3d_dir=inp, processor=proc, max_length=n - 1)
+    assert not over.ok and over.counts() == {"too_long": 1}
+    assert f"{n} tokens with image tokens > max_length {n - 1}" in over.summary()

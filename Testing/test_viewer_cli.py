@@ -39,6 +39,13 @@ def test_viewer_command_reports_a_bad_file(tmp_path):
                            "--screenshot", str(tmp_path / "s.png")],
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 1 and proc.stderr.startswith("error: ")
+    assert "cannot read x.png as an image" in proc.stderr and "not an image" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # an unreadable --token-file is a typed error too, not a traceback
+    proc = subprocess.run([sys.executable, "-m", "medmvl_core.cli", "viewer", "--url", "http://127.0.0.1:1",
+                           "--token-file", str(tmp_path / "no_token"), "--screenshot", str(tmp_path / "s.png")],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 1 and "--token-file" in proc.stderr and "MEDMVL_TOKEN" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -19,27 +19,27 @@ from medmvl_core.errors import MedMVLError
 
 logger = logging.getLogger(__name__)
 
-SUBCOMMANDS = ("train", "validate", "merge")
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand's parser with the options every subcommand shares (``-v``)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    return p
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="medmvl-train",
-        description="Train MedM-VL models (pretrain / finetune: full, LoRA, QLoRA). "
-                    "Other commands: 'medmvl-train validate -h', 'medmvl-train merge -h'.")
+    p = _parser("medmvl-train", "Train MedM-VL models (pretrain / finetune: full, LoRA, QLoRA). "
+                                "Other commands: 'medmvl-train validate -h', 'medmvl-train merge -h'.")
     p.add_argument("--config", required=True, help="YAML config (see training/configs/README.md)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=2e-5")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                    help="continue a stopped run: from its latest checkpoint in train.output_dir (no value) "
                         "or from a given checkpoints/step-N folder. Not the same as model.init_from.")
     p.add_argument("--dry-run", action="store_true", help="load and validate config and data, build the model, stop")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     return p
 
 
 def _validate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medmvl-train validate",
-                                description="Check a MedM-VL JSON data file and print a summary.")
+    p = _parser("medmvl-train validate", "Check a MedM-VL JSON data file and print a summary.")
     p.add_argument("--data", required=True, help="MedM-VL JSON file")
     p.add_argument("--image-dir", default=None, help="folder that 'image' paths are relative to")
     p.add_argument("--image3d-dir", default=None, help="folder that 'image3d' paths are relative to")
@@ -50,17 +50,14 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-images", action="store_true", help="also read every image/volume file")
     p.add_argument("--inference", action="store_true", help="rows need no answer (inference data)")
     p.add_argument("--max-listed", type=int, default=20, help="problems to list")
-    p.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
 
 def _merge_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medmvl-train merge",
-                                description="Merge a LoRA/QLoRA adapter into its base and write a full checkpoint.")
+    p = _parser("medmvl-train merge", "Merge a LoRA/QLoRA adapter into its base and write a full checkpoint.")
     p.add_argument("--adapter", required=True, help="adapter folder written by training (OUTPUT/final)")
     p.add_argument("--out", required=True, help="output folder for the merged checkpoint")
     p.add_argument("--base", default=None, help="base checkpoint (default: the one recorded in the adapter)")
-    p.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
 
@@ -115,17 +112,22 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {"train": (_train_parser, run_train), "validate": (_validate_parser, run_validate),
+            "merge": (_merge_parser, run_merge)}
+SUBCOMMANDS = tuple(COMMANDS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medmvl-train`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv[0] if argv and argv[0] in SUBCOMMANDS else "train"
     if argv and argv[0] in SUBCOMMANDS:
         argv = argv[1:]
-    parser = {"train": _train_parser, "validate": _validate_parser, "merge": _merge_parser}[cmd]()
-    args = parser.parse_args(argv)
+    make_parser, run_command = COMMANDS[cmd]
+    args = make_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        return {"train": run_train, "validate": run_validate, "merge": run_merge}[cmd](args)
+        return run_command(args)
     except MedMVLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

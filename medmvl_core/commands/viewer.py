@@ -45,7 +45,11 @@ def run(args: argparse.Namespace) -> int:
     if args.url:
         token = os.environ.get("MEDMVL_TOKEN", "")
         if args.token_file:
-            token = Path(args.token_file).read_text().strip()
+            try:
+                token = Path(args.token_file).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"--token-file {args.token_file} cannot be read ({exc}); give the file that "
+                                  "holds the worker's token, or set MEDMVL_TOKEN") from None
         win.remoteRadio.setChecked(True)
         win.urlEdit.setText(args.url)
         win.tokenEdit.setText(token)

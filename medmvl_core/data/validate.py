@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from medmvl_core.data.datasets import RowProblem, encode_train, read_json_rows, row_problems
+from medmvl_core.data.datasets import RowProblem, encode_train, read_json_list, row_problems
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def validate_data(path: str | Path, image_dir: Optional[str | Path] = None, imag
     image tokens is compared with ``max_length`` (kind ``too_long``); encoding errors are
     reported as kind ``encode_error``.
     """
-    rows = read_json_rows(path)
+    rows = read_json_list(path, "data file", "check the path given to validate (--data)")
     rep = ValidationReport(path=str(path), rows=len(rows))
     idir = Path(image_dir) if image_dir else None
     i3dir = Path(image3d_dir) if image3d_dir else None

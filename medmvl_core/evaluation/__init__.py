@@ -1,6 +1,6 @@
 """Evaluation suite: the metrics of the MedM-VL paper tables, computed offline.
 
-Exact definitions: ``/work/shared/METRICS.md`` (copied in ``docs/readme/evaluation.md``).
+Exact definitions: the project's metric spec (METRICS.md), summarised in ``docs/readme/evaluation.md``.
 
 ```python
 from medmvl_core.evaluation import evaluate, EvalOptions, benchmark_names
