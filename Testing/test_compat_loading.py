@@ -123,6 +123,20 @@ def test_convert_refuses_a_non_empty_destination(reference_dir, tmp_path):
     assert (tmp_path / "dst" / "x").read_text() == "keep me"
 
 
+def test_convert_refuses_to_write_over_its_source(reference_dir, tmp_path):
+    import shutil
+
+    from medmvl_core.commands import convert
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(reference_dir / "2d_tiny", src)
+    before = (src / "model.safetensors").read_bytes()
+    args = argparse.Namespace(src=str(src), dst=str(src), dtype=None, max_shard_size="5GB")
+    with pytest.raises(CheckpointError, match="must differ"):
+        convert.run(args)
+    assert (src / "model.safetensors").read_bytes() == before
+
+
 def test_convert_cli_end_to_end(reference_dir, tmp_path, monkeypatch, capsys):
     from medmvl_core.cli import main
 

@@ -27,10 +27,10 @@ def run(args: argparse.Namespace) -> int:
     from medmvl_core.model.loader import load_model_and_tokenizer, make_processor, save_checkpoint
 
     dst = Path(args.dst)
+    if Path(args.src).resolve() == dst.resolve():
+        raise CheckpointError("SRC and DST must differ: convert writes a new folder and never overwrites the source")
     if dst.exists() and any(dst.iterdir()):
         raise CheckpointError(f"{dst} exists and is not empty; give a new folder")
-    if Path(args.src).resolve() == dst.resolve():
-        raise CheckpointError("SRC and DST must differ")
     t0 = time.perf_counter()
     dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
     model, tokenizer = load_model_and_tokenizer(args.src, device="cpu", dtype=dtype)
