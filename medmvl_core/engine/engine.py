@@ -423,7 +423,8 @@ class Engine:
                                f"(voxel, inclusive-exclusive), got {len(box)}", code="bad_box")
         ephemeral = task == "crop_ask"
         if task in ("crop_ask", "describe") and box is None:
-            raise RequestError(f"task {task!r} needs a box (k1, j1, i1, k2, j2, i2) in voxels",
+            raise RequestError(f"task {task!r} needs a box in voxels: "
+                               + ("(k1, j1, i1, k2, j2, i2)" if kind == "image3d" else "(j1, i1, j2, i2)"),
                                code="bad_box")
         entry = self.prepare(s.volume, roi=box if ephemeral else None, timings=timings,
                              vhash=s.volume_id)
