@@ -355,7 +355,9 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self, listener=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.controller = PanelController(listener, launcher_factory=launch.launcher_factory())
+        # The worker starts from Slicer's startup environment, not from Slicer's own.
+        self.controller = PanelController(
+            listener, launcher_factory=launch.launcher_factory(self.workerEnvironment()))
 
     def getParameterNode(self):
         return MedMVLSlicerParameterNode(super().getParameterNode())
@@ -372,18 +374,12 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
             env = None
         return env if env is not None else dict(os.environ)
 
-    def _launcherOverrides(self) -> dict:
-        # The launcher starts from os.environ and updates it: blank what Slicer added.
-        env = self.workerEnvironment()
-        return {k: env.get(k, "") for k in set(os.environ) | set(env)}
-
     def startLocalWorker(self, python: str, checkpoint: str, device: str = "auto",
                          quantize: str = "none") -> None:
         if not python:
             raise ValueError(_("Choose the Python interpreter of an environment with this "
                                "project installed (it runs the model)."))
-        self.controller.start_local(python, checkpoint, device, quantize,
-                                    env=self._launcherOverrides())
+        self.controller.start_local(python, checkpoint, device, quantize)
 
     def connectRemoteWorker(self, url: str, token: str) -> None:
         if not url:

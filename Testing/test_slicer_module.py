@@ -236,11 +236,14 @@ def test_describe_region_sends_the_roi_voxel_box(env):
     assert [e.role for e in logic.controller.history(vol.GetID())] == ["user", "assistant"]
 
 
-def test_worker_environment_blanks_what_slicer_added(env, monkeypatch):
+def test_worker_starts_from_slicers_startup_environment(env, monkeypatch):
     mod, rec = env
-    monkeypatch.setenv("PYTHONHOME", "/slicer/python")
-    over = mod.MedMVLSlicerLogic()._launcherOverrides()
-    assert over["PYTHONHOME"] == "" and over["HOME"] == "/tmp"
+    monkeypatch.setenv("PYTHONHOME", "/slicer/python")  # what Slicer sets for its own Python
+    logic = mod.MedMVLSlicerLogic()
+    launcher = logic.controller._launcher_factory(python="/usr/bin/python3", checkpoint="/ckpt")
+    worker_env = launcher.worker_env()
+    assert "PYTHONHOME" not in worker_env  # the stub startup environment has none
+    assert worker_env["HOME"] == "/tmp"
 
 
 def test_the_in_slicer_self_test_runs(env, monkeypatch):
