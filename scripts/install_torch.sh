@@ -14,7 +14,9 @@ fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "NVIDIA GPU found: installing the CUDA build of torch $VER"
   "$PY" -m pip install -q "torch==$VER"
-elif "$PY" -m pip install -q --no-index "torch==$VER" 2>/dev/null; then
+elif "$PY" -m pip install -q --no-index --no-deps "torch==$VER" 2>/dev/null; then
+  # the local wheel alone first, then its dependencies from the package index
+  "$PY" -m pip install -q "torch==$VER"
   echo "no GPU: installed torch $VER from a local wheel"
 else
   echo "no GPU: installing the CPU-only build of torch $VER"
