@@ -1,6 +1,6 @@
 """The shipped demo checkpoint (Resources/demo_model): format, size, and well-formed answers.
 
-The benchmark numbers of this checkpoint (docs/readme/demo.md) are measured with
+The benchmark numbers of this checkpoint (README.md, "Demo model and the synthetic phantom benchmark") are measured with
 ``medmvl infer`` + ``medmvl eval --benchmark phantoms`` on 200 test phantoms; this test checks what
 must hold for the demo to work on any machine: it loads offline, takes phantom CT volumes, and
 answers every task in the trained format (parseable yes/no, a Findings/Impression report, a 3D box).
@@ -17,7 +17,7 @@ DEMO = Path(__file__).resolve().parents[1] / "Resources" / "demo_model"
 
 
 def test_demo_checkpoint_is_small_and_self_contained():
-    assert (DEMO / "config.json").is_file(), "Resources/demo_model is missing; see docs/readme/demo.md"
+    assert (DEMO / "config.json").is_file(), "Resources/demo_model is missing; see README.md, 'Rebuilding the demo checkpoint'"
     size = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
     assert size <= 20 * 2**20, size
     assert not list(DEMO.glob("*.bin")) and not list(DEMO.glob("*.pt")) and not list(DEMO.glob("*.pkl"))

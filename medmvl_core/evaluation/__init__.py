@@ -1,6 +1,6 @@
 """Evaluation suite: the metrics of the MedM-VL paper tables, computed offline.
 
-Exact definitions: the project's metric spec (METRICS.md), summarised in ``docs/readme/evaluation.md``.
+Exact definitions: the project's metric spec (METRICS.md), summarised in the README section "Batch inference and evaluation".
 
 ```python
 from medmvl_core.evaluation import evaluate, EvalOptions, benchmark_names
