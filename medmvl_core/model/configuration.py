@@ -81,6 +81,15 @@ def validate_connector_spec(spec: dict | None, where: str) -> dict | None:
         spec.setdefault("num_heads", 8)
     if spec["type"] == "spatial_pooling":
         spec.setdefault("pool_size", 2)
+    from medmvl_core.model.connectors import OUTPUT_NORMS
+
+    _check_choice(f"{where}.output_norm", spec.get("output_norm"), OUTPUT_NORMS)
+    if "output_scale" in spec:
+        if spec.get("output_norm") is None:
+            raise ConfigError(f"{where}.output_scale needs output_norm (e.g. 'layernorm'); set both or neither")
+        scale = spec["output_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ConfigError(f"{where}.output_scale = {scale!r} must be a positive number (e.g. 0.07)")
     return spec
 
 

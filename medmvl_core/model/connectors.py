@@ -7,6 +7,11 @@
   (8 heads, ``batch_first``) with the features as keys and values, then the MLP.
 
 Parameter names match MedM-VL's (``connector.*``, ``query``, ``attn.*``).
+
+Optional (not in MedM-VL; default off, so parity is unchanged): ``output_norm: "layernorm"`` appends
+``nn.LayerNorm(out)`` (parameters ``output_norm.*``) to every connector, with its affine weight
+initialised to ``output_scale`` (default 1.0) so the image tokens can start at the scale of the
+LLM's text embeddings (per-token norm = ``output_scale * sqrt(out)``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medmvl_core.errors import ConfigError, RegistryError
+
+
+OUTPUT_NORMS = (None, "layernorm")  # allowed values of a connector spec's optional "output_norm"
 
 
 def build_mlp(name: str, input_dim: int, output_dim: int) -> nn.Sequential:
@@ -40,12 +48,26 @@ class Connector(nn.Module):
         super().__init__()
         self.spec = spec
         self.connector = build_mlp(spec.get("name", "mlp2x_gelu"), input_dim, output_dim)
+        norm = spec.get("output_norm")
+        if norm is None:
+            self.output_norm: nn.Module | None = None
+        elif norm == "layernorm":
+            self.output_norm = nn.LayerNorm(output_dim)
+            with torch.no_grad():
+                self.output_norm.weight.fill_(float(spec.get("output_scale", 1.0)))
+        else:
+            raise ConfigError(f"connector output_norm {norm!r} is not supported; use one of {list(OUTPUT_NORMS)}")
 
     def num_tokens(self, num_input_tokens: int) -> int:
         return num_input_tokens
 
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP, then the optional output norm: ``[B, Q, in] -> [B, Q, out]``."""
+        x = self.connector(x)
+        return x if self.output_norm is None else self.output_norm(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.connector(x)
+        return self._project(x)
 
 
 class MLPConnector(Connector):
@@ -74,7 +96,7 @@ class SpatialPooling(Connector):
         cube = x.transpose(1, 2).reshape(b, d, *self.grid)
         pool = F.avg_pool3d if len(self.grid) == 3 else F.avg_pool2d
         cube = pool(cube, kernel_size=self.pool, stride=self.pool)
-        return self.connector(cube.flatten(2).transpose(1, 2))
+        return self._project(cube.flatten(2).transpose(1, 2))
 
 
 class AttnPooling(Connector):
@@ -96,7 +118,7 @@ class AttnPooling(Connector):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.query.unsqueeze(0).repeat(x.shape[0], 1, 1)
         x, _ = self.attn(q, x, x)
-        return self.connector(x)
+        return self._project(x)
 
 
 ConnectorBuilder = Callable[[dict, int, int, "list[int] | None"], Connector]
