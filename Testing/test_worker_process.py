@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
 
 from medmvl_core.client import WorkerLauncher, errors, ready_file_for
+from streaming_helpers import ask_in_background, wait_for_pieces
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +31,9 @@ def test_kill_mid_answer_gives_a_clear_error_and_restart_works(toy_checkpoint):
         assert client.health()["status"] == "ready"
         arr = np.random.RandomState(0).randn(8, 16, 16).astype(np.float32)
         sid = client.create_session(client.upload_volume(arr))
-        pieces, result = [], {}
-
-        def ask():
-            try:
-                client.ask(sid, question="Describe everything.", max_new_tokens=200,
-                           on_token=pieces.append)
-            except errors.WorkerError as exc:
-                result["exc"] = exc
-
-        t = threading.Thread(target=ask)
-        t.start()
-        deadline = time.monotonic() + 30
-        while len(pieces) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        t, pieces, result = ask_in_background(client, sid, question="Describe everything.",
+                                              max_new_tokens=200)
+        wait_for_pieces(pieces, 2, timeout=30)
         assert pieces, "no token streamed"
         launcher.kill()
         t.join(10)

@@ -17,6 +17,7 @@ from medmvl_core.engine import Engine
 from medmvl_core.engine.testing import ToyVolume, load_toy
 from medmvl_core.worker.server import WorkerServer
 from medmvl_core.worker.settings import WorkerSettings
+from streaming_helpers import ask_in_background, wait_for_pieces
 
 TOKEN = "test-token-0123456789abcdef"
 HOOK = {"delay": 0.0, "oom": False}
@@ -141,19 +142,10 @@ def test_cancel_mid_answer_returns_promptly_and_next_request_is_served(client, t
     arr = _vol(3)
     sid = client.create_session(client.upload_volume(arr))
     HOOK["delay"] = 0.05
-    pieces, result = [], {}
-
-    def ask():
-        try:
-            client.ask(sid, question="Describe the lungs.", max_new_tokens=64,
-                       on_token=pieces.append)
-        except errors.WorkerError as exc:
-            result["exc"] = exc
-
-    t = threading.Thread(target=ask)
-    t.start()
-    while len(pieces) < 2:
-        time.sleep(0.01)
+    t, pieces, result = ask_in_background(client, sid, question="Describe the lungs.",
+                                          max_new_tokens=64)
+    wait_for_pieces(pieces, 2, timeout=30)
+    assert len(pieces) >= 2, "the answer did not stream"
     t0 = time.monotonic()
     assert client.cancel(sid)
     t.join(5)
