@@ -11,14 +11,17 @@ only the new question. Prints the medians, the ratio (target >= 3x) and the mach
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.machine_info import cpu_name  # noqa: E402 - needs the repository on sys.path
+
 REF = ROOT / "Testing" / "data" / "medmvl_reference"
 
 HISTORY = ["Generate radiology report for the CT.", "Is there a nodule in the left lung?"]
@@ -27,15 +30,7 @@ FOLLOW_UP = "Where is it located and how large is it?"
 
 def machine() -> str:
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def main() -> int:

@@ -36,6 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine_info import cpu_name  # noqa: E402 - needs the repository on sys.path
+
 logger = logging.getLogger("bench.gpu")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -360,7 +362,7 @@ def machine(device: torch.device) -> dict:
         info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2 ** 30, 1), cuda=torch.version.cuda,
                     driver=_driver())
     else:
-        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu"] = cpu_name()
     return info
 
 
