@@ -10,7 +10,9 @@ from medmvl_core.errors import ConfigError
 from training.config import RunConfig, apply_overrides, config_problems, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "training" / "configs"
-SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+ALL_YAML = sorted(CONFIG_DIR.glob("*.yaml"))
+PRETRAIN = [p for p in ALL_YAML if "kind: encoder_pretrain" in p.read_text()]
+SHIPPED = [p for p in ALL_YAML if p not in PRETRAIN]
 
 
 def test_shipped_configs_exist():
@@ -27,6 +29,16 @@ def test_every_shipped_config_loads_and_validates(path):
     assert isinstance(cfg, RunConfig)
     assert config_problems(cfg) == []
     assert cfg.data.datasets and cfg.data.datasets[0].path
+
+
+@pytest.mark.parametrize("path", PRETRAIN, ids=lambda p: p.stem)
+def test_encoder_pretrain_configs_load_and_are_refused_as_run_configs(path):
+    from training.encoder_pretrain import load_pretrain_config
+
+    cfg = load_pretrain_config(path)
+    assert cfg.encoder.type == "convvit3d" and cfg.data.labels
+    with pytest.raises(ConfigError, match="medmvl-train encoder"):
+        load_config(path)
 
 
 def test_released_recipes_match_medmvl():

@@ -1,6 +1,8 @@
-"""``medmvl-train``: train (default), ``validate`` a data file, ``merge`` a LoRA adapter.
+"""``medmvl-train``: train (default), ``encoder`` (dense encoder pretraining), ``validate`` a data file,
+``merge`` a LoRA adapter.
 
     medmvl-train --config training/configs/NAME.yaml [key=value ...] [--resume [DIR]]
+    medmvl-train encoder --config training/configs/demo_encoder.yaml [key=value ...]
     medmvl-train validate --data FILE.json [--image-dir D] [--image3d-dir D] [--checkpoint CKPT]
     medmvl-train merge --adapter DIR --out DIR [--base CKPT]
 
@@ -51,6 +53,24 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference", action="store_true", help="rows need no answer (inference data)")
     p.add_argument("--max-listed", type=int, default=20, help="problems to list")
     return p
+
+
+def _encoder_parser() -> argparse.ArgumentParser:
+    p = _parser("medmvl-train encoder", "Pretrain a 3D vision encoder (convvit3d) on labelled boxes: dense and "
+                                        "per-token targets; writes an encoder folder for model.encoder_image3d.path.")
+    p.add_argument("--config", required=True, help="YAML config with kind: encoder_pretrain "
+                                                    "(e.g. training/configs/demo_encoder.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=200")
+    return p
+
+
+def run_encoder(args: argparse.Namespace) -> int:
+    from training.encoder_pretrain import run_encoder_pretrain
+
+    result = run_encoder_pretrain(args.config, args.overrides)
+    print(f"done: {result['steps']} steps in {result['seconds']} s, held-out {result.get('eval')}, "
+          f"encoder {result['final_dir']}")
+    return 0
 
 
 def _merge_parser() -> argparse.ArgumentParser:
@@ -112,7 +132,7 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": (_train_parser, run_train), "validate": (_validate_parser, run_validate),
+COMMANDS = {"train": (_train_parser, run_train), "encoder": (_encoder_parser, run_encoder), "validate": (_validate_parser, run_validate),
             "merge": (_merge_parser, run_merge)}
 SUBCOMMANDS = tuple(COMMANDS)
 

@@ -170,17 +170,21 @@ class RunConfig:
         return d
 
     def resolve_path(self, p: Optional[str]) -> Optional[Path]:
-        """Resolve a path from the config: absolute stays; relative is tried against the current
-        folder, then the YAML's folder, then the repository root."""
-        if p is None:
-            return None
-        path = Path(p).expanduser()
-        if path.is_absolute() or path.exists() or self.base_dir is None:
-            return path
-        for root in (Path(self.base_dir), _REPO_ROOT):
-            if (root / path).exists():
-                return root / path
+        return resolve_config_path(p, self.base_dir)
+
+
+def resolve_config_path(p: Optional[str], base_dir: Optional[str]) -> Optional[Path]:
+    """Resolve a path from a config: absolute stays; relative is tried against the current folder,
+    then the YAML's folder (``base_dir``), then the repository root."""
+    if p is None:
+        return None
+    path = Path(p).expanduser()
+    if path.is_absolute() or path.exists() or base_dir is None:
         return path
+    for root in (Path(base_dir), _REPO_ROOT):
+        if (root / path).exists():
+            return root / path
+    return path
 
 
 _LIST_ITEM_TYPES = {("DataConfig", "datasets"): DatasetConfig, ("DataConfig", "eval_datasets"): DatasetConfig}
@@ -300,8 +304,8 @@ def _list_index(node: list, part: str, item: str) -> int:
     return int(part)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, *, validate: bool = True) -> RunConfig:
-    """Read a YAML config, apply overrides, build and (by default) validate a :class:`RunConfig`."""
+def read_yaml_config(path: str | Path | None, overrides: list[str] | None = None) -> tuple[dict, Optional[str]]:
+    """(raw mapping with ``overrides`` applied, the YAML's folder or None) of a config file."""
     raw: dict = {}
     base_dir = None
     if path is not None:
@@ -315,7 +319,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, *, 
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         base_dir = str(p.resolve().parent)
-    raw = apply_overrides(raw, list(overrides or []))
+    return apply_overrides(raw, list(overrides or [])), base_dir
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, validate: bool = True) -> RunConfig:
+    """Read a YAML config, apply overrides, build and (by default) validate a :class:`RunConfig`."""
+    raw, base_dir = read_yaml_config(path, overrides)
+    if raw.get("kind") == "encoder_pretrain":
+        raise ConfigError(f"{path} is an encoder pretraining config; run it with "
+                          f"'medmvl-train encoder --config {path}'")
     problems: list[str] = []
     cfg = _build(RunConfig, raw, "", problems)
     cfg.base_dir = base_dir

@@ -7,6 +7,8 @@ Layout of ``out``::
                                      (report, closed, choice, open, find, region), for training
     train_tasks.json, ...            one entry per question (single turn, the answer as the gpt
                                      turn) with "task", "truth" and "phantom" keys, for evaluation
+    train_boxes.json, ...            CT phantoms' findings as model-space boxes with label and location,
+                                     for dense encoder pretraining (``medmvl-train encoder``)
     manifest.json                    seed, counts, box convention, per-phantom ground truth
 
 Image paths in the JSON are relative to ``out`` (use it as the image folder).
@@ -96,6 +98,24 @@ def phantom_entries(ph: Phantom, image_name: str, spec: dict | None, train: bool
     return entry, items
 
 
+def box_rows(truths: list[dict], spec: dict | None = None) -> list[dict]:
+    """Box-file rows (see ``training/encoder_pretrain.py``) for the CT phantoms among ``truths``
+    (manifest entries): each finding's voxel box in the model's box format, with its label and location."""
+    if spec and (spec.get("crop_foreground") or spec.get("orientation", "native") not in ("native", "LPS")):
+        raise DataError("box files need a spec without cropping or reorientation (the phantoms are LPS)")
+    rows = []
+    for t in truths:
+        if t["modality"] != "CT":
+            continue
+        d, h, w = t["shape"]
+        rows.append({"id": t["id"], "image3d": t["image"], "boxes": [
+            {"label": f["kind"], "location": f["location"],
+             "box": [round(f["box"][0] / d, 4), round(f["box"][1] / h, 4), round(f["box"][2] / w, 4),
+                     round(f["box"][3] / d, 4), round(f["box"][4] / h, 4), round(f["box"][5] / w, 4)]}
+            for f in t["findings"]]})
+    return rows
+
+
 def _stable_seed(text: str) -> int:
     import hashlib
 
@@ -136,6 +156,8 @@ def generate_dataset(out: Path, counts: dict[str, int], seed: int = 0, kind: str
                 items += its
                 manifest["phantoms"].append(ph.truth() | {"image": f"images/{name}"})
         (out / f"{split}.json").write_text(json.dumps(entries, indent=1))
+        (out / f"{split}_boxes.json").write_text(json.dumps(box_rows(
+            [p for p in manifest["phantoms"] if p["split"] == split], spec), indent=1))
         (out / f"{split}_tasks.json").write_text(json.dumps(items, indent=1))
         logger.info("wrote %d %s phantoms (%d questions)", len(entries), split, len(items))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))

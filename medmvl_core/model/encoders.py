@@ -1,4 +1,5 @@
-"""Vision encoders in an explicit registry: ``clip``, ``siglip`` (2D) and ``m3dclip``, ``medmclip`` (3D).
+"""Vision encoders in an explicit registry: ``clip``, ``siglip`` (2D) and ``m3dclip``, ``medmclip`` (3D),
+plus ``convvit3d`` (a small conv-stem 3D ViT for models trained here, e.g. the demo model).
 
 Every encoder wraps its network as ``self.encoder`` so state-dict keys match MedM-VL's
 (``encoder_image.encoder.vision_model.*``, ``encoder_image3d.encoder.vision_encoder.*``), and
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from medmvl_core.errors import ConfigError, RegistryError
+from medmvl_core.model.convvit3d import ConvViT3D
 from medmvl_core.model.vit3d import M3DViT, MedMViT
 
 logger = logging.getLogger(__name__)
@@ -141,6 +143,20 @@ class MedMClipEncoder(M3DClipEncoder):
         self.encoder.vision_encoder = MedMViT.from_config(spec["config"])
 
 
+class ConvViT3DEncoder(M3DClipEncoder):
+    """The conv-stem 3D ViT of :mod:`medmvl_core.model.convvit3d` (same key layout as ``m3dclip``)."""
+
+    def __init__(self, spec: dict) -> None:
+        VisionEncoder.__init__(self, spec)
+        self.encoder = nn.Module()
+        self.encoder.vision_encoder = ConvViT3D.from_config(spec["config"])
+
+    def forward(self, x: torch.Tensor, select_layer: int, select_feature: str) -> torch.Tensor:
+        enc = self.encoder.vision_encoder
+        _, hidden_states, _ = enc(x.to(enc.cls_token.dtype))
+        return select_features(hidden_states, select_layer, select_feature)
+
+
 EncoderBuilder = Callable[[dict], VisionEncoder]
 ENCODERS: dict[str, EncoderBuilder] = {}
 
@@ -161,5 +177,6 @@ def build_encoder(spec: dict) -> VisionEncoder:
 
 
 for _name, _cls in (("clip", ClipEncoder), ("siglip", SiglipEncoder),
-                    ("m3dclip", M3DClipEncoder), ("medmclip", MedMClipEncoder)):
+                    ("m3dclip", M3DClipEncoder), ("medmclip", MedMClipEncoder),
+                    ("convvit3d", ConvViT3DEncoder)):
     register_encoder(_name, _cls)

@@ -106,6 +106,10 @@ def volume_spec_3d_encoder(enc_type: str, enc_cfg: dict, schema: str = "lvlm_hea
     at the encoder's configured size; v1.0 M3D-CLIP data is already preprocessed)."""
     from medmvl_core.imaging.spec import default_spec
 
+    if enc_type == "convvit3d":  # trained here, always with an explicit spec; this is the fallback
+        return {"kind": "volume", "hu_window": [-1000, 1000], "crop_foreground": False,
+                "size": [int(v) for v in enc_cfg["img_size"]], "orientation": "LPS", "cast_uint8": False,
+                "channels": 1, "normalize": {"type": "minmax"}}
     if enc_type == "m3dclip":
         size = [int(v) for v in enc_cfg.get("img_size", [32, 256, 256])]
         if schema == "lvlm_v1":

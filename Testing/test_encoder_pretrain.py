@@ -1,0 +1,171 @@
+"""Dense encoder pretraining (training/encoder_pretrain.py) and the conv-stem 3D encoder (convvit3d)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medmvl_core.errors import ConfigError, DataError
+
+LABELS = ["nodule", "cyst"]
+LOCS = ["right upper lobe", "liver"]
+
+
+def _brute_coverage(box, shape, fine=8):
+    """Fraction of each cell covered by ``box``, by counting sub-voxel centres (independent of _coverage)."""
+    axes = [(np.arange(n * fine) + 0.5) / (n * fine) for n in shape]
+    inside = [(a >= box[i]) & (a < box[i + 3]) for i, a in enumerate(axes)]
+    m = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+    d, h, w = shape
+    return m.reshape(d, fine, h, fine, w, fine).mean(axis=(1, 3, 5))
+
+
+def test_coverage_matches_counting():
+    from training.encoder_pretrain import _coverage
+
+    for box in ([0.1, 0.2, 0.3, 0.45, 0.5, 0.9], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5625, 0.53, 0.9]):
+        got = _coverage(box, (8, 16, 16))
+        assert np.abs(got - _brute_coverage(box, (8, 16, 16))).max() < 0.07  # 1/fine sampling error
+
+
+def test_targets_put_a_small_box_in_its_token_only():
+    from training.encoder_pretrain import make_targets
+
+    # token grid 2x2x2 over a dense grid 4x4x4: the box lies inside token (1, 0, 1)
+    box = [0.55, 0.05, 0.6, 0.7, 0.2, 0.9]
+    rows = [{"image3d": "a.nii.gz", "boxes": [{"label": "cyst", "location": "liver", "box": box}]},
+            {"image3d": "b.nii.gz", "boxes": []}]
+    t = make_targets(rows, LABELS, LOCS, [4, 4, 4], [2, 2, 2])
+    tok = 1 * 4 + 0 * 2 + 1
+    assert t["loc"][0].tolist() == [2] * tok + [1] + [2] * (7 - tok)      # 2 = "no finding"
+    assert t["kind"][0, tok] == 1 and (t["kind"][1] == 2).all()
+    assert torch.allclose(t["box"][0, tok, 1], torch.tensor(box)) and t["box_mask"][0].sum() == 1
+    assert torch.allclose(t["dense"].sum(1), torch.ones(2, 4, 4, 4))       # a distribution per cell
+    assert t["global"][0].tolist() == [0, 0, 0, 1] and t["global"][1].sum() == 0
+
+
+def test_box_file_errors(tmp_path):
+    from training.encoder_pretrain import read_box_file
+
+    with pytest.raises(DataError, match="does not exist"):
+        read_box_file(tmp_path / "none.json", LABELS, LOCS)
+    bad = {"unknown": {"label": "tumour", "location": "liver", "box": [0, 0, 0, 1, 1, 1]},
+           "not in 0-1": {"label": "cyst", "location": "liver", "box": [0, 0, 0, 2, 1, 1]},
+           "reversed": {"label": "cyst", "location": "liver", "box": [0.5, 0, 0, 0.4, 1, 1]}}
+    for name, b in bad.items():
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps([{"image3d": "x.nii.gz", "boxes": [b]}]))
+        with pytest.raises(DataError, match="tumour" if name == "unknown" else "is not \\[z1"):
+            read_box_file(p, LABELS, LOCS)
+
+
+def test_convvit3d_shapes_and_errors():
+    from medmvl_core.model.convvit3d import ConvViT3D
+    from medmvl_core.model.encoders import build_encoder
+
+    cfg = {"img_size": [16, 32, 32], "stem_channels": [4, 8], "token_pool": [1, 2, 2], "hidden_size": 32,
+           "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "dense_stage": 1}
+    enc = build_encoder({"type": "convvit3d", "select_layer": -1, "select_feature": "patch", "config": cfg})
+    assert enc.patch_grid() == [4, 4, 4] and enc.num_tokens("patch") == 64 and enc.num_tokens("cls_patch") == 65
+    out = enc(torch.randn(2, 1, 16, 32, 32), -1, "cls_patch")
+    assert out.shape == (2, 65, 32)
+    _, _, dense = enc.encoder.vision_encoder(torch.randn(1, 1, 16, 32, 32))
+    assert dense.shape == (1, 4, 8, 16, 16)
+    with pytest.raises(ConfigError, match="spatial size"):
+        enc(torch.randn(1, 1, 16, 32, 16), -1, "patch")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        ConvViT3D.from_config(cfg | {"patch_size": 4})
+    with pytest.raises(ConfigError, match="divisible"):
+        ConvViT3D.from_config(cfg | {"img_size": [16, 32, 36]})
+
+
+def test_box_rows_match_the_task_boxes(tmp_path):
+    from medmvl_core.data.phantom_dataset import generate_dataset
+
+    generate_dataset(tmp_path, {"train": 4}, seed=3, kind="both")
+    rows = json.loads((tmp_path / "train_boxes.json").read_text())
+    tasks = json.loads((tmp_path / "train_tasks.json").read_text())
+    assert len(rows) == 4 and all(r["image3d"].endswith(".nii.gz") for r in rows)  # CT only
+    finds = [(t["phantom"], t["truth"]["kind"], t["truth"]["box"]) for t in tasks
+             if t["task"] == "find" and t["phantom"].startswith("ct")]
+    by_id = {r["id"]: r for r in rows}
+    assert finds
+    for pid, kind, box in finds:
+        match = [b for b in by_id[pid]["boxes"] if b["label"] == kind]
+        assert np.allclose(match[0]["box"], box, atol=6e-4)
+
+
+def _phantom_set(tmp_path):
+    from medmvl_core.data.phantom_dataset import generate_dataset
+
+    generate_dataset(tmp_path / "ph", {"train": 6, "val": 2}, seed=1)
+    cfg = {"kind": "encoder_pretrain", "seed": 0,
+           "encoder": {"type": "convvit3d", "config": {"img_size": [16, 32, 32], "stem_channels": [4, 8],
+                                                       "token_pool": [1, 2, 2], "hidden_size": 32, "mlp_dim": 64,
+                                                       "num_layers": 1, "num_heads": 2, "dense_stage": 1}},
+           "preprocessing": {"kind": "volume", "hu_window": [-1000, 400], "crop_foreground": False,
+                             "size": [16, 32, 32], "orientation": "LPS", "cast_uint8": False, "channels": 1,
+                             "normalize": {"type": "minmax"}},
+           "data": {"path": str(tmp_path / "ph" / "train_boxes.json"), "eval_path": str(tmp_path / "ph" / "val_boxes.json"),
+                    "labels": ["nodule", "mass", "calcification", "cyst", "effusion"],
+                    "locations": ["right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe",
+                                  "left lower lobe", "liver", "right pleural space", "left pleural space"]},
+           "train": {"output_dir": str(tmp_path / "enc"), "steps": 30, "batch_size": 4, "lr": 3e-3,
+                     "log_every": 10, "eval_every": 0}}
+    p = tmp_path / "enc.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_pretrain_run_lowers_the_loss_and_the_folder_loads_as_an_encoder(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from training.cli import main
+
+    cfg = _phantom_set(tmp_path)
+    assert main(["encoder", "--config", str(cfg)]) == 0
+    assert "held-out" in capsys.readouterr().out
+    hist = json.loads((tmp_path / "enc" / "history.json").read_text())
+    first, last = np.mean([h["loss"] for h in hist[:5]]), np.mean([h["loss"] for h in hist[-5:]])
+    assert last < 0.7 * first, (first, last)
+    assert "finding_f1" in hist[-1]["eval"]
+    final = tmp_path / "enc" / "final"
+    saved = load_file(str(final / "model.safetensors"))
+
+    from training.build import build_from_parts
+    from training.config import load_config
+
+    run = {"model": {"llm": {"config": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
+                                        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                        "vocab_size": 300}},
+                     "tokenizer": str(tmp_path / "tok"),
+                     "encoder_image3d": {"type": "convvit3d", "path": str(final),
+                                         "options": {"select_feature": "cls_patch"}},
+                     "connector_image3d": {"type": "mlp"}},
+           "data": {"datasets": [{"path": str(tmp_path / "ph" / "train.json")}]}}
+    from medmvl_core.data.phantom_tokenizer import train_phantom_tokenizer
+
+    train_phantom_tokenizer(["Findings: a cyst is seen in the liver."] * 4, tmp_path / "tok", vocab_size=280)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    model, _ = build_from_parts(load_config(tmp_path / "run.yaml"))
+    got = model.encoder_image3d.encoder.state_dict()
+    assert set(got) == set(saved)
+    assert all(torch.equal(got[k], saved[k]) for k in saved)
+
+
+def test_bad_pretrain_configs(tmp_path):
+    from training.encoder_pretrain import load_pretrain_config
+
+    cfg = _phantom_set(tmp_path)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_pretrain_config(cfg, ["train.epochs=3"])
+    with pytest.raises(ConfigError, match="supports 'convvit3d'"):
+        load_pretrain_config(cfg, ["encoder.type=m3dclip"])
+    with pytest.raises(ConfigError, match="preprocessing makes volumes"):
+        from training.encoder_pretrain import DensePretrainer
+
+        DensePretrainer(load_pretrain_config(cfg, ["preprocessing.size=[16,32,64]"])).run()

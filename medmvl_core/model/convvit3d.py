@@ -1,0 +1,124 @@
+"""A small hybrid 3D encoder: a convolutional stem, then ViT blocks over the stem's feature grid.
+
+Why it exists: a plain ViT embeds each patch with one linear map, so a finding a few voxels wide
+inside an 8x16x16 patch is a small change in a 2048-voxel sum and is hard to learn from a few
+thousand CT volumes (the demo's phantom benchmark showed this: a from-scratch M3D-CLIP ViT maps
+all phantoms to nearly the same tokens). Convolutions with max pooling keep a small bright or dark
+spot visible however it sits in the patch (the "hybrid" ViT of Dosovitskiy et al. 2021, and early
+convolutions in Xiao et al. 2021). The demo model uses it; released MedM-VL checkpoints never do.
+
+Layout (config keys): ``img_size`` [D, H, W], ``in_channels``, optional ``pointwise_channels`` (1x1x1
+convs with ReLU at full resolution — learned intensity bands, cheap — then a 2x2x2 max pool),
+``stem_channels`` (one stage per
+entry: 3x3x3 conv, GroupNorm, ReLU, 2x2x2 max pool), ``token_pool`` (a final conv with this kernel
+and stride turns the stem grid into tokens of width ``hidden_size``), ``num_layers`` /
+``num_heads`` / ``mlp_dim`` of the ViT blocks (M3D-CLIP's block), a CLS token first so
+``select_feature: patch`` drops it as for the other 3D encoders. ``cls_pool: max`` replaces the CLS
+token's last output by the channel-wise max over the patch tokens: a summary that says "this
+finding is somewhere" without having to learn an attention that finds a one-token finding (which
+neither a learned CLS token nor a small LLM learned within the demo's training budget).
+
+``forward(x) -> (normed output, [block outputs], stem features)``; the stem features (the grid after
+``dense_stage`` stages) feed the dense pretraining head in ``training/encoder_pretrain.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from medmvl_core.errors import ConfigError
+from medmvl_core.model.vit3d import _Block
+
+
+def _ints(v, n: int, what: str) -> list[int]:
+    v = [int(v)] * n if isinstance(v, int) else [int(x) for x in v]
+    if len(v) != n:
+        raise ConfigError(f"convvit3d {what} must have {n} values, got {v}")
+    return v
+
+
+class ConvViT3D(nn.Module):
+    """Input [B, C, D, H, W] -> (normed [B, 1+N, C'], list of [B, 1+N, C'], stem grid [B, c, d, h, w])."""
+
+    def __init__(self, img_size, in_channels: int = 1, stem_channels=(16, 32, 64), token_pool=(1, 2, 2),
+                 hidden_size: int = 128, mlp_dim: int = 256, num_layers: int = 2, num_heads: int = 4,
+                 dense_stage: int = 2, groups: int = 4, pointwise_channels=(), cls_pool: str = "token") -> None:
+        super().__init__()
+        img = _ints(img_size, 3, "img_size")
+        pool = _ints(token_pool, 3, "token_pool")
+        chans = [int(c) for c in stem_channels]
+        if not chans:
+            raise ConfigError("convvit3d stem_channels must list at least one stage")
+        if hidden_size % num_heads:
+            raise ConfigError(f"convvit3d hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if any(c % groups for c in chans):
+            raise ConfigError(f"convvit3d stem_channels {chans} must be multiples of {groups} (GroupNorm groups)")
+        if not 1 <= dense_stage <= len(chans):
+            raise ConfigError(f"convvit3d dense_stage must be between 1 and {len(chans)}, got {dense_stage}")
+        pw = [int(c) for c in pointwise_channels]
+        down = 2 ** (len(chans) + (1 if pw else 0))
+        grid = []
+        for s, p in zip(img, pool):
+            if s % (down * p):
+                raise ConfigError(f"convvit3d img_size {img} must be divisible by 2**len(stem_channels) * "
+                                  f"token_pool = {down} * {pool}")
+            grid.append(s // down // p)
+        if cls_pool not in ("token", "max"):
+            raise ConfigError(f"convvit3d cls_pool must be 'token' or 'max', got {cls_pool!r}")
+        self.cls_pool = cls_pool
+        self.img_size, self.grid, self.hidden_size, self.dense_stage = img, grid, hidden_size, dense_stage
+        self.dense_channels = chans[dense_stage - 1]
+        stages, prev = [], in_channels
+        if pw:  # per-voxel intensity features ("learned HU bands") at full resolution, then a 2x2x2 max pool
+            layers = []
+            for c in pw:
+                layers += [nn.Conv3d(prev, c, 1), nn.ReLU()]
+                prev = c
+            self.pointwise = nn.Sequential(*layers, nn.MaxPool3d(2))
+        else:
+            self.pointwise = nn.Identity()
+        for c in chans:
+            stages.append(nn.Sequential(nn.Conv3d(prev, c, 3, padding=1), nn.GroupNorm(groups, c), nn.ReLU(),
+                                        nn.MaxPool3d(2)))
+            prev = c
+        self.stem = nn.ModuleList(stages)
+        self.to_tokens = nn.Conv3d(prev, hidden_size, kernel_size=pool, stride=pool)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, math.prod(grid), hidden_size))
+        nn.init.trunc_normal_(self.position_embeddings, std=0.02)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
+        self.blocks = nn.ModuleList([_Block(hidden_size, mlp_dim, num_heads, 0.0, False) for _ in range(num_layers)])
+        self.norm = nn.LayerNorm(hidden_size)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ConvViT3D":
+        known = {"img_size", "in_channels", "stem_channels", "token_pool", "hidden_size", "mlp_dim", "num_layers",
+                 "num_heads", "dense_stage", "groups", "pointwise_channels", "cls_pool", "model_type"}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ConfigError(f"convvit3d config has unknown keys {unknown}; valid: {sorted(known - {'model_type'})}")
+        if "img_size" not in cfg:
+            raise ConfigError("convvit3d config needs img_size [D, H, W]")
+        return cls(**{k: v for k, v in cfg.items() if k != "model_type"})
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        if list(x.shape[2:]) != self.img_size:
+            raise ConfigError(f"convvit3d expects input of spatial size {self.img_size}, got {list(x.shape[2:])}")
+        dense = None
+        x = self.pointwise(x)
+        for n, stage in enumerate(self.stem, 1):
+            x = stage(x)
+            if n == self.dense_stage:
+                dense = x
+        x = self.to_tokens(x).flatten(2).transpose(1, 2) + self.position_embeddings
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        hidden_states = []
+        for blk in self.blocks:
+            x = blk(x)
+            hidden_states.append(x)
+        if self.cls_pool == "max":  # the first token becomes the channel-wise max over the patch tokens
+            x = torch.cat((x[:, 1:].amax(1, keepdim=True), x[:, 1:]), dim=1)
+            hidden_states[-1] = x
+        return self.norm(x), hidden_states, dense
