@@ -251,8 +251,7 @@ class DensePretrainer:
         self.labels = [str(x) for x in cfg.data.labels]
         self.locations = [str(x) for x in cfg.data.locations]
         self.token_grid = list(enc.grid)
-        self.dense_grid = [s // 2 ** (enc.dense_stage + (1 if cfg.encoder.config.get("pointwise_channels") else 0))
-                           for s in enc.img_size]
+        self.dense_grid = list(enc.dense_grid)
         self.sub = [d // t for d, t in zip(self.dense_grid, self.token_grid)]
         self.heads = DenseHeads(enc.dense_channels, enc.hidden_size, len(self.labels), len(self.locations),
                                 math.prod(self.sub))
@@ -283,15 +282,11 @@ class DensePretrainer:
     def evaluate(self, x: torch.Tensor, t: dict[str, torch.Tensor], batch: int = 25) -> dict[str, float]:
         """Token-level location recall/precision and mean box error (0-1 units) on held-out volumes."""
         self.encoder.eval()
-        pbs, pls, pgs, pgbs = [], [], [], []
-        for i in range(0, len(x), batch):
-            r = self.losses(x[i:i + batch], {k: v[i:i + batch] for k, v in t.items()})
-            pbs.append(r["_pred"][0])
-            pls.append(r["_pred"][1])
-            pgs.append(r["_pred"][2])
-            pgbs.append(r["_pred"][3])
+        preds = [self.losses(x[i:i + batch], {k: v[i:i + batch] for k, v in t.items()})["_pred"]
+                 for i in range(0, len(x), batch)]
         self.encoder.train()
-        pb, pl, pg = torch.cat(pbs), torch.cat(pls), torch.cat(pgs) > 0
+        pb, pl, pg, pgb = (torch.cat(z) for z in zip(*preds))
+        pg = pg > 0
         g = t["global"] > 0.5
         none = len(self.locations)
         pred, loc = pl.argmax(-1), t["loc"]
@@ -300,7 +295,7 @@ class DensePretrainer:
         tp = float((pg & g).sum())
         gm = t["global_box_mask"]
         res = {"box_error": float(((pb - t["box"]).abs().mean(-1) * bm).sum() / bm.sum().clamp(min=1)),
-               "summary_box_error": float(((torch.cat(pgbs) - t["global_box"]).abs().mean(-1) * gm).sum()
+               "summary_box_error": float(((pgb - t["global_box"]).abs().mean(-1) * gm).sum()
                                           / gm.sum().clamp(min=1)),
                "finding_f1": 2 * tp / max(float(pg.sum() + g.sum()), 1.0),
                "volume_exact": float((pg == g).all(1).float().mean())}

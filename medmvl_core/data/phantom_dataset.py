@@ -72,9 +72,14 @@ def model_box_fn(ph: Phantom, spec: dict | None = None) -> Callable[[tuple[int, 
     if spec and spec.get("orientation", "native") != "native":
         raise DataError("phantom boxes support only orientation 'native' without the imaging package; "
                         "install medmvl_core.imaging or use the demo spec")
+    return lambda b: unit_box_3d(b, shape, 3)
+
+
+def unit_box_3d(box, shape, ndigits: int) -> list[float]:
+    """Voxel box ``(k1, j1, i1, k2, j2, i2)`` of an array of ``shape`` -> 0-1 box (a plain resize)."""
     d, h, w = shape
-    return lambda b: [round(b[0] / d, 3), round(b[1] / h, 3), round(b[2] / w, 3),
-                      round(b[3] / d, 3), round(b[4] / h, 3), round(b[5] / w, 3)]
+    return [round(box[0] / d, ndigits), round(box[1] / h, ndigits), round(box[2] / w, ndigits),
+            round(box[3] / d, ndigits), round(box[4] / h, ndigits), round(box[5] / w, ndigits)]
 
 
 def phantom_entries(ph: Phantom, image_name: str, spec: dict | None, train: bool) -> tuple[dict, list[dict]]:
@@ -107,11 +112,8 @@ def box_rows(truths: list[dict], spec: dict | None = None) -> list[dict]:
     for t in truths:
         if t["modality"] != "CT":
             continue
-        d, h, w = t["shape"]
         rows.append({"id": t["id"], "image3d": t["image"], "boxes": [
-            {"label": f["kind"], "location": f["location"],
-             "box": [round(f["box"][0] / d, 4), round(f["box"][1] / h, 4), round(f["box"][2] / w, 4),
-                     round(f["box"][3] / d, 4), round(f["box"][4] / h, 4), round(f["box"][5] / w, 4)]}
+            {"label": f["kind"], "location": f["location"], "box": unit_box_3d(f["box"], t["shape"], 4)}
             for f in t["findings"]]})
     return rows
 
