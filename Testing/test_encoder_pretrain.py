@@ -169,3 +169,15 @@ def test_bad_pretrain_configs(tmp_path):
         from training.encoder_pretrain import DensePretrainer
 
         DensePretrainer(load_pretrain_config(cfg, ["preprocessing.size=[16,32,64]"])).run()
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    from training.encoder_pretrain import DensePretrainer, load_pretrain_config
+
+    path = _phantom_set(tmp_path)
+    with pytest.raises(ConfigError, match="noise_std: must be a finite number"):
+        load_pretrain_config(path, ["train.noise_std=.nan"])
+    cfg = load_pretrain_config(path, ["train.lr=1e30", "train.warmup_steps=1", "train.steps=5"])
+    with pytest.raises(DataError, match=r"loss is (nan|inf) at step [2-5]; lower train.lr"):
+        DensePretrainer(cfg).run()
+    assert not (tmp_path / "enc" / "final").exists()

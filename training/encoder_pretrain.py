@@ -113,6 +113,8 @@ def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -
             problems.append(f"train.{name}: must be > 0")
     if t.lr <= 0:
         problems.append("train.lr: must be > 0")
+    if not (t.noise_std >= 0 and math.isfinite(t.noise_std)):
+        problems.append(f"train.noise_std: must be a finite number >= 0, got {t.noise_std}")
     if problems:
         raise ConfigError("invalid encoder pretraining config:\n  " + "\n  ".join(problems))
     return cfg
