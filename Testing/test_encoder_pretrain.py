@@ -48,6 +48,23 @@ def test_targets_put_a_small_box_in_its_token_only():
     assert t["global"][0].tolist() == [0, 0, 0, 1] and t["global"][1].sum() == 0
 
 
+def test_relative_targets_teach_a_finding_smaller_than_a_cell():
+    from training.encoder_pretrain import make_targets
+
+    # 0.1 of a cell on each axis: 0.1% of its cell, far below min_cover of its token
+    box = [0.05, 0.05, 0.05, 0.075, 0.075, 0.075]
+    rows = [{"image3d": "a.nii.gz", "boxes": [{"label": "nodule", "location": "liver", "box": box},
+                                              {"label": "cyst", "location": "liver", "box": [0, 0, 0, 1, 1, 1]}]}]
+    absolute = make_targets(rows, LABELS, LOCS, [4, 4, 4], [2, 2, 2], relative=False)
+    assert absolute["dense"][0, 1].max() < 0.01 and absolute["box_mask"][0, :, 0].sum() == 0
+    rel = make_targets(rows, LABELS, LOCS, [4, 4, 4], [2, 2, 2])
+    # the cell holding it is labelled nodule, shared with the cyst that covers everything
+    assert torch.allclose(rel["dense"][0, 1:, 0, 0, 0], torch.tensor([0.5, 0.5]))
+    assert rel["dense"][0, 1, 1:, 1:, 1:].sum() == 0 and torch.allclose(rel["dense"].sum(1), torch.ones(1, 4, 4, 4))
+    assert rel["box_mask"][0, :, 0].tolist() == [1, 0, 0, 0, 0, 0, 0, 0]   # only its own token
+    assert rel["box_mask"][0, :, 1].tolist() == [1] * 8
+
+
 def test_box_file_errors(tmp_path):
     from training.encoder_pretrain import read_box_file
 
@@ -81,6 +98,26 @@ def test_convvit3d_shapes_and_errors():
         ConvViT3D.from_config(cfg | {"patch_size": 4})
     with pytest.raises(ConfigError, match="divisible"):
         ConvViT3D.from_config(cfg | {"img_size": [16, 32, 36]})
+    with pytest.raises(ConfigError, match="input_windows"):
+        ConvViT3D.from_config(cfg | {"input_windows": [[0.9, 0.6]]})
+
+
+def test_convvit3d_input_windows_are_fixed_rewindowed_channels():
+    from medmvl_core.model.convvit3d import ConvViT3D
+
+    cfg = {"img_size": [16, 32, 32], "stem_channels": [4, 8], "token_pool": [1, 2, 2], "hidden_size": 32,
+           "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "dense_stage": 1,
+           "input_windows": [[0.6, 0.9], [0.9, 1.0]]}
+    enc = ConvViT3D.from_config(cfg)
+    assert enc.stem[0][0].in_channels == 3 and not any("win" in k for k in enc.state_dict())
+    seen = {}
+    enc.stem[0].register_forward_pre_hook(lambda m, i: seen.update(inp=i[0]))
+    x = torch.tensor([0.0, 0.6, 0.75, 0.9, 0.95, 1.0]).view(1, 1, 6, 1, 1).expand(1, 1, 6, 32, 32)
+    enc(torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 10)))
+    got = seen["inp"][0, :, :6, 0, 0]
+    assert torch.allclose(got[0], x[0, 0, :, 0, 0])                                   # the input itself
+    assert torch.allclose(got[1], torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0, 1.0]), atol=1e-6)  # soft tissue
+    assert torch.allclose(got[2], torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 1.0]), atol=1e-6)  # brighter
 
 
 def test_box_rows_match_the_task_boxes(tmp_path):
@@ -181,3 +218,19 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"loss is (nan|inf) at step [2-5]; lower train.lr"):
         DensePretrainer(cfg).run()
     assert not (tmp_path / "enc" / "final").exists()
+
+
+def test_prior_init_starts_the_heads_at_background(tmp_path):
+    from training.encoder_pretrain import DenseHeads, load_pretrain_config
+
+    heads = DenseHeads(8, 32, n_labels=5, n_locations=8, sub_cells=4, prior=0.95)
+    cells = heads.cells(torch.zeros(32)).view(4, 6).softmax(-1)
+    assert torch.allclose(cells[:, 0], torch.full((4,), 0.95)) and torch.allclose(cells[:, 1:], torch.full((4, 5), 0.01))
+    assert torch.allclose(heads.dense(torch.zeros(1, 8, 1, 1, 1)).softmax(1)[0, 0], torch.tensor(0.95))
+    assert torch.allclose(heads.loc(torch.zeros(32)).softmax(-1)[-1], torch.tensor(0.95))
+    assert torch.allclose(torch.sigmoid(heads.glob(torch.zeros(32))), torch.full((40,), 0.05))
+    plain = DenseHeads(8, 32, n_labels=5, n_locations=8, sub_cells=4)
+    assert plain.cells(torch.zeros(32)).view(4, 6).softmax(-1)[0, 0] < 0.5
+    cfg = _phantom_set(tmp_path)
+    with pytest.raises(ConfigError, match="train.prior"):
+        load_pretrain_config(cfg, ["train.prior=1.0"])

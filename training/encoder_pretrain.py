@@ -71,6 +71,8 @@ class PretrainTrain:
     max_grad_norm: float = 5.0
     fg_weight: float = 10.0
     class_balance: bool = False      # dense/cell weights per label: sqrt(background share / label share), 1-100
+    relative_targets: bool = True    # small findings label their best cells/tokens (see make_targets)
+    prior: float = 0.0               # >0: heads start predicting background/absent with this probability
     noise_std: float = 0.01          # Gaussian noise added to the normalised input (augmentation)
     log_every: int = 50
     eval_every: int = 250
@@ -113,6 +115,8 @@ def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -
             problems.append(f"train.{name}: must be > 0")
     if t.lr <= 0:
         problems.append("train.lr: must be > 0")
+    if not 0 <= t.prior < 1:
+        problems.append(f"train.prior: must be in [0, 1), got {t.prior}")
     if not (t.noise_std >= 0 and math.isfinite(t.noise_std)):
         problems.append(f"train.noise_std: must be a finite number >= 0, got {t.noise_std}")
     if problems:
@@ -158,8 +162,15 @@ def _coverage(box: list[float], shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def make_targets(rows: list[dict], labels: list[str], locations: list[str], dense_grid: list[int],
-                 token_grid: list[int], min_cover: float = 0.05) -> dict[str, torch.Tensor]:
-    """Dense and per-token targets for every row (see the module docstring)."""
+                 token_grid: list[int], min_cover: float = 0.05, relative: bool = True) -> dict[str, torch.Tensor]:
+    """Dense and per-token targets for every row (see the module docstring).
+
+    ``relative`` (default): a finding's cell targets are its coverage divided by its largest cell
+    coverage, and it labels every token it covers at least half as much as its best token (as well
+    as every token it covers more than ``min_cover``). Without it a finding smaller than a cell or a
+    token (a 15 mm calcification covers ~15% of one stem cell and ~0.5% of one token) is a minority
+    of every cell's soft label and labels no token at all, so it is never taught as "present".
+    """
     n, k = len(rows), len(labels)
     ntok = math.prod(token_grid)
     sub = [d // t for d, t in zip(dense_grid, token_grid)]
@@ -178,10 +189,13 @@ def make_targets(rows: list[dict], labels: list[str], locations: list[str], dens
             gbox[i, li] = torch.tensor(b["box"], dtype=torch.float32)
             gbox_mask[i, li] = 1
             c = torch.from_numpy(_coverage(b["box"], tuple(dense_grid)))
-            dense[i, li + 1] = torch.maximum(dense[i, li + 1], c)
             tok = c.reshape(token_grid[0], sub[0], token_grid[1], sub[1], token_grid[2], sub[2])
             tok = tok.permute(0, 2, 4, 1, 3, 5).reshape(ntok, -1).mean(1)
             hit = tok > min_cover
+            if relative:
+                c = c / c.max().clamp(min=1e-8)
+                hit |= tok >= 0.5 * tok.max()
+            dense[i, li + 1] = torch.maximum(dense[i, li + 1], c)
             box[i, hit, li] = torch.tensor(b["box"], dtype=torch.float32)
             box_mask[i, hit, li] = 1
             upd = hit & (tok > best)
@@ -189,7 +203,9 @@ def make_targets(rows: list[dict], labels: list[str], locations: list[str], dens
                 loc[i, upd] = locations.index(b["location"])
             kind[i, upd] = li
             best = torch.maximum(best, tok)
-        dense[i, 0] = (1 - dense[i, 1:].sum(0)).clamp(min=0)
+        fg = dense[i, 1:].sum(0)
+        dense[i, 1:] /= fg.clamp(min=1.0)  # overlapping findings share a cell
+        dense[i, 0] = (1 - fg).clamp(min=0)
     return {"dense": dense, "box": box, "box_mask": box_mask, "loc": loc, "kind": kind, "global": glob,
             "global_box": gbox, "global_box_mask": gbox_mask}
 
@@ -217,7 +233,8 @@ def load_volumes(rows: list[dict], image_dir: Optional[Path], spec: dict, what: 
 class DenseHeads(nn.Module):
     """Training-only heads over the encoder's stem grid and tokens."""
 
-    def __init__(self, dense_channels: int, hidden: int, n_labels: int, n_locations: int, sub_cells: int):
+    def __init__(self, dense_channels: int, hidden: int, n_labels: int, n_locations: int, sub_cells: int,
+                 prior: float = 0.0):
         super().__init__()
         self.k, self.sub = n_labels, sub_cells
         self.dense = nn.Conv3d(dense_channels, n_labels + 1, 1)
@@ -227,6 +244,16 @@ class DenseHeads(nn.Module):
         self.loc = nn.Linear(hidden, n_locations + 1)
         self.glob = nn.Linear(hidden, n_labels * max(n_locations, 1))
         self.glob_box = nn.Linear(hidden, n_labels * 6)
+        if prior:  # start from "background / absent" with probability ``prior`` (RetinaNet's prior init)
+            with torch.no_grad():
+                b = math.log(prior * n_labels / (1 - prior))
+                self.dense.bias.zero_()
+                self.dense.bias[0] = b
+                self.cells.bias.view(sub_cells, n_labels + 1).zero_()
+                self.cells.bias.view(sub_cells, n_labels + 1)[:, 0] = b
+                self.loc.bias.zero_()
+                self.loc.bias[-1] = math.log(prior * max(n_locations, 1) / (1 - prior))
+                self.glob.bias.fill_(-math.log(prior / (1 - prior)))
 
     def forward(self, dense: torch.Tensor, tokens: torch.Tensor):
         h = self.norm(tokens)
@@ -256,10 +283,13 @@ class DensePretrainer:
         self.dense_grid = list(enc.dense_grid)
         self.sub = [d // t for d, t in zip(self.dense_grid, self.token_grid)]
         self.heads = DenseHeads(enc.dense_channels, enc.hidden_size, len(self.labels), len(self.locations),
-                                math.prod(self.sub))
+                                math.prod(self.sub), cfg.train.prior)
         self.weight = torch.tensor([1.0] + [cfg.train.fg_weight] * len(self.labels))
         self.global_pos_weight = torch.tensor(cfg.train.fg_weight)
         self.loc_weight = torch.tensor([cfg.train.fg_weight / 2] * len(self.locations) + [1.0])
+
+    def targets(self, rows: list[dict], relative: bool) -> dict[str, torch.Tensor]:
+        return make_targets(rows, self.labels, self.locations, self.dense_grid, self.token_grid, relative=relative)
 
     def losses(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         _, hidden, dense = self.encoder(x)
@@ -277,7 +307,7 @@ class DensePretrainer:
         out["global_box"] = ((pgb - t["global_box"]).abs().sum(-1) * gm).sum() / gm.sum().clamp(min=1)
         if self.locations:
             out["loc"] = F.cross_entropy(pl.reshape(-1, pl.shape[-1]), t["loc"].reshape(-1), weight=self.loc_weight)
-        out["_pred"] = (pb, pl, pg, pgb)
+        out["_pred"] = (pb, pl, pg, pgb, pc)
         return out
 
     @torch.no_grad()
@@ -287,7 +317,7 @@ class DensePretrainer:
         preds = [self.losses(x[i:i + batch], {k: v[i:i + batch] for k, v in t.items()})["_pred"]
                  for i in range(0, len(x), batch)]
         self.encoder.train()
-        pb, pl, pg, pgb = (torch.cat(z) for z in zip(*preds))
+        pb, pl, pg, pgb, pc = (torch.cat(z) for z in zip(*preds))
         pg = pg > 0
         g = t["global"] > 0.5
         none = len(self.locations)
@@ -302,9 +332,14 @@ class DensePretrainer:
                "finding_f1": 2 * tp / max(float(pg.sum() + g.sum()), 1.0),
                "volume_exact": float((pg == g).all(1).float().mean())}
         k, nl = len(self.labels), max(len(self.locations), 1)
+        flags = pc.argmax(-1)  # [N, tokens, sub-cells]: 0 = background, i + 1 = label i
         for i, name in enumerate(self.labels):  # per label: found anywhere vs present anywhere
             pi, gi = pg[:, i * nl:(i + 1) * nl].any(1), g[:, i * nl:(i + 1) * nl].any(1)
             res[f"recall_{name}"] = float((pi & gi).sum() / gi.sum().clamp(min=1))
+            # the tokens: a present label is seen when a token it mostly covers has a sub-cell labelled i
+            on = t["kind"] == i
+            seen = ((flags == i + 1).any(-1) & on).any(1)
+            res[f"token_recall_{name}"] = float((seen & on.any(1)).sum() / on.any(1).sum().clamp(min=1))
         if self.locations:
             res["location_recall"] = float((pred[fg] == loc[fg]).float().mean()) if fg.any() else float("nan")
             flagged = pred < none
@@ -322,7 +357,8 @@ class DensePretrainer:
         if list(x.shape[2:]) != self.encoder.img_size:
             raise ConfigError(f"preprocessing makes volumes of size {list(x.shape[2:])} but encoder.config.img_size "
                               f"is {self.encoder.img_size}; make them agree")
-        t = make_targets(rows, self.labels, self.locations, self.dense_grid, self.token_grid)
+        rel = tr.relative_targets
+        t = self.targets(rows, rel)
         if tr.class_balance:
             share = t["dense"].mean(dim=(0, 2, 3, 4)).clamp(min=1e-8)
             self.weight = (share[0] / share).sqrt().clamp(1.0, 100.0)
@@ -332,7 +368,7 @@ class DensePretrainer:
         if data.eval_path:
             erows = read_box_file(cfg.resolve_path(data.eval_path), self.labels, self.locations)
             ev = (load_volumes(erows, img_dir, cfg.preprocessing, "eval"),
-                  make_targets(erows, self.labels, self.locations, self.dense_grid, self.token_grid))
+                  self.targets(erows, rel))
         params = list(self.encoder.parameters()) + list(self.heads.parameters())
         opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
         steps = tr.steps
@@ -355,12 +391,13 @@ class DensePretrainer:
                 raise DataError(f"encoder pretraining: the loss is {loss.item()} at step {step}; lower train.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(params, tr.max_grad_norm)
+            gnorm = float(nn.utils.clip_grad_norm_(params, tr.max_grad_norm))
             opt.step()
             sched.step()
-            rec = {"step": step, "loss": round(float(loss.detach()), 5), "elapsed_s": round(time.time() - t0, 1)}
+            rec = {"step": step, "loss": round(float(loss.detach()), 5), "grad_norm": round(gnorm, 3),
+                   "elapsed_s": round(time.time() - t0, 1)}
             if step % tr.log_every == 0 or step == steps:
-                logger.info("step %d/%d loss %.4f (%s) %.0f s", step, steps, rec["loss"],
+                logger.info("step %d/%d loss %.4f grad_norm %.2f (%s) %.0f s", step, steps, rec["loss"], gnorm,
                             " ".join(f"{k} {float(v.detach()):.3f}" for k, v in parts.items() if not k.startswith("_")),
                             time.time() - t0)
             if ev is not None and (step == steps or (tr.eval_every and step % tr.eval_every == 0)):
@@ -368,6 +405,9 @@ class DensePretrainer:
                 logger.info("step %d eval %s", step, json.dumps(rec["eval"]))
             history.append(rec)
         final = self.save(out / "final")
+        from safetensors.torch import save_file  # the training heads, for inspecting what the encoder learned
+
+        save_file({k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}, str(out / "heads.safetensors"))
         summary = {"steps": steps, "seconds": round(time.time() - t0, 1), "final_loss": history[-1]["loss"],
                    "eval": history[-1].get("eval"), "final_dir": str(final)}
         (out / "history.json").write_text(json.dumps(history))

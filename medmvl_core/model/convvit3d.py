@@ -18,6 +18,13 @@ token's last output by the channel-wise max over the patch tokens: a summary tha
 finding is somewhere" without having to learn an attention that finds a one-token finding (which
 neither a learned CLS token nor a small LLM learned within the demo's training budget).
 
+``input_windows`` (optional, e.g. ``[[0.6, 0.886], [0.886, 1.0]]``): extra input channels, each the
+input re-windowed to ``clamp((x - lo) / (hi - lo), 0, 1)`` — fixed, not learned. With a wide CT
+window (the demo's HU [-1000, 400] scaled to 0-1) a liver cyst differs from liver by 0.1 and a
+calcification from a nodule by 0.25; a narrow soft-tissue window and a "brighter than soft tissue"
+window make those a 0.4-1.0 step that the first convolution sees at once, as a radiologist
+switches windows (multi-window inputs are common practice in CT deep learning).
+
 ``forward(x) -> (normed output, [block outputs], stem features)``; the stem features (the grid after
 ``dense_stage`` stages) feed the dense pretraining head in ``training/encoder_pretrain.py``.
 """
@@ -45,8 +52,17 @@ class ConvViT3D(nn.Module):
 
     def __init__(self, img_size, in_channels: int = 1, stem_channels=(16, 32, 64), token_pool=(1, 2, 2),
                  hidden_size: int = 128, mlp_dim: int = 256, num_layers: int = 2, num_heads: int = 4,
-                 dense_stage: int = 2, groups: int = 4, pointwise_channels=(), cls_pool: str = "token") -> None:
+                 dense_stage: int = 2, groups: int = 4, pointwise_channels=(), cls_pool: str = "token",
+                 input_windows=()) -> None:
         super().__init__()
+        windows = [tuple(float(v) for v in w) for w in input_windows]
+        if any(len(w) != 2 or not w[0] < w[1] for w in windows):
+            raise ConfigError(f"convvit3d input_windows must be [lo, hi] pairs with lo < hi, got {input_windows}")
+        self.input_windows = windows
+        if windows:
+            self.register_buffer("_win_lo", torch.tensor([w[0] for w in windows]).view(1, -1, 1, 1, 1), persistent=False)
+            self.register_buffer("_win_width", torch.tensor([w[1] - w[0] for w in windows]).view(1, -1, 1, 1, 1),
+                                 persistent=False)
         img = _ints(img_size, 3, "img_size")
         pool = _ints(token_pool, 3, "token_pool")
         chans = [int(c) for c in stem_channels]
@@ -72,7 +88,7 @@ class ConvViT3D(nn.Module):
         self.img_size, self.grid, self.hidden_size, self.dense_stage = img, grid, hidden_size, dense_stage
         self.dense_channels = chans[dense_stage - 1]
         self.dense_grid = [m // 2 ** (dense_stage + (1 if pw else 0)) for m in img]  # the stem grid it returns
-        stages, prev = [], in_channels
+        stages, prev = [], in_channels * (1 + len(windows)) if windows else in_channels
         if pw:  # per-voxel intensity features ("learned HU bands") at full resolution, then a 2x2x2 max pool
             layers = []
             for c in pw:
@@ -96,7 +112,7 @@ class ConvViT3D(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict) -> "ConvViT3D":
         known = {"img_size", "in_channels", "stem_channels", "token_pool", "hidden_size", "mlp_dim", "num_layers",
-                 "num_heads", "dense_stage", "groups", "pointwise_channels", "cls_pool", "model_type"}
+                 "num_heads", "dense_stage", "groups", "pointwise_channels", "cls_pool", "input_windows", "model_type"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ConfigError(f"convvit3d config has unknown keys {unknown}; valid: {sorted(known - {'model_type'})}")
@@ -108,6 +124,9 @@ class ConvViT3D(nn.Module):
         if list(x.shape[2:]) != self.img_size:
             raise ConfigError(f"convvit3d expects input of spatial size {self.img_size}, got {list(x.shape[2:])}")
         dense = None
+        if self.input_windows:  # each input channel, then each channel re-windowed (window-major)
+            w = ((x.unsqueeze(1) - self._win_lo.unsqueeze(2)) / self._win_width.unsqueeze(2)).clamp(0, 1)
+            x = torch.cat((x, w.flatten(1, 2)), dim=1)
         x = self.pointwise(x)
         for n, stage in enumerate(self.stem, 1):
             x = stage(x)
