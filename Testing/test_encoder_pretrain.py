@@ -170,6 +170,7 @@ def test_pretrain_run_lowers_the_loss_and_the_folder_loads_as_an_encoder(tmp_pat
     first, last = np.mean([h["loss"] for h in hist[:5]]), np.mean([h["loss"] for h in hist[-5:]])
     assert last < 0.7 * first, (first, last)
     assert "finding_f1" in hist[-1]["eval"]
+    assert {"dense.weight", "cells.weight"} <= set(load_file(str(tmp_path / "enc" / "heads.safetensors")))
     final = tmp_path / "enc" / "final"
     saved = load_file(str(final / "model.safetensors"))
 

@@ -37,6 +37,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch import nn
+from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from medmvl_core.errors import ConfigError, DataError
@@ -288,8 +289,9 @@ class DensePretrainer:
         self.global_pos_weight = torch.tensor(cfg.train.fg_weight)
         self.loc_weight = torch.tensor([cfg.train.fg_weight / 2] * len(self.locations) + [1.0])
 
-    def targets(self, rows: list[dict], relative: bool) -> dict[str, torch.Tensor]:
-        return make_targets(rows, self.labels, self.locations, self.dense_grid, self.token_grid, relative=relative)
+    def targets(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        return make_targets(rows, self.labels, self.locations, self.dense_grid, self.token_grid,
+                            relative=self.cfg.train.relative_targets)
 
     def losses(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         _, hidden, dense = self.encoder(x)
@@ -338,8 +340,9 @@ class DensePretrainer:
             res[f"recall_{name}"] = float((pi & gi).sum() / gi.sum().clamp(min=1))
             # the tokens: a present label is seen when a token it mostly covers has a sub-cell labelled i
             on = t["kind"] == i
+            present = on.any(1)
             seen = ((flags == i + 1).any(-1) & on).any(1)
-            res[f"token_recall_{name}"] = float((seen & on.any(1)).sum() / on.any(1).sum().clamp(min=1))
+            res[f"token_recall_{name}"] = float((seen & present).sum() / present.sum().clamp(min=1))
         if self.locations:
             res["location_recall"] = float((pred[fg] == loc[fg]).float().mean()) if fg.any() else float("nan")
             flagged = pred < none
@@ -357,8 +360,7 @@ class DensePretrainer:
         if list(x.shape[2:]) != self.encoder.img_size:
             raise ConfigError(f"preprocessing makes volumes of size {list(x.shape[2:])} but encoder.config.img_size "
                               f"is {self.encoder.img_size}; make them agree")
-        rel = tr.relative_targets
-        t = self.targets(rows, rel)
+        t = self.targets(rows)
         if tr.class_balance:
             share = t["dense"].mean(dim=(0, 2, 3, 4)).clamp(min=1e-8)
             self.weight = (share[0] / share).sqrt().clamp(1.0, 100.0)
@@ -367,8 +369,7 @@ class DensePretrainer:
         ev = None
         if data.eval_path:
             erows = read_box_file(cfg.resolve_path(data.eval_path), self.labels, self.locations)
-            ev = (load_volumes(erows, img_dir, cfg.preprocessing, "eval"),
-                  self.targets(erows, rel))
+            ev = (load_volumes(erows, img_dir, cfg.preprocessing, "eval"), self.targets(erows))
         params = list(self.encoder.parameters()) + list(self.heads.parameters())
         opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
         steps = tr.steps
@@ -405,8 +406,7 @@ class DensePretrainer:
                 logger.info("step %d eval %s", step, json.dumps(rec["eval"]))
             history.append(rec)
         final = self.save(out / "final")
-        from safetensors.torch import save_file  # the training heads, for inspecting what the encoder learned
-
+        # the training heads, beside final/, for inspecting what the encoder learned
         save_file({k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}, str(out / "heads.safetensors"))
         summary = {"steps": steps, "seconds": round(time.time() - t0, 1), "final_loss": history[-1]["loss"],
                    "eval": history[-1].get("eval"), "final_dir": str(final)}
@@ -416,8 +416,6 @@ class DensePretrainer:
 
     def save(self, folder: Path) -> Path:
         """An encoder folder: ``config.json`` (the convvit3d config) + ``model.safetensors``."""
-        from safetensors.torch import save_file
-
         folder.mkdir(parents=True, exist_ok=True)
         sd = {f"vision_encoder.{k}": v.detach().contiguous() for k, v in self.encoder.state_dict().items()}
         save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -88,7 +88,7 @@ class ConvViT3D(nn.Module):
         self.img_size, self.grid, self.hidden_size, self.dense_stage = img, grid, hidden_size, dense_stage
         self.dense_channels = chans[dense_stage - 1]
         self.dense_grid = [m // 2 ** (dense_stage + (1 if pw else 0)) for m in img]  # the stem grid it returns
-        stages, prev = [], in_channels * (1 + len(windows)) if windows else in_channels
+        stages, prev = [], in_channels * (1 + len(windows))  # the input, then each window of it
         if pw:  # per-voxel intensity features ("learned HU bands") at full resolution, then a 2x2x2 max pool
             layers = []
             for c in pw:
