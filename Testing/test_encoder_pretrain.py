@@ -120,6 +120,49 @@ def test_convvit3d_input_windows_are_fixed_rewindowed_channels():
     assert torch.allclose(got[2], torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 1.0]), atol=1e-6)  # brighter
 
 
+def test_convvit3d_dense_tokens_add_each_tokens_max_label_probability():
+    from medmvl_core.model.convvit3d import ConvViT3D
+
+    cfg = {"img_size": [16, 32, 32], "stem_channels": [4, 8], "token_pool": [1, 2, 2], "hidden_size": 32,
+           "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "dense_stage": 1, "dense_tokens": 3}
+    torch.manual_seed(0)
+    enc = ConvViT3D.from_config(cfg)
+    assert {"dense_head.weight", "dense_embed.weight"} <= set(enc.state_dict())
+    seen = {}
+    enc.blocks[0].register_forward_pre_hook(lambda m, i: seen.update(tokens=i[0].clone()))
+    x = torch.rand(2, 1, 16, 32, 32)
+    with torch.no_grad():
+        enc.dense_head.weight.normal_(0, 3.0)  # make the probabilities differ between cells
+        enc.dense_embed.weight.zero_()
+        enc.dense_embed.bias.zero_()
+        _, _, stem = enc(x)
+        without = seen["tokens"]
+        enc.dense_embed.weight[:3].copy_(torch.eye(3))  # channel i of each token = label i's probability
+        enc(x)
+    added = (seen["tokens"] - without)[:, 1:]  # drop the CLS token
+    assert torch.allclose(added[..., 3:], torch.zeros(()), atol=1e-6)
+    # independently: softmax over the stem grid [8, 16, 16], max over each token's 2 x 4 x 4 cells
+    p = torch.softmax(torch.einsum("bcdhw,kc->bkdhw", stem, enc.dense_head.weight[:, :, 0, 0, 0])
+                      + enc.dense_head.bias.view(1, -1, 1, 1, 1), 1)[:, 1:]
+    want = p.reshape(2, 3, 4, 2, 4, 4, 4, 4).amax(dim=(3, 5, 7)).reshape(2, 3, 64).transpose(1, 2)
+    assert torch.allclose(added[..., :3], want, atol=1e-5)
+    assert want.max() > 0.9 and want.min() < 0.1  # a real spread: the check above could fail
+    with pytest.raises(ConfigError, match="dense_tokens must be >= 0"):
+        ConvViT3D.from_config(cfg | {"dense_tokens": -1})
+
+
+def test_dense_tokens_share_the_pretraining_dense_head_and_must_count_the_labels(tmp_path):
+    from training.encoder_pretrain import DensePretrainer, load_pretrain_config
+
+    path = _phantom_set(tmp_path)
+    with pytest.raises(ConfigError, match="dense_tokens is 3 but data.labels has 5"):
+        DensePretrainer(load_pretrain_config(path, ["encoder.config.dense_tokens=3"]))
+    pre = DensePretrainer(load_pretrain_config(path, ["encoder.config.dense_tokens=5", "train.prior=0.9"]))
+    assert pre.heads.dense is pre.encoder.dense_head  # the loss trains the classifier the tokens use
+    assert torch.allclose(pre.encoder.dense_head(torch.zeros(1, pre.encoder.dense_channels, 1, 1, 1)).softmax(1)[0, 0],
+                          torch.tensor(0.9))
+
+
 def test_box_rows_match_the_task_boxes(tmp_path):
     from medmvl_core.data.phantom_dataset import generate_dataset
 
@@ -136,14 +179,14 @@ def test_box_rows_match_the_task_boxes(tmp_path):
         assert np.allclose(match[0]["box"], box, atol=6e-4)
 
 
-def _phantom_set(tmp_path):
+def _phantom_set(tmp_path, **encoder):
     from medmvl_core.data.phantom_dataset import generate_dataset
 
     generate_dataset(tmp_path / "ph", {"train": 6, "val": 2}, seed=1)
     cfg = {"kind": "encoder_pretrain", "seed": 0,
            "encoder": {"type": "convvit3d", "config": {"img_size": [16, 32, 32], "stem_channels": [4, 8],
                                                        "token_pool": [1, 2, 2], "hidden_size": 32, "mlp_dim": 64,
-                                                       "num_layers": 1, "num_heads": 2, "dense_stage": 1}},
+                                                       "num_layers": 1, "num_heads": 2, "dense_stage": 1} | encoder},
            "preprocessing": {"kind": "volume", "hu_window": [-1000, 400], "crop_foreground": False,
                              "size": [16, 32, 32], "orientation": "LPS", "cast_uint8": False, "channels": 1,
                              "normalize": {"type": "minmax"}},
@@ -163,7 +206,7 @@ def test_pretrain_run_lowers_the_loss_and_the_folder_loads_as_an_encoder(tmp_pat
 
     from training.cli import main
 
-    cfg = _phantom_set(tmp_path)
+    cfg = _phantom_set(tmp_path, dense_tokens=5)  # the demo encoder's layout: its stem classifier ships with it
     assert main(["encoder", "--config", str(cfg)]) == 0
     assert "held-out" in capsys.readouterr().out
     hist = json.loads((tmp_path / "enc" / "history.json").read_text())
@@ -173,6 +216,7 @@ def test_pretrain_run_lowers_the_loss_and_the_folder_loads_as_an_encoder(tmp_pat
     assert {"dense.weight", "cells.weight"} <= set(load_file(str(tmp_path / "enc" / "heads.safetensors")))
     final = tmp_path / "enc" / "final"
     saved = load_file(str(final / "model.safetensors"))
+    assert "vision_encoder.dense_head.weight" in saved and "vision_encoder.dense_embed.weight" in saved
 
     from training.build import build_from_parts
     from training.config import load_config

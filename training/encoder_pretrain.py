@@ -283,8 +283,16 @@ class DensePretrainer:
         self.token_grid = list(enc.grid)
         self.dense_grid = list(enc.dense_grid)
         self.sub = [d // t for d, t in zip(self.dense_grid, self.token_grid)]
+        if enc.dense_tokens and enc.dense_tokens != len(self.labels):
+            raise ConfigError(f"encoder.config.dense_tokens is {enc.dense_tokens} but data.labels has "
+                              f"{len(self.labels)} labels; they must agree (dense_tokens counts the labels)")
         self.heads = DenseHeads(enc.dense_channels, enc.hidden_size, len(self.labels), len(self.locations),
                                 math.prod(self.sub), cfg.train.prior)
+        if enc.dense_tokens:  # the encoder's own stem classifier is the dense head (it ships with the encoder)
+            if cfg.train.prior:
+                with torch.no_grad():
+                    enc.dense_head.bias.copy_(self.heads.dense.bias)
+            self.heads.dense = enc.dense_head
         self.weight = torch.tensor([1.0] + [cfg.train.fg_weight] * len(self.labels))
         self.global_pos_weight = torch.tensor(cfg.train.fg_weight)
         self.loc_weight = torch.tensor([cfg.train.fg_weight / 2] * len(self.locations) + [1.0])
@@ -370,7 +378,7 @@ class DensePretrainer:
         if data.eval_path:
             erows = read_box_file(cfg.resolve_path(data.eval_path), self.labels, self.locations)
             ev = (load_volumes(erows, img_dir, cfg.preprocessing, "eval"), self.targets(erows))
-        params = list(self.encoder.parameters()) + list(self.heads.parameters())
+        params = list(dict.fromkeys([*self.encoder.parameters(), *self.heads.parameters()]))  # dense head may be shared
         opt = torch.optim.AdamW(params, lr=tr.lr, weight_decay=tr.weight_decay)
         steps = tr.steps
         sched = torch.optim.lr_scheduler.LambdaLR(
