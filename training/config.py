@@ -116,6 +116,7 @@ class DataConfig:
     augment: bool = False
     cache_encoder_outputs: bool = False
     cache_dir: Optional[str] = None
+    independent_turns: bool = False  # train each turn of a multi-turn row as if asked alone (encode_train_turns)
 
 
 @dataclass

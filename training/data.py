@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from medmvl_core.data.datasets import MedMVLDataset, Record, RowProblem, _report_problems, encode_train, load_records, \
-    mixture_plan
+from medmvl_core.data.datasets import MedMVLDataset, Record, RowProblem, _report_problems, encode_train, \
+    encode_train_turns, load_records, mixture_plan
 from medmvl_core.errors import DataError, MedMVLError
 from training.config import RunConfig
 
@@ -41,14 +41,14 @@ class TrainData:
 
 
 def check_rows(records: list[Record], processor: Any, max_length: int, on_bad_row: str,
-               what: str) -> tuple[list[Record], int]:
+               what: str, independent_turns: bool = False) -> tuple[list[Record], int]:
     """Encode every record once (template, label masking, expansion): rows that fail, are too long
     or have no supervised token are an error or a counted skip."""
     good, problems = [], []
     for rec in records:
         try:
-            enc = encode_train(processor, rec.conversations,
-                               {"image": len(rec.images), "image3d": len(rec.images3d)})
+            enc = (encode_train_turns if independent_turns else encode_train)(
+                processor, rec.conversations, {"image": len(rec.images), "image3d": len(rec.images3d)})
         except (MedMVLError, ValueError) as exc:
             problems.append(RowProblem(rec.source, rec.index, rec.id, "encode_error", str(exc)))
             continue
@@ -74,7 +74,8 @@ def load_train_data(cfg: RunConfig, processor: Any, max_length: int, key: str = 
         recs = load_records(path, cfg.resolve_path(ds.image_dir), cfg.resolve_path(ds.image3d_dir),
                             on_bad_row=cfg.data.on_bad_row)
         n_rows = len(recs)
-        recs, bad = check_rows(recs, processor, max_length, cfg.data.on_bad_row, str(path))
+        recs, bad = check_rows(recs, processor, max_length, cfg.data.on_bad_row, str(path),
+                               cfg.data.independent_turns)
         skipped += bad
         if not recs:
             raise DataError(f"data.{key}.{i} ({path}) has no usable row; see the messages above "
@@ -107,6 +108,13 @@ class Collator:
                                       padding_side="right")
         batch = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"], "labels": text["labels"],
                  "n_samples": len(samples), "vision": {}}
+        if "segments" in samples[0]:  # independent turns: pad positions with 0, segments with -1 (padding)
+            n = batch["input_ids"].shape[1]
+            for key, fill in (("position_ids", 0), ("segments", -1)):
+                out = torch.full((len(samples), n), fill, dtype=torch.long)
+                for i, s in enumerate(samples):
+                    out[i, :len(s[key])] = s[key]
+                batch[key] = out
         for kind, key in (("image", "images"), ("image3d", "images3d")):
             items: list = []  # per image: a pixel tensor or a cache key (str)
             for s in samples:
@@ -125,7 +133,8 @@ def move_batch(batch: dict, device: torch.device, cache: Optional[Any]) -> tuple
     Returns (inputs, pending) where ``pending[kind]`` lists the cache keys of the pixel rows
     (None when the image has no key) so fresh features can be stored after the step.
     """
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels", "position_ids", "segments")
+              if k in batch}
     vision, pending = {}, {}
     for kind, items in batch["vision"].items():
         keys = batch.get("keys", {}).get(kind) or [None] * len(items)
@@ -152,7 +161,7 @@ def make_dataset(records: list[Record], processor: Any, cfg: RunConfig, max_leng
         -> MedMVLDataset:
     skip = cache.has if cache is not None else None
     return MedMVLDataset(records, processor, max_length=max_length, augment=cfg.data.augment, seed=cfg.seed,
-                         skip_pixels=skip)
+                         skip_pixels=skip, independent_turns=cfg.data.independent_turns)
 
 
 class KeyedCollator(Collator):

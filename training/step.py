@@ -27,6 +27,20 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return loss.view(shift_labels.shape)
 
 
+def turn_attention_mask(segments: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive [B, 1, L, L] mask (0 = may attend, dtype's minimum = may not; what both the eager
+    and the SDPA attention of transformers take) for rows packed by ``encode_train_turns``: causal,
+    and a token sees the shared prefix (segment 0) and its own turn only. Padding (segment -1)
+    sees only itself, so no attention row is empty."""
+    n = segments.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=segments.device).tril()
+    q, k = segments.unsqueeze(2), segments.unsqueeze(1)
+    allowed = causal & (((k == 0) & (q >= 0)) | (k == q)) & (k >= 0)
+    allowed |= torch.eye(n, dtype=torch.bool, device=segments.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
 class TrainStepModule(nn.Module):
     """``forward(batch) -> (loss_sum, n_supervised, new_features)``.
 
@@ -74,9 +88,15 @@ class TrainStepModule(nn.Module):
         return (embeds or None), new
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                vision: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                vision: dict, position_ids: Optional[torch.Tensor] = None,
+                segments: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         embeds, new = self.vision_embeds(vision)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, image_embeds=embeds, use_cache=False)
+        if segments is not None:  # independent turns: zero the padding's embeddings, then the block mask
+            embeds_in = self.model.embed_inputs(input_ids, embeds, attention_mask)
+            out = self.model(inputs_embeds=embeds_in, attention_mask=turn_attention_mask(segments, embeds_in.dtype),
+                             position_ids=position_ids, use_cache=False)
+        else:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, image_embeds=embeds, use_cache=False)
         losses = token_losses(out.logits, labels)
         n = (labels[:, 1:] != IGNORE_INDEX).sum()
         return losses.sum(), n, new

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -231,14 +232,16 @@ class MedMVLDataset:
 
     A sample is ``{"input_ids": LongTensor[L], "labels": LongTensor[L], "images": FloatTensor[n, 3, H, W]
     or None, "images3d": FloatTensor[m, C, D, H, W] or None, "image_keys": list[str], "id": str}``
-    (placeholders already expanded by the processor, labels -100 outside answers).
+    (placeholders already expanded by the processor, labels -100 outside answers); with
+    ``independent_turns`` also ``"position_ids"`` and ``"segments"`` (see :func:`encode_train_turns`).
     ``image_keys`` are content hashes (file bytes + preprocessing spec) used by the encoder cache;
     when ``skip_pixels(key)`` returns True for every image of a sample the pixels are not read.
     """
 
     def __init__(self, records: Sequence[Record], processor: Any, *, max_length: Optional[int] = None, augment: bool = False, seed: int = 0,
-                 skip_pixels: Optional[Callable[[str], bool]] = None):
+                 skip_pixels: Optional[Callable[[str], bool]] = None, independent_turns: bool = False):
         self.records = list(records)
+        self.independent_turns = independent_turns
         self.processor = processor
         self.max_length = max_length
         self.augment = augment
@@ -252,7 +255,7 @@ class MedMVLDataset:
 
     def encode_text(self, rec: Record) -> dict:
         """input_ids / labels of a record (lists of int), via the processor's train encoding."""
-        enc = encode_train(self.processor, rec.conversations)
+        enc = (encode_train_turns if self.independent_turns else encode_train)(self.processor, rec.conversations)
         if self.max_length is not None and len(enc["input_ids"]) > self.max_length:
             raise DataError(f"{Path(rec.source).name}[{rec.index}] (id {rec.id}) has {len(enc['input_ids'])} tokens "
                             f"(with image tokens), more than model.max_length={self.max_length}; raise max_length, "
@@ -275,6 +278,9 @@ class MedMVLDataset:
                         "input_ids": torch.as_tensor(enc["input_ids"], dtype=torch.long),
                         "labels": torch.as_tensor(enc["labels"], dtype=torch.long),
                         "images": None, "images3d": None, "image_keys": []}
+        for key in ("position_ids", "segments"):  # independent turns (see encode_train_turns)
+            if key in enc:
+                sample[key] = torch.as_tensor(enc[key], dtype=torch.long)
         use_keys = self.skip_pixels is not None and not self.augment
         for kind, paths, out_key in (("image", rec.images, "images"), ("image3d", rec.images3d, "images3d")):
             if not paths:
@@ -297,6 +303,57 @@ class MedMVLDataset:
                 arrays.append(torch.from_numpy(arr))
             sample[out_key] = torch.stack(arrays)
         return sample
+
+
+_LEADING_IMAGES = re.compile(r"^(?:\s*<image(?:3d)?>)+\s*")
+
+
+def encode_train_turns(processor: Any, conversations: list, n_images: Optional[dict] = None) -> dict:
+    """Train-mode encoding with every question-answer turn *independent*: each turn is encoded as a
+    single-turn conversation with the row's images (as a model is asked at inference), and all are
+    packed after their shared prefix (system prompt, images, any common question start).
+
+    Returns ``input_ids`` / ``labels`` as :func:`encode_train` plus ``position_ids`` (each turn
+    continues from the prefix, as if alone) and ``segments`` (0 = shared prefix, i = turn i). The
+    training step lets a token see the prefix and its own turn only, so the packed row trains
+    exactly what its turns would train one by one, at the cost of one copy of the image tokens —
+    and no answer can be copied from an earlier turn instead of read from the image.
+
+    The images must lead the first question (``"<image3d>\nQuestion"``, as MedM-VL data has them);
+    later questions must not hold placeholders of their own.
+    """
+    turns = [conversations[i:i + 2] for i in range(0, len(conversations), 2)]
+    first = str(turns[0][0].get("value", "")) if turns and turns[0] else ""
+    lead = _LEADING_IMAGES.match(first)
+    if lead is None:
+        raise DataError("data.independent_turns: the first question must start with the image placeholder(s) "
+                        "(e.g. '<image3d>\\nQuestion'); move them there or set data.independent_turns=false")
+    lead_text = first[:lead.end()]
+    parts = []
+    for n, turn in enumerate(turns):
+        if len(turn) != 2:
+            raise DataError("data.independent_turns: every question needs its answer (human/gpt pairs)")
+        q = str(turn[0].get("value", ""))
+        if n and re.search(r"<image(?:3d)?>", q):
+            raise DataError(f"data.independent_turns: question {n + 1} holds an image placeholder; only the first "
+                            "question may (all turns share its images)")
+        human = dict(turn[0], value=q if n == 0 else lead_text + q)
+        parts.append(encode_train(processor, [human, turn[1]], n_images))
+    ids = [p["input_ids"] for p in parts]
+    common = min(len(x) for x in ids)
+    for x in ids[1:]:
+        common = next((i for i, (a, b) in enumerate(zip(ids[0], x)) if a != b), common)
+    if any(v in (-200, -201) for p in parts for v in p["input_ids"][common:]):
+        raise DataError("data.independent_turns: the turns do not share their image tokens; check the template")
+    out = {"input_ids": list(ids[0][:common]), "labels": list(parts[0]["labels"][:common]),
+           "position_ids": list(range(common)), "segments": [0] * common}
+    for n, p in enumerate(parts, 1):
+        k = len(p["input_ids"]) - common
+        out["input_ids"] += p["input_ids"][common:]
+        out["labels"] += p["labels"][common:]
+        out["position_ids"] += range(common, common + k)
+        out["segments"] += [n] * k
+    return out
 
 
 def placeholder_runs(ids: Sequence[int]) -> dict:
