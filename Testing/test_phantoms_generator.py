@@ -100,6 +100,16 @@ def test_generate_dataset_files(tmp_path):
         assert conv[0]["value"].startswith("<image3d>\n" if key == "image3d" else "<image>\n")
         assert sum("<image" in t["value"] for t in conv) == 1
         assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        # TRAIN_CHOICES multiple-choice questions, each answered with a letter that names a present finding
+        kinds = {f["kind"] for f in next(p for p in man["phantoms"] if p["id"] == e["id"])["findings"]}
+        names = {"effusion": "pleural effusion"}
+        choices = [(q["value"], a["value"]) for q, a in zip(conv[::2], conv[1::2]) if "(a)" in q["value"]]
+        assert len(choices) == 3 and len({q for q, _ in choices}) > 1
+        for q, a in choices:
+            letter, named = a[1], a[4:-1]
+            assert f"({letter}) {named}" in q
+            assert named in ({names.get(k, k) for k in kinds} or {"no abnormality"})
+    assert sum(t["task"] == "choice" for t in tasks) == len({t["phantom"] for t in tasks})  # one per phantom
     assert {t["task"] for t in tasks} >= {"report", "closed", "choice", "open", "region"}
     for t in tasks:
         if t["task"] == "choice":

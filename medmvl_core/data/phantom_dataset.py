@@ -86,7 +86,7 @@ def phantom_entries(ph: Phantom, image_name: str, spec: dict | None, train: bool
     """(multi-turn training entry, single-question evaluation items) for one phantom."""
     rng = np.random.default_rng(_stable_seed(ph.id))
     box_text = format_box_3d if ph.modality == "CT" else format_box_2d
-    tasks = make_tasks(ph, rng, model_box_fn(ph, spec), box_text, all_findings=train)
+    tasks = make_tasks(ph, rng, model_box_fn(ph, spec), box_text, train=train)
     key, tag = ("image3d", "<image3d>") if ph.modality == "CT" else ("image", "<image>")
     # Training conversations visit the tasks in a random order, so every kind of question is
     # learned both as the first turn (as evaluated) and as a follow-up (as in a worker session).
