@@ -94,4 +94,4 @@ def test_demo_model_reads_the_image():
     balanced = 0.5 * (np.mean(hits[True]) + np.mean(hits[False]))
     print(f"balanced yes/no accuracy {balanced:.3f} on {len(hits[True])} yes / {len(hits[False])} no truths")
     assert len(hits[True]) >= 15
-    assert balanced >= 0.75, balanced  # measured 0.843 (README); an image-blind model gets 0.5
+    assert balanced >= 0.85, balanced  # measured 0.908 (README); an image-blind model gets 0.5
