@@ -151,6 +151,32 @@ def test_convvit3d_dense_tokens_add_each_tokens_max_label_probability():
         ConvViT3D.from_config(cfg | {"dense_tokens": -1})
 
 
+def test_convvit3d_dense_summary_adds_each_labels_volume_maximum_to_the_summary_token():
+    from medmvl_core.model.convvit3d import ConvViT3D
+
+    cfg = {"img_size": [16, 32, 32], "stem_channels": [4, 8], "token_pool": [1, 2, 2], "hidden_size": 32,
+           "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "dense_stage": 1, "dense_tokens": 3,
+           "cls_pool": "max", "dense_summary": True}
+    torch.manual_seed(0)
+    enc = ConvViT3D.from_config(cfg)
+    x = torch.rand(2, 1, 16, 32, 32)
+    with torch.no_grad():
+        enc.dense_head.weight.normal_(0, 3.0)
+        enc.dense_summary.weight.zero_()
+        enc.dense_summary.bias.zero_()
+        _, without, stem = enc(x)
+        enc.dense_summary.weight[:3].copy_(torch.eye(3))
+        _, with_, _ = enc(x)
+    added = with_[-1] - without[-1]
+    assert torch.allclose(added[:, 1:], torch.zeros(()))  # the patch tokens are untouched
+    p = torch.softmax(torch.einsum("bcdhw,kc->bkdhw", stem, enc.dense_head.weight[:, :, 0, 0, 0])
+                      + enc.dense_head.bias.view(1, -1, 1, 1, 1), 1)[:, 1:]
+    assert torch.allclose(added[:, 0, :3], p.flatten(2).amax(-1), atol=1e-5)
+    assert torch.allclose(added[:, 0, 3:], torch.zeros(()))
+    with pytest.raises(ConfigError, match="dense_summary needs dense_tokens"):
+        ConvViT3D.from_config(cfg | {"dense_tokens": 0})
+
+
 def test_dense_tokens_share_the_pretraining_dense_head_and_must_count_the_labels(tmp_path):
     from training.encoder_pretrain import DensePretrainer, load_pretrain_config
 
