@@ -126,3 +126,48 @@ def test_config_flag_reaches_the_training_data(ct, tmp_path):
     assert load_train_data(cfg, proc, n).sizes == [1]
     with pytest.raises(DataError, match="more than model.max_length|too_long"):
         load_train_data(cfg, proc, n - 1)
+
+
+def test_multi_turn_share_keeps_some_rows_plain_and_a_mixed_batch_adds_up(ct):
+    model, proc = ct
+    img = str(INPUTS / "ct_volume.npy")
+    recs = [Record(id=f"r{i}", conversations=TURNS, images=[], images3d=[img], source="t.json", index=i)
+            for i in range(40)]
+    ds = MedMVLDataset(recs, proc, max_length=2048, independent_turns=True, multi_turn_share=0.5)
+    picks = [ds.independent(i) for i in range(40)]
+    assert 8 <= sum(picks) <= 32  # about half packed, half plain
+    ds.epoch = 1
+    assert [ds.independent(i) for i in range(40)] != picks  # drawn again each epoch
+    plain_i, packed_i = picks.index(False), picks.index(True)
+    ds.epoch = 0
+    plain, packed = ds[plain_i], ds[packed_i]
+    assert plain["input_ids"].tolist() == encode_train(proc, TURNS)["input_ids"]
+    assert set(plain["segments"].tolist()) == {1} and plain["position_ids"].tolist() == list(range(len(plain["input_ids"])))
+    assert packed["segments"].max() == 3
+    step = TrainStepModule(model)
+
+    def loss(samples):
+        inputs, _ = move_batch(KeyedCollator(proc)(samples), torch.device("cpu"), None)
+        with torch.no_grad():
+            s, n, _ = step(**inputs)
+        return float(s), int(n)
+
+    no_seg = {k: v for k, v in plain.items() if k not in ("segments", "position_ids")}
+    both, a, b = loss([plain, packed]), loss([no_seg]), loss([packed])
+    assert both[1] == a[1] + b[1] and both[0] == pytest.approx(a[0] + b[0], rel=1e-5)
+
+
+def test_multi_turn_share_config_errors(tmp_path):
+    import yaml
+
+    from medmvl_core.errors import ConfigError
+    from training.config import load_config
+
+    run = {"model": {"llm": {"config": {"model_type": "qwen2"}}, "tokenizer": "x"},
+           "data": {"datasets": [{"path": "d.json"}], "multi_turn_share": 0.5}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    with pytest.raises(ConfigError, match="only applies with data.independent_turns"):
+        load_config(tmp_path / "run.yaml")
+    with pytest.raises(ConfigError, match=r"must be in \[0, 1\]"):
+        load_config(tmp_path / "run.yaml", ["data.independent_turns=true", "data.multi_turn_share=1.5"])
+    assert load_config(tmp_path / "run.yaml", ["data.independent_turns=true"]).data.multi_turn_share == 0.5

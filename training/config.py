@@ -117,6 +117,7 @@ class DataConfig:
     cache_encoder_outputs: bool = False
     cache_dir: Optional[str] = None
     independent_turns: bool = False  # train each turn of a multi-turn row as if asked alone (encode_train_turns)
+    multi_turn_share: float = 0.0    # with independent_turns: this share of rows (per row and epoch) stays multi-turn
 
 
 @dataclass
@@ -387,6 +388,10 @@ def config_problems(cfg: RunConfig) -> list[str]:
                 p.append(f"data.{key}.{i}.path: required")
             if ds.ratio <= 0:
                 p.append(f"data.{key}.{i}.ratio: must be > 0, got {ds.ratio}")
+    if not 0 <= d.multi_turn_share <= 1:
+        p.append(f"data.multi_turn_share: must be in [0, 1], got {d.multi_turn_share}")
+    elif d.multi_turn_share and not d.independent_turns:
+        p.append("data.multi_turn_share: only applies with data.independent_turns=true")
     if d.on_bad_row not in BAD_ROW_POLICIES:
         p.append(f"data.on_bad_row: {d.on_bad_row!r} is not error/skip")
     if d.cache_encoder_outputs:

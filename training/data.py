@@ -41,17 +41,22 @@ class TrainData:
 
 
 def check_rows(records: list[Record], processor: Any, max_length: int, on_bad_row: str,
-               what: str, independent_turns: bool = False) -> tuple[list[Record], int]:
-    """Encode every record once (template, label masking, expansion): rows that fail, are too long
-    or have no supervised token are an error or a counted skip."""
+               what: str, independent_turns: bool = False, multi_turn_share: float = 0.0) -> tuple[list[Record], int]:
+    """Encode every record once (template, label masking, expansion; each encoding the row may be
+    trained with): rows that fail, are too long or have no supervised token are an error or a
+    counted skip."""
     good, problems = [], []
+    encoders = [encode_train_turns] if independent_turns else [encode_train]
+    if independent_turns and multi_turn_share > 0:
+        encoders.append(encode_train)
     for rec in records:
         try:
-            enc = (encode_train_turns if independent_turns else encode_train)(
-                processor, rec.conversations, {"image": len(rec.images), "image3d": len(rec.images3d)})
+            encs = [f(processor, rec.conversations, {"image": len(rec.images), "image3d": len(rec.images3d)})
+                    for f in encoders]
         except (MedMVLError, ValueError) as exc:
             problems.append(RowProblem(rec.source, rec.index, rec.id, "encode_error", str(exc)))
             continue
+        enc = max(encs, key=lambda e: len(e["input_ids"]))
         n = len(enc["input_ids"])
         if n > max_length:
             problems.append(RowProblem(rec.source, rec.index, rec.id, "too_long",
@@ -75,7 +80,7 @@ def load_train_data(cfg: RunConfig, processor: Any, max_length: int, key: str = 
                             on_bad_row=cfg.data.on_bad_row)
         n_rows = len(recs)
         recs, bad = check_rows(recs, processor, max_length, cfg.data.on_bad_row, str(path),
-                               cfg.data.independent_turns)
+                               cfg.data.independent_turns, cfg.data.multi_turn_share)
         skipped += bad
         if not recs:
             raise DataError(f"data.{key}.{i} ({path}) has no usable row; see the messages above "
@@ -161,7 +166,8 @@ def make_dataset(records: list[Record], processor: Any, cfg: RunConfig, max_leng
         -> MedMVLDataset:
     skip = cache.has if cache is not None else None
     return MedMVLDataset(records, processor, max_length=max_length, augment=cfg.data.augment, seed=cfg.seed,
-                         skip_pixels=skip, independent_turns=cfg.data.independent_turns)
+                         skip_pixels=skip, independent_turns=cfg.data.independent_turns,
+                         multi_turn_share=cfg.data.multi_turn_share)
 
 
 class KeyedCollator(Collator):

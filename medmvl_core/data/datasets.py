@@ -233,15 +233,19 @@ class MedMVLDataset:
     A sample is ``{"input_ids": LongTensor[L], "labels": LongTensor[L], "images": FloatTensor[n, 3, H, W]
     or None, "images3d": FloatTensor[m, C, D, H, W] or None, "image_keys": list[str], "id": str}``
     (placeholders already expanded by the processor, labels -100 outside answers); with
-    ``independent_turns`` also ``"position_ids"`` and ``"segments"`` (see :func:`encode_train_turns`).
+    ``independent_turns`` also ``"position_ids"`` and ``"segments"`` (see :func:`encode_train_turns`),
+    except for a ``multi_turn_share`` of the rows (drawn per row and epoch), which keep their plain
+    multi-turn encoding (one segment) so that follow-up questions are still trained.
     ``image_keys`` are content hashes (file bytes + preprocessing spec) used by the encoder cache;
     when ``skip_pixels(key)`` returns True for every image of a sample the pixels are not read.
     """
 
     def __init__(self, records: Sequence[Record], processor: Any, *, max_length: Optional[int] = None, augment: bool = False, seed: int = 0,
-                 skip_pixels: Optional[Callable[[str], bool]] = None, independent_turns: bool = False):
+                 skip_pixels: Optional[Callable[[str], bool]] = None, independent_turns: bool = False,
+                 multi_turn_share: float = 0.0):
         self.records = list(records)
         self.independent_turns = independent_turns
+        self.multi_turn_share = multi_turn_share
         self.processor = processor
         self.max_length = max_length
         self.augment = augment
@@ -253,9 +257,21 @@ class MedMVLDataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def encode_text(self, rec: Record) -> dict:
+    def independent(self, i: int) -> bool:
+        """Whether row ``i`` trains with independent turns this epoch (see ``multi_turn_share``)."""
+        if not self.independent_turns:
+            return False
+        if self.multi_turn_share <= 0:
+            return True
+        rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch, i, 7]))
+        return bool(rng.random() >= self.multi_turn_share)
+
+    def encode_text(self, rec: Record, independent: Optional[bool] = None) -> dict:
         """input_ids / labels of a record (lists of int), via the processor's train encoding."""
-        enc = (encode_train_turns if self.independent_turns else encode_train)(self.processor, rec.conversations)
+        turns = self.independent_turns if independent is None else independent
+        enc = (encode_train_turns if turns else encode_train)(self.processor, rec.conversations)
+        if self.independent_turns and not turns:  # a plain row among packed ones: one segment, causal
+            enc = dict(enc, position_ids=list(range(len(enc["input_ids"]))), segments=[1] * len(enc["input_ids"]))
         if self.max_length is not None and len(enc["input_ids"]) > self.max_length:
             raise DataError(f"{Path(rec.source).name}[{rec.index}] (id {rec.id}) has {len(enc['input_ids'])} tokens "
                             f"(with image tokens), more than model.max_length={self.max_length}; raise max_length, "
@@ -273,7 +289,7 @@ class MedMVLDataset:
         import torch
 
         rec = self.records[i]
-        enc = self.encode_text(rec)
+        enc = self.encode_text(rec, self.independent(i))
         sample: dict = {"id": rec.id,
                         "input_ids": torch.as_tensor(enc["input_ids"], dtype=torch.long),
                         "labels": torch.as_tensor(enc["labels"], dtype=torch.long),
