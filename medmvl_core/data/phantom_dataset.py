@@ -89,7 +89,8 @@ def phantom_entries(ph: Phantom, image_name: str, spec: dict | None, train: bool
     tasks = make_tasks(ph, rng, model_box_fn(ph, spec), box_text, train=train)
     key, tag = ("image3d", "<image3d>") if ph.modality == "CT" else ("image", "<image>")
     # Training conversations visit the tasks in a random order, so every kind of question is
-    # learned both as the first turn (as evaluated) and as a follow-up (as in a worker session).
+    # learned both as the first turn (as evaluated) and as a follow-up (as in a worker session);
+    # with data.independent_turns every turn is trained as a first turn (see training/data.py).
     order = [int(i) for i in rng.permutation(len(tasks))] if train else list(range(len(tasks)))
     conv = []
     for n, t in enumerate(tasks[i] for i in order):
