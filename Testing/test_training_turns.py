@@ -34,16 +34,25 @@ def ct():
     return model.eval(), proc
 
 
-def test_each_turn_is_its_single_turn_encoding_after_the_shared_prefix(ct):
+# the first and last questions share their start ("Is there a"), the middle one does not: the shared
+# prefix must stop where *any* turn differs
+SHARED_START = [{"from": "human", "value": "<image3d>\nIs there a nodule?"}, {"from": "gpt", "value": "Yes."},
+                {"from": "human", "value": "Where is the nodule?"}, {"from": "gpt", "value": "In the right upper lobe."},
+                {"from": "human", "value": "Is there a mass?"}, {"from": "gpt", "value": "No."}]
+
+
+@pytest.mark.parametrize("turns", [TURNS, SHARED_START], ids=["distinct", "shared-start"])
+def test_each_turn_is_its_single_turn_encoding_after_the_shared_prefix(ct, turns):
     _, proc = ct
-    packed = encode_train_turns(proc, TURNS, {"image3d": 1})
+    packed = encode_train_turns(proc, turns, {"image3d": 1})
     seg = torch.tensor(packed["segments"])
     assert sorted(set(seg.tolist())) == [0, 1, 2, 3]
     prefix = seg == 0
     assert -201 in packed["input_ids"][:int(prefix.sum())]  # the image is in the shared prefix
     assert -201 not in [v for v, s in zip(packed["input_ids"], seg.tolist()) if s > 0]  # one copy of the image
     for i in range(3):
-        single = encode_train(proc, _single(i))
+        q = turns[2 * i]["value"]
+        single = encode_train(proc, [{"from": "human", "value": q if i == 0 else "<image3d>\n" + q}, turns[2 * i + 1]])
         keep = prefix | (seg == i + 1)
         assert [v for v, k in zip(packed["input_ids"], keep) if k] == single["input_ids"]
         assert [v for v, k in zip(packed["labels"], keep) if k] == single["labels"]

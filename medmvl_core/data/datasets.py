@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,9 +357,7 @@ def encode_train_turns(processor: Any, conversations: list, n_images: Optional[d
         human = dict(turn[0], value=q if n == 0 else lead_text + q)
         parts.append(encode_train(processor, [human, turn[1]], n_images))
     ids = [p["input_ids"] for p in parts]
-    common = min(len(x) for x in ids)
-    for x in ids[1:]:
-        common = next((i for i, (a, b) in enumerate(zip(ids[0], x)) if a != b), common)
+    common = len(os.path.commonprefix(ids))  # the longest prefix all turns share
     if any(v in (-200, -201) for p in parts for v in p["input_ids"][common:]):
         raise DataError("data.independent_turns: the turns do not share their image tokens; check the template")
     out = {"input_ids": list(ids[0][:common]), "labels": list(parts[0]["labels"][:common]),
