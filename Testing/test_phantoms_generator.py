@@ -9,7 +9,7 @@ import pytest
 
 from medmvl_core.data.phantom_dataset import generate_dataset, model_box_fn
 from medmvl_core.data.phantom_tasks import parse_report, report_text
-from medmvl_core.data.phantoms import (CT_SHAPE, HU, make_ct_phantom, make_phantom, make_xray_phantom,
+from medmvl_core.data.phantoms import (CT_SHAPE, HU, Finding, make_ct_phantom, make_phantom, make_xray_phantom,
                                        write_phantom)
 from medmvl_core.errors import DataError
 
@@ -76,15 +76,41 @@ def test_nifti_and_dicom_keep_geometry(tmp_path):
 
 
 def test_report_roundtrip_and_box_mapping():
+    lesions = 0
     for index in range(15):
         ph = make_ct_phantom(2, "train", index)
-        assert parse_report(report_text(ph.findings)) == {(f.kind, f.location) for f in ph.findings}
+        text = report_text(ph.findings)
+        assert parse_report(text) == {(f.kind, f.location) for f in ph.findings}
+        for f in ph.findings:  # the kind is named before the size (the model commits to it first)
+            if f.kind != "effusion":
+                lesions += 1
+                assert f"A {f.kind} measuring {f.size_mm} mm is seen in the {f.location}." in text
         fn = model_box_fn(ph, None)
         for f in ph.findings:
             box = fn(f.box)
             # no cropping: model box * input-array shape gives the voxel edges back
             back = [round(v * n) for v, n in zip(box, CT_SHAPE * 2)]
             assert back == list(f.box)
+    assert lesions > 3
+
+
+def test_report_goes_organ_by_organ():
+    cyst = Finding("cyst", "liver", size_mm=35)
+    eff = Finding("effusion", "left pleural space", grade="small")
+    calc = Finding("calcification", "right lower lobe", size_mm=15)
+    text = report_text([cyst, eff, calc])  # in any order: lungs, pleura, liver, heart
+    order = [text.index(s) for s in ("A calcification measuring 15 mm is seen in the right lower lobe.",
+                                     "A small left pleural effusion is seen.",
+                                     "A cyst measuring 35 mm is seen in the liver.", "The heart size is normal.",
+                                     "Impression: Calcification in the right lower lobe; small left pleural "
+                                     "effusion; cyst in the liver.")]
+    assert order == sorted(order)
+    text = report_text([cyst])  # the normal organs keep their places around the finding
+    assert text.index("The lungs are clear.") < text.index("No pleural effusion") < text.index("A cyst") \
+        < text.index("The heart")
+    assert "The liver is normal." not in text and "The liver is normal." in report_text([calc])
+    assert parse_report(report_text([cyst, eff, calc])) == {("cyst", "liver"), ("effusion", "left pleural space"),
+                                                           ("calcification", "right lower lobe")}
 
 
 def test_generate_dataset_files(tmp_path):

@@ -32,9 +32,9 @@ def test_box_iou_matches_monai():
 def test_evaluate_hand_computed():
     truth_a = {"findings": [["nodule", "right upper lobe"], ["effusion", "left pleural space"]]}
     items = [
-        # TP nodule, FN effusion, FP mass
-        _item("report", "Findings: A 25 mm nodule is seen in the right upper lobe. A 45 mm mass is seen in the "
-                        "left lower lobe. Impression: Nodule.", truth_a),
+        # TP nodule, FN effusion, FP mass (both sentence forms: kind first, version 2; size first, version 1)
+        _item("report", "Findings: A nodule measuring 25 mm is seen in the right upper lobe. A 45 mm mass is seen "
+                        "in the left lower lobe. Impression: Nodule.", truth_a),
         # TP cyst; the Impression's mention of an effusion is ignored
         _item("report", "Findings: A 35 mm cyst is seen in the liver. Impression: small left pleural effusion.",
               {"findings": [["cyst", "liver"]]}),

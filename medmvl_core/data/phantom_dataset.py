@@ -28,7 +28,7 @@ from medmvl_core.data.phantoms import SPLITS, Phantom, make_phantom, write_phant
 from medmvl_core.errors import DataError
 
 logger = logging.getLogger(__name__)
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: reports organ by organ, the kind named before the size ("A nodule measuring 25 mm ...")
 
 
 def format_box_3d(box: Iterable[float]) -> str:

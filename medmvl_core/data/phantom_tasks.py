@@ -37,25 +37,37 @@ BoxTextFn = Callable[[list[float]], str]           # model-space box -> text
 
 
 def finding_sentence(f: Finding) -> str:
-    """One Findings sentence, e.g. "A 25 mm nodule is seen in the right upper lobe."."""
+    """One Findings sentence, e.g. "A nodule measuring 25 mm is seen in the right upper lobe.".
+
+    The kind comes first (generator version 2; version 1 wrote "A 25 mm nodule ..."): a model writes
+    left to right, and with the size first it committed to a size before naming the kind, so the
+    kind followed the size guess (nodules are 20-30 mm, calcifications 15-20 mm) rather than the
+    image (a calcification is 1000 HU, a nodule 60). Measured on the demo model: see README.
+    """
     if f.kind == "effusion":
         return f"A {f.grade} {f.location.split()[0]} pleural effusion is seen."
-    return f"A {f.size_mm} mm {f.kind} is seen in the {f.location}."
+    return f"A {f.kind} measuring {f.size_mm} mm is seen in the {f.location}."
 
 
 def report_text(findings: Sequence[Finding]) -> str:
-    """Structured "Findings: ... Impression: ..." report for a list of findings."""
-    kinds = {f.kind for f in findings}
-    parts = [finding_sentence(f) for f in findings]
-    if not kinds & {"nodule", "mass", "calcification"}:
-        parts.append("The lungs are clear.")
-    if "effusion" not in kinds:
-        parts.append("No pleural effusion is seen.")
-    if "cyst" not in kinds:
-        parts.append("The liver is normal.")
+    """Structured "Findings: ... Impression: ..." report for a list of findings.
+
+    Organ by organ, in a fixed order — lungs, pleura, liver, heart — each organ either its finding
+    sentences or its normal sentence (generator version 2; version 1 listed every finding first and
+    the normal organs after). As in a structured radiology report, each organ's "normal or not" is
+    decided where the organ comes: a model writing version 1 had to decide about a liver cyst at the
+    first word, against the lung findings, and named none.
+    """
+    organs = (("nodule", "mass", "calcification"), ("effusion",), ("cyst",))
+    normal = ("The lungs are clear.", "No pleural effusion is seen.", "The liver is normal.")
+    parts, ordered = [], []
+    for kinds, sentence in zip(organs, normal):
+        fs = [f for f in findings if f.kind in kinds]
+        ordered += fs
+        parts += [finding_sentence(f) for f in fs] or [sentence]
     parts.append("The heart size is normal.")
-    if findings:
-        imp = "; ".join(_impression_item(f) for f in findings)
+    if ordered:
+        imp = "; ".join(_impression_item(f) for f in ordered)
         imp = imp[0].upper() + imp[1:] + "."
     else:
         imp = "No acute abnormality."
@@ -68,7 +80,8 @@ def _impression_item(f: Finding) -> str:
     return f"{f.kind} in the {f.location}"
 
 
-_LESION_RE = re.compile(r"(\d+)\s*mm\s+(nodule|mass|calcification|cyst)\s+is seen in the\s+([a-z ]+?)\s*\.")
+_LESION_RE = re.compile(r"(nodule|mass|calcification|cyst)\s+measuring\s+\d+\s*mm\s+is seen in the\s+([a-z ]+?)\s*\.")
+_LESION_V1_RE = re.compile(r"\d+\s*mm\s+(nodule|mass|calcification|cyst)\s+is seen in the\s+([a-z ]+?)\s*\.")
 _EFFUSION_RE = re.compile(r"(small|moderate|large)\s+(right|left)\s+pleural effusion")
 
 
@@ -76,13 +89,14 @@ def parse_report(text: str) -> set[tuple[str, str]]:
     """The set of (kind, location) findings stated in the Findings section of a report.
 
     Text after "Impression:" is ignored (it repeats the findings); without a "Findings:" header
-    the whole text is read.
+    the whole text is read. Both sentence forms are read: "A nodule measuring 25 mm is seen in
+    the right upper lobe." (generator version 2) and "A 25 mm nodule is seen in ..." (version 1).
     """
     text = text.lower()
     if "findings:" in text:
         text = text.split("findings:", 1)[1]
     text = text.split("impression:", 1)[0]
-    out = {(m.group(2), m.group(3).strip()) for m in _LESION_RE.finditer(text)}
+    out = {(m.group(1), m.group(2).strip()) for r in (_LESION_RE, _LESION_V1_RE) for m in r.finditer(text)}
     out |= {("effusion", f"{m.group(2)} pleural space") for m in _EFFUSION_RE.finditer(text)}
     return out
 
