@@ -166,6 +166,32 @@ def test_multi_turn_share_keeps_some_rows_plain_and_a_mixed_batch_adds_up(ct):
     assert both[1] == a[1] + b[1] and both[0] == pytest.approx(a[0] + b[0], rel=1e-5)
 
 
+@pytest.mark.parametrize("budget", [MedMVLDataset.TEXT_MEMO_BYTES, 0], ids=["remembered", "over-budget"])
+def test_remembered_encodings_follow_each_epochs_mode(ct, budget, monkeypatch):
+    # the dataset encodes a row's text once per mode (packed / plain) and reuses it: every epoch must
+    # still give each row the encoding of the mode drawn for it, equal to a fresh encoding
+    _, proc = ct
+    monkeypatch.setattr(MedMVLDataset, "TEXT_MEMO_BYTES", budget)
+    turns = [TURNS, SHARED_START]
+    recs = [Record(id=f"r{i}", conversations=turns[i % 2], images=[], images3d=[str(INPUTS / "ct_volume.npy")],
+                    source="t.json", index=i) for i in range(12)]
+    ds = MedMVLDataset(recs, proc, max_length=2048, independent_turns=True, multi_turn_share=0.5,
+                       skip_pixels=lambda key: True)
+    seen = set()
+    for epoch in range(4):
+        ds.epoch = epoch
+        for i in range(12):
+            packed = ds.independent(i)
+            seen.add((i, packed))
+            want = (encode_train_turns if packed else encode_train)(proc, turns[i % 2])
+            got = ds[i]
+            assert got["input_ids"].dtype == torch.long
+            assert got["input_ids"].tolist() == want["input_ids"] and got["labels"].tolist() == want["labels"]
+            assert int(got["segments"].max()) == (3 if packed else 1)
+    assert {packed for _, packed in seen} == {True, False}
+    assert len(ds._text_memo) == (len(seen) if budget else 0)  # one entry per (row, mode) used
+
+
 def test_multi_turn_share_config_errors(tmp_path):
     import yaml
 
