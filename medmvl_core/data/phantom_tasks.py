@@ -149,9 +149,8 @@ def make_tasks(ph: Phantom, rng: np.random.Generator, box_fn: BoxFn, box_text: B
     With ``train``, there is one find question per finding instead of one, and ``TRAIN_CHOICES``
     multiple-choice questions instead of one: answering with the letter is a look-up in the question
     that a small LLM learns only from many examples (measured on the demo: the abnormality named
-    right in 75% of the test questions, its letter in 24%), and a region question about every
-    finding's box and the normal box (the first region question's box is not asked twice). The extra
-    questions come last, so the questions of the evaluation splits do not change.
+    right in 75% of the test questions, its letter in 24%). The extra questions come last, so the
+    questions of the evaluation splits do not change.
     """
     fs = ph.findings
     tasks = [{"task": "report", "question": REPORT_QUESTION[ph.modality], "answer": report_text(fs),
@@ -178,11 +177,6 @@ def make_tasks(ph: Phantom, rng: np.random.Generator, box_fn: BoxFn, box_text: B
     tasks.append(_region_task(ph, rng, box_fn, box_text))
     if train:
         tasks += [_choice_task(ph, rng) for _ in range(TRAIN_CHOICES - 1)]
-        asked = tasks[-TRAIN_CHOICES]["truth"]["box"]  # the region question above; then every other box
-        for f in [*fs, None]:
-            t = _region_for(f, ph, box_fn, box_text)
-            if t["truth"]["box"] != asked:
-                tasks.append(t)
     return tasks
 
 
@@ -213,13 +207,8 @@ def _open_task(ph: Phantom, rng) -> dict:
 
 
 def _region_task(ph: Phantom, rng, box_fn: BoxFn, box_text: BoxTextFn) -> dict:
-    f = ph.findings[rng.integers(len(ph.findings))] if ph.findings and rng.random() < 0.7 else None
-    return _region_for(f, ph, box_fn, box_text)
-
-
-def _region_for(f: Finding | None, ph: Phantom, box_fn: BoxFn, box_text: BoxTextFn) -> dict:
-    """The region question about finding ``f``'s box, or about the phantom's normal box for None."""
-    if f is not None:
+    if ph.findings and rng.random() < 0.7:
+        f = ph.findings[rng.integers(len(ph.findings))]
         ans = f"A {KIND_TEXT[f.kind]} in the {f.location}."
         if f.kind == "effusion":
             ans = f"A {f.grade} pleural effusion in the {f.location}."
