@@ -55,8 +55,9 @@ def report_text(findings: Sequence[Finding]) -> str:
     Organ by organ, in a fixed order — lungs, pleura, liver, heart — each organ either its finding
     sentences or its normal sentence (generator version 2; version 1 listed every finding first and
     the normal organs after). As in a structured radiology report, each organ's "normal or not" is
-    decided where the organ comes: a model writing version 1 had to decide about a liver cyst at the
-    first word, against the lung findings, and named none.
+    decided where the organ comes (in version 1 the liver's came at the first word, against the lung
+    findings). The demo model names no liver cyst with either order: its encoder barely sees them
+    (see README, "Demo model").
     """
     organs = (("nodule", "mass", "calcification"), ("effusion",), ("cyst",))
     normal = ("The lungs are clear.", "No pleural effusion is seen.", "The liver is normal.")
