@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medmvl_core.data.datasets import MedMVLDataset, Record, encode_train, encode_train_turns, load_records
+from medmvl_core.data.datasets import MedMVLDataset, Record, TrainEncodings, encode_train, encode_train_turns, load_records
 from medmvl_core.errors import DataError
 from training.data import KeyedCollator, move_batch
 from training.step import TrainStepModule, turn_attention_mask
@@ -166,12 +166,12 @@ def test_multi_turn_share_keeps_some_rows_plain_and_a_mixed_batch_adds_up(ct):
     assert both[1] == a[1] + b[1] and both[0] == pytest.approx(a[0] + b[0], rel=1e-5)
 
 
-@pytest.mark.parametrize("budget", [MedMVLDataset.TEXT_MEMO_BYTES, 0], ids=["remembered", "over-budget"])
+@pytest.mark.parametrize("budget", [TrainEncodings.MAX_BYTES, 0], ids=["remembered", "over-budget"])
 def test_remembered_encodings_follow_each_epochs_mode(ct, budget, monkeypatch):
     # the dataset encodes a row's text once per mode (packed / plain) and reuses it: every epoch must
     # still give each row the encoding of the mode drawn for it, equal to a fresh encoding
     _, proc = ct
-    monkeypatch.setattr(MedMVLDataset, "TEXT_MEMO_BYTES", budget)
+    monkeypatch.setattr(TrainEncodings, "MAX_BYTES", budget)
     turns = [TURNS, SHARED_START]
     recs = [Record(id=f"r{i}", conversations=turns[i % 2], images=[], images3d=[str(INPUTS / "ct_volume.npy")],
                     source="t.json", index=i) for i in range(12)]
@@ -189,7 +189,34 @@ def test_remembered_encodings_follow_each_epochs_mode(ct, budget, monkeypatch):
             assert got["input_ids"].tolist() == want["input_ids"] and got["labels"].tolist() == want["labels"]
             assert int(got["segments"].max()) == (3 if packed else 1)
     assert {packed for _, packed in seen} == {True, False}
-    assert len(ds._text_memo) == (len(seen) if budget else 0)  # one entry per (row, mode) used
+    assert len(ds.encodings) == (len(seen) if budget else 0)  # one entry per (row, mode) used
+
+
+def test_the_row_check_encodings_are_the_datasets(ct, monkeypatch):
+    # check_rows encodes every row in each mode it may train with; the dataset given those encodings
+    # encodes nothing again, whatever mode each epoch draws
+    from training.data import check_rows
+
+    _, proc = ct
+    recs = [Record(id=f"r{i}", conversations=TURNS, images=[], images3d=[str(INPUTS / "ct_volume.npy")],
+                   source="t.json", index=i) for i in range(6)]
+    enc = TrainEncodings(proc, independent_turns=True)
+    good, skipped = check_rows(recs, proc, 2048, "error", "t.json", True, 0.5, enc)
+    assert len(good) == 6 and skipped == 0 and len(enc) == 12
+    calls = []
+    import medmvl_core.data.datasets as dsmod
+    for name in ("encode_train", "encode_train_turns"):
+        real = getattr(dsmod, name)
+        monkeypatch.setattr(dsmod, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    ds = MedMVLDataset(good, proc, max_length=2048, independent_turns=True, multi_turn_share=0.5,
+                       skip_pixels=lambda key: True, encodings=enc)
+    for epoch in range(3):
+        ds.epoch = epoch
+        for i in range(6):
+            assert ds[i]["input_ids"].tolist() == enc.get(recs[i], ds.independent(i))["input_ids"].tolist()
+    assert calls == [] and len(enc) == 12
+    with pytest.raises(ValueError, match="independent_turns"):
+        MedMVLDataset(good, proc, independent_turns=False, encodings=enc)
 
 
 def test_multi_turn_share_config_errors(tmp_path):

@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from medmvl_core.data.datasets import MedMVLDataset, Record, RowProblem, _report_problems, encode_train, \
-    encode_train_turns, load_records, mixture_plan
+from medmvl_core.data.datasets import MedMVLDataset, Record, RowProblem, TrainEncodings, _report_problems, \
+    load_records, mixture_plan
 from medmvl_core.errors import DataError, MedMVLError
 from training.config import RunConfig
 
@@ -30,6 +30,7 @@ class TrainData:
     sizes: list
     ratios: list
     skipped: int = 0
+    encodings: Optional[TrainEncodings] = None  # the rows' text encodings made by check_rows, for the dataset
 
     def epoch_order(self, epoch: int, seed: int) -> list[int]:
         plan = mixture_plan(self.sizes, self.ratios, epoch, seed)
@@ -41,18 +42,19 @@ class TrainData:
 
 
 def check_rows(records: list[Record], processor: Any, max_length: int, on_bad_row: str,
-               what: str, independent_turns: bool = False, multi_turn_share: float = 0.0) -> tuple[list[Record], int]:
+               what: str, independent_turns: bool = False, multi_turn_share: float = 0.0,
+               encodings: Optional[TrainEncodings] = None) -> tuple[list[Record], int]:
     """Encode every record once (template, label masking, expansion; each encoding the row may be
     trained with): rows that fail, are too long or have no supervised token are an error or a
-    counted skip."""
+    counted skip. The encodings are kept in ``encodings`` (pass it on to the dataset to reuse them)."""
     good, problems = [], []
-    encoders = [encode_train_turns] if independent_turns else [encode_train]
-    if independent_turns and multi_turn_share > 0:
-        encoders.append(encode_train)
+    if encodings is None:
+        encodings = TrainEncodings(processor, independent_turns)
+    modes = [independent_turns] + ([False] if independent_turns and multi_turn_share > 0 else [])
     for rec in records:
         try:
-            encs = [f(processor, rec.conversations, {"image": len(rec.images), "image3d": len(rec.images3d)})
-                    for f in encoders]
+            encs = [encodings.get(rec, packed, {"image": len(rec.images), "image3d": len(rec.images3d)})
+                    for packed in modes]
         except (MedMVLError, ValueError) as exc:
             problems.append(RowProblem(rec.source, rec.index, rec.id, "encode_error", str(exc)))
             continue
@@ -74,13 +76,14 @@ def check_rows(records: list[Record], processor: Any, max_length: int, on_bad_ro
 def load_train_data(cfg: RunConfig, processor: Any, max_length: int, key: str = "datasets") -> TrainData:
     """Records of ``data.<key>``, checked; raises or skips bad rows per ``data.on_bad_row``."""
     records, offsets, sizes, ratios, skipped = [], [], [], [], 0
+    encodings = TrainEncodings(processor, cfg.data.independent_turns)
     for i, ds in enumerate(getattr(cfg.data, key)):
         path = cfg.resolve_path(ds.path)
         recs = load_records(path, cfg.resolve_path(ds.image_dir), cfg.resolve_path(ds.image3d_dir),
                             on_bad_row=cfg.data.on_bad_row)
         n_rows = len(recs)
         recs, bad = check_rows(recs, processor, max_length, cfg.data.on_bad_row, str(path),
-                               cfg.data.independent_turns, cfg.data.multi_turn_share)
+                               cfg.data.independent_turns, cfg.data.multi_turn_share, encodings)
         skipped += bad
         if not recs:
             raise DataError(f"data.{key}.{i} ({path}) has no usable row; see the messages above "
@@ -90,7 +93,7 @@ def load_train_data(cfg: RunConfig, processor: Any, max_length: int, key: str = 
         records.extend(recs)
         sizes.append(len(recs))
         ratios.append(ds.ratio)
-    return TrainData(records, offsets, sizes, ratios, skipped)
+    return TrainData(records, offsets, sizes, ratios, skipped, encodings)
 
 
 def rank_micro_batches(order: list[int], step_in_epoch: int, micro_batch: int, grad_accum: int,
@@ -162,12 +165,12 @@ def move_batch(batch: dict, device: torch.device, cache: Optional[Any]) -> tuple
     return inputs, pending
 
 
-def make_dataset(records: list[Record], processor: Any, cfg: RunConfig, max_length: int, cache: Optional[Any]) \
-        -> MedMVLDataset:
+def make_dataset(records: list[Record], processor: Any, cfg: RunConfig, max_length: int, cache: Optional[Any],
+                 encodings: Optional[TrainEncodings] = None) -> MedMVLDataset:
     skip = cache.has if cache is not None else None
     return MedMVLDataset(records, processor, max_length=max_length, augment=cfg.data.augment, seed=cfg.seed,
                          skip_pixels=skip, independent_turns=cfg.data.independent_turns,
-                         multi_turn_share=cfg.data.multi_turn_share)
+                         multi_turn_share=cfg.data.multi_turn_share, encodings=encodings)
 
 
 class KeyedCollator(Collator):

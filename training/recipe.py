@@ -112,7 +112,8 @@ class Recipe:
         self.data_proc = data_proc
         self.cache = self._encoder_cache(model)
         self.data = load_train_data(cfg, data_proc, self.max_length)
-        self.dataset = make_dataset(self.data.records, data_proc, cfg, self.max_length, self.cache)
+        self.dataset = make_dataset(self.data.records, data_proc, cfg, self.max_length, self.cache,
+                                    self.data.encodings)
         self.eval_data = load_train_data(cfg, data_proc, self.max_length, "eval_datasets") \
             if cfg.data.eval_datasets else None
         world = self.acc.num_processes
@@ -310,7 +311,8 @@ class Recipe:
         (and 4-bit layers repacked for training, see ``unpack_4bit_for_training``)."""
         acc, tr = self.acc, self.cfg.train
         self.step_module.eval()
-        ds = make_dataset(self.eval_data.records, self.data_proc, self.cfg, self.max_length, None)
+        ds = make_dataset(self.eval_data.records, self.data_proc, self.cfg, self.max_length, None,
+                          self.eval_data.encodings)
         idx = list(range(len(ds)))[acc.process_index::acc.num_processes]
         batches = [idx[i:i + tr.micro_batch_size] for i in range(0, len(idx), tr.micro_batch_size)]
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=KeyedCollator(self.data_proc),

@@ -228,6 +228,46 @@ def random_flip_rot90(volume: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return np.ascontiguousarray(out)
 
 
+class TrainEncodings:
+    """Train-mode text encodings of records, per (record, packed or plain), as int32 arrays, each
+    computed once and then reused: by the start-up row check (``training.data.check_rows``), every
+    epoch of the dataset, and every evaluation pass.
+
+    ``packed`` rows use :func:`encode_train_turns`; with ``independent_turns`` a plain row (one kept
+    multi-turn by ``multi_turn_share``) also gets position ids and a single segment. Re-tokenizing a
+    packed demo row costs 5.8 ms (2.4 ms plain), ~45 ms of a ~270 ms 8-row demo stage-2 step on a
+    2-core CPU. At most ``MAX_BYTES`` are kept, so that large datasets do not grow memory; rows
+    beyond that are encoded each time. Callers must not modify the returned arrays.
+    """
+
+    MAX_BYTES = 256 * 2 ** 20
+
+    def __init__(self, processor: Any, independent_turns: bool = False):
+        self.processor = processor
+        self.independent_turns = independent_turns
+        self._memo: dict[tuple, dict] = {}
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._memo)
+
+    def get(self, rec: Record, packed: bool, n_images: Optional[dict] = None) -> dict:
+        """The encoding of ``rec`` (``n_images``: also check the image placeholders, see encode_train)."""
+        key = (rec.source, rec.index, rec.id, bool(packed))
+        enc = self._memo.get(key)
+        if enc is None:
+            enc = (encode_train_turns if packed else encode_train)(self.processor, rec.conversations, n_images)
+            if self.independent_turns and not packed:  # a plain row among packed ones: one segment, causal
+                n = len(enc["input_ids"])
+                enc = dict(enc, position_ids=list(range(n)), segments=[1] * n)
+            enc = {k: np.asarray(v, dtype=np.int32) for k, v in enc.items()}
+            size = sum(v.nbytes for v in enc.values())
+            if self._bytes + size <= self.MAX_BYTES:
+                self._memo[key] = enc
+                self._bytes += size
+        return enc
+
+
 class MedMVLDataset:
     """Torch-style dataset over records: item ``i`` -> one training sample.
 
@@ -243,7 +283,7 @@ class MedMVLDataset:
 
     def __init__(self, records: Sequence[Record], processor: Any, *, max_length: Optional[int] = None, augment: bool = False, seed: int = 0,
                  skip_pixels: Optional[Callable[[str], bool]] = None, independent_turns: bool = False,
-                 multi_turn_share: float = 0.0):
+                 multi_turn_share: float = 0.0, encodings: Optional[TrainEncodings] = None):
         self.records = list(records)
         self.independent_turns = independent_turns
         self.multi_turn_share = multi_turn_share
@@ -254,14 +294,9 @@ class MedMVLDataset:
         self.skip_pixels = skip_pixels
         self.epoch = 0
         self._key_memo: dict[str, str] = {}
-        # text encodings per (row, independent), computed once as int32 arrays: the encoding is
-        # deterministic, and re-tokenizing a packed demo row costs 5.8 ms (2.4 ms plain) every epoch,
-        # ~45 ms of a ~270 ms 8-row demo stage-2 step on a 2-core CPU. Bounded (TEXT_MEMO_BYTES) so
-        # that large datasets do not grow memory.
-        self._text_memo: dict[tuple, dict] = {}
-        self._text_memo_bytes = 0
-
-    TEXT_MEMO_BYTES = 256 * 2 ** 20
+        if encodings is not None and encodings.independent_turns != independent_turns:
+            raise ValueError("encodings were made with a different independent_turns setting than the dataset's")
+        self.encodings = encodings if encodings is not None else TrainEncodings(processor, independent_turns)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -276,25 +311,10 @@ class MedMVLDataset:
         return bool(rng.random() >= self.multi_turn_share)
 
     def encode_text(self, rec: Record, independent: Optional[bool] = None) -> dict:
-        """input_ids / labels (and position_ids / segments) of a record as int32 arrays, via the train encoding.
-
-        Remembered per (record, mode): callers must not modify the returned arrays.
-        """
-        turns = bool(self.independent_turns if independent is None else independent)
-        memo = (rec.source, rec.index, rec.id, turns)
-        enc = self._text_memo.get(memo)
-        if enc is None:
-            enc = {k: np.asarray(v, dtype=np.int32) for k, v in self._encode_text(rec, turns).items()}
-            size = sum(v.nbytes for v in enc.values())
-            if self._text_memo_bytes + size <= self.TEXT_MEMO_BYTES:
-                self._text_memo[memo] = enc
-                self._text_memo_bytes += size
-        return enc
-
-    def _encode_text(self, rec: Record, turns: bool) -> dict:
-        enc = (encode_train_turns if turns else encode_train)(self.processor, rec.conversations)
-        if self.independent_turns and not turns:  # a plain row among packed ones: one segment, causal
-            enc = dict(enc, position_ids=list(range(len(enc["input_ids"]))), segments=[1] * len(enc["input_ids"]))
+        """input_ids / labels (and position_ids / segments) of a record as int32 arrays (see
+        :class:`TrainEncodings`; callers must not modify them)."""
+        turns = self.independent_turns if independent is None else independent
+        enc = self.encodings.get(rec, turns)
         if self.max_length is not None and len(enc["input_ids"]) > self.max_length:
             raise DataError(f"{Path(rec.source).name}[{rec.index}] (id {rec.id}) has {len(enc['input_ids'])} tokens "
                             f"(with image tokens), more than model.max_length={self.max_length}; raise max_length, "
