@@ -120,11 +120,20 @@ def test_convvit3d_input_windows_are_fixed_rewindowed_channels():
     assert torch.allclose(got[2], torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 1.0]), atol=1e-6)  # brighter
 
 
+TINY_DENSE = {"img_size": [16, 32, 32], "stem_channels": [4, 8], "token_pool": [1, 2, 2], "hidden_size": 32,
+              "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "dense_stage": 1, "dense_tokens": 3}
+
+
+def _stem_probs(enc, stem):
+    """The stem classifier's label probabilities [B, K, d, h, w], computed here from its 1x1x1 conv weights."""
+    return torch.softmax(torch.einsum("bcdhw,kc->bkdhw", stem, enc.dense_head.weight[:, :, 0, 0, 0])
+                         + enc.dense_head.bias.view(1, -1, 1, 1, 1), 1)[:, 1:]
+
+
 def test_convvit3d_dense_tokens_add_each_tokens_max_label_probability():
     from medmvl_core.model.convvit3d import ConvViT3D
 
-    cfg = {"img_size": [16, 32, 32], "stem_channels": [4, 8], "token_pool": [1, 2, 2], "hidden_size": 32,
-           "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "dense_stage": 1, "dense_tokens": 3}
+    cfg = dict(TINY_DENSE)
     torch.manual_seed(0)
     enc = ConvViT3D.from_config(cfg)
     assert {"dense_head.weight", "dense_embed.weight"} <= set(enc.state_dict())
@@ -142,8 +151,7 @@ def test_convvit3d_dense_tokens_add_each_tokens_max_label_probability():
     added = (seen["tokens"] - without)[:, 1:]  # drop the CLS token
     assert torch.allclose(added[..., 3:], torch.zeros(()), atol=1e-6)
     # independently: softmax over the stem grid [8, 16, 16], max over each token's 2 x 4 x 4 cells
-    p = torch.softmax(torch.einsum("bcdhw,kc->bkdhw", stem, enc.dense_head.weight[:, :, 0, 0, 0])
-                      + enc.dense_head.bias.view(1, -1, 1, 1, 1), 1)[:, 1:]
+    p = _stem_probs(enc, stem)
     want = p.reshape(2, 3, 4, 2, 4, 4, 4, 4).amax(dim=(3, 5, 7)).reshape(2, 3, 64).transpose(1, 2)
     assert torch.allclose(added[..., :3], want, atol=1e-5)
     assert want.max() > 0.9 and want.min() < 0.1  # a real spread: the check above could fail
@@ -154,9 +162,7 @@ def test_convvit3d_dense_tokens_add_each_tokens_max_label_probability():
 def test_convvit3d_dense_summary_adds_each_labels_volume_maximum_to_the_summary_token():
     from medmvl_core.model.convvit3d import ConvViT3D
 
-    cfg = {"img_size": [16, 32, 32], "stem_channels": [4, 8], "token_pool": [1, 2, 2], "hidden_size": 32,
-           "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "dense_stage": 1, "dense_tokens": 3,
-           "cls_pool": "max", "dense_summary": True}
+    cfg = TINY_DENSE | {"cls_pool": "max", "dense_summary": True}
     torch.manual_seed(0)
     enc = ConvViT3D.from_config(cfg)
     x = torch.rand(2, 1, 16, 32, 32)
@@ -169,12 +175,73 @@ def test_convvit3d_dense_summary_adds_each_labels_volume_maximum_to_the_summary_
         _, with_, _ = enc(x)
     added = with_[-1] - without[-1]
     assert torch.allclose(added[:, 1:], torch.zeros(()))  # the patch tokens are untouched
-    p = torch.softmax(torch.einsum("bcdhw,kc->bkdhw", stem, enc.dense_head.weight[:, :, 0, 0, 0])
-                      + enc.dense_head.bias.view(1, -1, 1, 1, 1), 1)[:, 1:]
+    p = _stem_probs(enc, stem)
     assert torch.allclose(added[:, 0, :3], p.flatten(2).amax(-1), atol=1e-5)
     assert torch.allclose(added[:, 0, 3:], torch.zeros(()))
     with pytest.raises(ConfigError, match="dense_summary needs dense_tokens"):
         ConvViT3D.from_config(cfg | {"dense_tokens": 0})
+
+
+def test_convvit3d_detection_tokens_give_each_labels_peak_probability_and_the_box_there():
+    from medmvl_core.model.convvit3d import DETECTION_DIGITS, ConvViT3D, detection_feature_size
+    from medmvl_core.model.encoders import ConvViT3DEncoder
+
+    assert DETECTION_DIGITS == 2  # the layout below: tenths and hundredths of each coordinate
+    cfg = TINY_DENSE | {"cls_pool": "max", "detections": True}
+    torch.manual_seed(0)
+    enc = ConvViT3D.from_config(cfg)
+    x = torch.rand(2, 1, 16, 32, 32)
+    with torch.no_grad():
+        enc.dense_head.weight.normal_(0, 3.0)
+        enc.box_head[-1].weight.normal_(0, 2.0)  # boxes spread over the volume
+        out, hidden, stem = enc(x)
+        parts = enc.forward_parts(x)
+    n = 3 * 6 * 2
+    assert enc.num_detections == n and hidden[-1].shape == out.shape == (2, 1 + 64 + n, 32)
+    det = hidden[-1][:, -n:].view(2, 3, 6, 2, 32)  # label-major, then coordinate, then digit
+    # as long as the patch tokens on average
+    assert torch.allclose(det.norm(dim=-1), hidden[-1][:, 1:65].norm(dim=-1).mean(1).view(2, 1, 1, 1).expand(2, 3, 6, 2))
+    unit = det / det.norm(dim=-1, keepdim=True)
+    # independently: each label's peak over the stem grid [8, 16, 16] and the box head's box at that cell
+    p = _stem_probs(enc, stem)
+    r = enc.box_head(stem).view(2, 3, 6, 8, 16, 16)
+    texts = []
+    for b in range(2):
+        for k in range(3):
+            peak = torch.argmax(p[b, k])
+            d, rest = divmod(int(peak), 16 * 16)
+            h, w = divmod(rest, 16)
+            centre = torch.tensor([(d + 0.5) / 8, (h + 0.5) / 16, (w + 0.5) / 16] * 2)
+            size = torch.tensor([1 / 8, 1 / 16, 1 / 16] * 2)
+            box = (centre + size * r[b, k, :, d, h, w]).clamp(0, 1)
+            box = torch.cat((torch.minimum(box[:3], box[3:]), torch.maximum(box[:3], box[3:])))
+            assert torch.allclose(parts["detections"][0][b, k], p[b, k].max())
+            assert torch.allclose(parts["detections"][1][b, k], box, atol=1e-6)
+            tok = unit[b, k].reshape(12, 32)                                          # coordinate-major
+            one = tok[:, k]                                                           # a one-hot entry's size
+            assert (tok[:, :3] > 0).sum() == 12 and (tok[:, :3].argmax(-1) == k).all()   # which label
+            assert torch.equal(tok[:, 3:9].argmax(-1), torch.arange(6).repeat_interleave(2))  # which coordinate
+            assert torch.equal(tok[:, 9:11].argmax(-1), torch.arange(2).repeat(6))     # which digit
+            assert torch.allclose(tok[:, 11] / one, p[b, k].max().expand(12), atol=1e-5)  # its peak probability
+            digits = tok[:, 15:25].argmax(-1).view(6, 2)                               # the box, as "0.375" reads
+            units = (tok[::2, 13] > 0).int()
+            text = ["%d.%d%d" % (u, d0, d1) for u, (d0, d1) in zip(units.tolist(), digits.tolist())]
+            assert text == [f"{v:.3f}"[:4] for v in box.tolist()], (text, box)
+            texts += text
+    assert len(set(texts)) > 10  # the boxes differ: the digit check could fail
+    assert (hidden[-1][:, -n:, detection_feature_size(3):] == 0).all()             # zero-padded
+    assert p.flatten(2).amax(-1).min() < 0.9 < p.flatten(2).amax(-1).max()          # peaks differ: could fail
+    # the wrapper counts them and refuses a layer that has none
+    spec = {"config": cfg, "select_layer": -1, "select_feature": "cls_patch"}
+    wrapped = ConvViT3DEncoder(spec)
+    assert wrapped.num_tokens("cls_patch") == 65 + n and wrapped.num_tokens("patch") == 64 + n
+    assert wrapped(x, -1, "patch").shape == (2, 64 + n, 32)
+    with pytest.raises(ConfigError, match="detection tokens at the last layer only"):
+        ConvViT3DEncoder(spec | {"config": cfg | {"num_layers": 2}})(x, -2, "patch")
+    with pytest.raises(ConfigError, match="detections needs dense_tokens"):
+        ConvViT3D.from_config(cfg | {"dense_tokens": 0})
+    with pytest.raises(ConfigError, match="hidden_size >= 25"):
+        ConvViT3D.from_config(cfg | {"hidden_size": 24})
 
 
 def test_dense_tokens_share_the_pretraining_dense_head_and_must_count_the_labels(tmp_path):
@@ -263,6 +330,42 @@ def test_pretrain_run_lowers_the_loss_and_the_folder_loads_as_an_encoder(tmp_pat
     got = model.encoder_image3d.encoder.state_dict()
     assert set(got) == set(saved)
     assert all(torch.equal(got[k], saved[k]) for k in saved)
+
+
+def test_pretraining_with_detections_trains_the_box_head_and_reports_detection_metrics(tmp_path):
+    from safetensors.torch import load_file
+
+    from training.encoder_pretrain import DensePretrainer, load_pretrain_config, load_volumes, read_box_file
+
+    cfg = load_pretrain_config(_phantom_set(tmp_path, dense_tokens=5, detections=True),
+                               ["train.steps=120", "train.eval_every=120"])
+    pre = DensePretrainer(cfg)
+    rows = read_box_file(cfg.resolve_path(cfg.data.path), pre.labels, pre.locations)
+    x = load_volumes(rows, cfg.resolve_path(cfg.data.path).parent, cfg.preprocessing, "train")
+    t = pre.targets(rows)
+    with torch.no_grad():
+        before = float(pre.losses(x, t)["det_box"])
+    summary = pre.run()
+    with torch.no_grad():
+        after = float(pre.losses(x, t)["det_box"])
+    assert after < 0.8 * before, (before, after)  # measured 1.22 -> 0.86
+    ev = summary["eval"]
+    for name in pre.labels:
+        assert f"det_auc_{name}" in ev and f"det_iou_{name}" in ev
+    present = [v for k, v in ev.items() if k.startswith("det_iou_") and v == v]
+    assert present and all(0.0 <= v <= 1.0 for v in present)
+    saved = load_file(str(tmp_path / "enc" / "final" / "model.safetensors"))
+    assert any(k.startswith("vision_encoder.box_head.") for k in saved)  # the box head ships with the encoder
+
+
+def test_auc_against_counting():
+    from training.encoder_pretrain import _auc
+
+    score = torch.tensor([0.9, 0.1, 0.5, 0.5, 0.3])
+    pos = torch.tensor([True, False, True, False, False])
+    # positives 0.9 and 0.5 against negatives 0.1, 0.5, 0.3: 3 + (2 + 0.5) wins out of 6 pairs
+    assert _auc(score, pos) == pytest.approx(5.5 / 6)
+    assert _auc(score, torch.zeros(5, dtype=torch.bool)) != _auc(score, torch.zeros(5, dtype=torch.bool))  # nan
 
 
 def test_bad_pretrain_configs(tmp_path):

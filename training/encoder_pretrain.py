@@ -10,7 +10,10 @@ same), so this stage teaches it directly, from boxes:
 - per token (the features the connector sees): the same at the token's sub-cells, the label and
   location of the finding covering it most, and that finding's box (L1, only where it covers the token);
 - on the CLS token: which (label, location) pairs the volume holds (multi-label) and each present
-  label's box, so a model that uses ``select_feature: cls_patch`` gets a summary token as well.
+  label's box, so a model that uses ``select_feature: cls_patch`` gets a summary token as well;
+- with ``convvit3d`` ``detections``: the encoder's box head, at every stem cell a finding covers, that
+  finding's box (L1 over the 6 coordinates, weighted by the cell's target share, ``det_box_weight``);
+  the detection tokens report the box at each label's peak cell.
 
 The heads are dropped at the end; ``OUTPUT/final`` is an encoder folder (``config.json`` +
 ``model.safetensors``) that a run config uses as ``model.encoder_image3d.path``.
@@ -78,6 +81,7 @@ class PretrainTrain:
     log_every: int = 50
     eval_every: int = 250
     threads: int = 0                 # torch threads; 0 = torch's default
+    det_box_weight: float = 2.0      # weight of the detection box loss (convvit3d detections only)
 
 
 @dataclass
@@ -256,12 +260,23 @@ class DenseHeads(nn.Module):
                 self.loc.bias[-1] = math.log(prior * max(n_locations, 1) / (1 - prior))
                 self.glob.bias.fill_(-math.log(prior / (1 - prior)))
 
-    def forward(self, dense: torch.Tensor, tokens: torch.Tensor):
+    def forward(self, dense: torch.Tensor, tokens: torch.Tensor, dense_logits: Optional[torch.Tensor] = None):
+        """``dense_logits``: the stem classifier's output when the encoder computed it (``dense_tokens``)."""
         h = self.norm(tokens)
         cls, h = h[:, 0], h[:, 1:]
         b, t, _ = h.shape
-        return (self.dense(dense), self.cells(h).view(b, t, self.sub, self.k + 1),
+        return (self.dense(dense) if dense_logits is None else dense_logits, self.cells(h).view(b, t, self.sub, self.k + 1),
                 self.box(h).view(b, t, self.k, 6), self.loc(h), self.glob(cls), self.glob_box(cls).view(b, self.k, 6))
+
+
+def _auc(score: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of ``score`` for ``positive`` (ties count half); nan without both classes."""
+    pos, neg = score[positive], score[~positive]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).float().mean()
+    ties = (pos[:, None] == neg[None, :]).float().mean()
+    return float(greater + 0.5 * ties)
 
 
 def _soft_ce(logits: torch.Tensor, target: torch.Tensor, dim: int, weight: torch.Tensor) -> torch.Tensor:
@@ -302,8 +317,11 @@ class DensePretrainer:
                             relative=self.cfg.train.relative_targets)
 
     def losses(self, x: torch.Tensor, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        _, hidden, dense = self.encoder(x)
-        pd, pc, pb, pl, pg, pgb = self.heads(dense, hidden[-1])
+        enc = self.encoder
+        parts = enc.forward_parts(x)  # the stem classifier and the box head run once, inside the encoder
+        dense, hidden = parts["dense"], parts["hidden_states"]
+        ntok = math.prod(self.token_grid)
+        pd, pc, pb, pl, pg, pgb = self.heads(dense, hidden[-1][:, :1 + ntok], parts["dense_logits"])  # not the detection tokens
         b = x.shape[0]
         k1 = len(self.labels) + 1
         tg, sub = self.token_grid, self.sub
@@ -317,7 +335,14 @@ class DensePretrainer:
         out["global_box"] = ((pgb - t["global_box"]).abs().sum(-1) * gm).sum() / gm.sum().clamp(min=1)
         if self.locations:
             out["loc"] = F.cross_entropy(pl.reshape(-1, pl.shape[-1]), t["loc"].reshape(-1), weight=self.loc_weight)
-        out["_pred"] = (pb, pl, pg, pgb, pc)
+        det = (torch.zeros(b, 0), torch.zeros(b, 0, 6))
+        if enc.detections:
+            boxes = parts["box_map"]                                            # [B, K, 6, d, h, w]
+            w = t["dense"][:, 1:] * gm[:, :, None, None, None]                  # cells each present finding covers
+            err = (boxes - t["global_box"][:, :, :, None, None, None]).abs().sum(2)
+            out["det_box"] = self.cfg.train.det_box_weight * (err * w).sum() / w.sum().clamp(min=1e-6)
+            det = parts["detections"]
+        out["_pred"] = (pb, pl, pg, pgb, pc, *det)
         return out
 
     @torch.no_grad()
@@ -327,7 +352,7 @@ class DensePretrainer:
         preds = [self.losses(x[i:i + batch], {k: v[i:i + batch] for k, v in t.items()})["_pred"]
                  for i in range(0, len(x), batch)]
         self.encoder.train()
-        pb, pl, pg, pgb, pc = (torch.cat(z) for z in zip(*preds))
+        pb, pl, pg, pgb, pc, dp, db = (torch.cat(z) for z in zip(*preds))
         pg = pg > 0
         g = t["global"] > 0.5
         none = len(self.locations)
@@ -351,6 +376,14 @@ class DensePretrainer:
             present = on.any(1)
             seen = ((flags == i + 1).any(-1) & on).any(1)
             res[f"token_recall_{name}"] = float((seen & present).sum() / present.sum().clamp(min=1))
+        if self.encoder.detections:  # the detection tokens: presence (peak probability) and box at the peak
+            from medmvl_core.evaluation.phantom_metrics import box_iou
+
+            for i, name in enumerate(self.labels):
+                present = gm[:, i] > 0.5
+                res[f"det_auc_{name}"] = _auc(dp[:, i], present)
+                ious = [box_iou(db[n, i].tolist(), t["global_box"][n, i].tolist()) for n in torch.nonzero(present)[:, 0]]
+                res[f"det_iou_{name}"] = float(np.mean(ious)) if ious else float("nan")
         if self.locations:
             res["location_recall"] = float((pred[fg] == loc[fg]).float().mean()) if fg.any() else float("nan")
             flagged = pred < none

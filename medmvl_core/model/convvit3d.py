@@ -41,6 +41,22 @@ volumes with and without a liver cyst perfectly (AUC 1.0) although at low values
 against 0.19), which the per-token embedding, mixed into the token features, did not pass on to
 the LLM.
 
+``detections: true`` (with ``dense_tokens``): *detection tokens* follow the patch tokens, saying for
+each finding label whether and where the stem classifier found it: at the stem cell where the
+label's probability peaks, its probability and the box that a small box head (``box_head``: a
+3x3x3 conv, ReLU, a 1x1x1 conv to 6 numbers per label) regresses there, as ``[z1, y1, x1, z2, y2,
+x2]`` in 0-1 of the input (the box convention of the 3D find task) — a one-detection-per-label
+detector in the CenterNet / FCOS manner (the phantoms never hold two findings of one kind). The
+tokens are fixed, not learned: one per (label, coordinate, decimal digit), each the one-hots of
+those three, the probability and its logit, and the digit's value one-hot — the box as its text
+``0.375`` reads, so that a language model could write a box by copying digit by digit — scaled to
+the patch tokens' mean length and zero-padded to ``hidden_size``. Why: a patch token here covers
+80 x 84 x 84 mm, so the tokens say "a calcification is somewhere in here" but not where within the
+token, which decides a 15-30 mm finding's box. The box head is trained by ``medmvl-train encoder``
+(its ``det_box`` loss) and ships with the encoder. Measured on the demo (README, "Demo model"):
+the detections' boxes reach IoU 0.37-0.78 by kind, but the demo's 3-layer LLM did not learn to
+copy them within its CPU step budget — not even from the true boxes — so the demo does not use it.
+
 ``forward(x) -> (normed output, [block outputs], stem features)``; the stem features (the grid after
 ``dense_stage`` stages) feed the dense pretraining head in ``training/encoder_pretrain.py``.
 """
@@ -54,6 +70,41 @@ from torch import nn
 
 from medmvl_core.errors import ConfigError
 from medmvl_core.model.vit3d import _Block
+
+DETECTION_DIGITS = 2  # decimals of each box coordinate given as tokens (0.375 -> 3, 7); the boxes' text has 3
+
+
+def detection_feature_size(n_labels: int) -> int:
+    """Width of a detection token before zero-padding: label, coordinate and digit one-hots, p and
+    logit(p), the units digit, a constant, the digit's value one-hot."""
+    return n_labels + 6 + DETECTION_DIGITS + 2 + 2 + 10
+
+
+def detection_features(probs: torch.Tensor, boxes: torch.Tensor, scale: torch.Tensor, width: int) -> torch.Tensor:
+    """Fixed detection-token features, one token per (label, box coordinate, decimal digit).
+
+    ``probs`` [B, K], ``boxes`` [B, K, 6] in 0-1, ``scale`` [B] -> [B, K * 6 * DETECTION_DIGITS, width],
+    label-major, then coordinate, then digit. Each token holds one decimal digit of one coordinate as
+    the box text writes it (``0.375``), so that a language model writes a box by copying: for each
+    digit it writes, it attends to the token of that label, coordinate and digit and reads its value.
+    """
+    b, k = probs.shape
+    n = 6 * DETECTION_DIGITS
+    dev, dt = probs.device, probs.dtype
+    label = torch.eye(k, dtype=dt, device=dev).repeat_interleave(n, 0)                       # [K*n, K]
+    coord = torch.eye(6, dtype=dt, device=dev).repeat_interleave(DETECTION_DIGITS, 0).repeat(k, 1)
+    digit = torch.eye(DETECTION_DIGITS, dtype=dt, device=dev).repeat(6 * k, 1)
+    p = probs.clamp(1e-4, 1 - 1e-4)
+    pres = torch.stack((probs, (p.log() - (1 - p).log()) / 4), -1).repeat_interleave(n, 1)   # [B, K*n, 2]
+    milli = (boxes.clamp(0, 1) * 1000).round().long()                                       # [B, K, 6], 0..1000
+    units = (milli // 1000).unsqueeze(-1).expand(-1, -1, -1, DETECTION_DIGITS)
+    power = 10 ** (2 - torch.arange(DETECTION_DIGITS, device=dev))                           # 100, 10, ...
+    value = milli.unsqueeze(-1) // power % 10                                                # [B, K, 6, digits]
+    f = torch.cat((label.expand(b, -1, -1), coord.expand(b, -1, -1), digit.expand(b, -1, -1), pres,
+                   units.reshape(b, -1, 1).to(dt), torch.ones(b, k * n, 1, dtype=dt, device=dev),
+                   nn.functional.one_hot(value.reshape(b, -1), 10).to(dt)), -1)
+    f = f * (scale.view(b, 1, 1) / f.norm(dim=-1, keepdim=True))
+    return nn.functional.pad(f, (0, width - f.shape[-1]))
 
 
 def _ints(v, n: int, what: str) -> list[int]:
@@ -69,7 +120,8 @@ class ConvViT3D(nn.Module):
     def __init__(self, img_size, in_channels: int = 1, stem_channels=(16, 32, 64), token_pool=(1, 2, 2),
                  hidden_size: int = 128, mlp_dim: int = 256, num_layers: int = 2, num_heads: int = 4,
                  dense_stage: int = 2, groups: int = 4, pointwise_channels=(), cls_pool: str = "token",
-                 input_windows=(), dense_tokens: int = 0, dense_summary: bool = False) -> None:
+                 input_windows=(), dense_tokens: int = 0, dense_summary: bool = False,
+                 detections: bool = False) -> None:
         super().__init__()
         windows = [tuple(float(v) for v in w) for w in input_windows]
         if any(len(w) != 2 or not w[0] < w[1] for w in windows):
@@ -129,6 +181,21 @@ class ConvViT3D(nn.Module):
         if dense_summary and not self.dense_tokens:
             raise ConfigError("convvit3d dense_summary needs dense_tokens (the stem classifier it summarizes)")
         self.dense_summary = nn.Linear(self.dense_tokens, hidden_size) if dense_summary else None
+        self.detections = bool(detections)
+        if self.detections:
+            if not self.dense_tokens:
+                raise ConfigError("convvit3d detections needs dense_tokens (the stem classifier whose peaks it reports)")
+            need = detection_feature_size(self.dense_tokens)
+            if hidden_size < need:
+                raise ConfigError(f"convvit3d detections need hidden_size >= {need} for {self.dense_tokens} labels, "
+                                  f"got {hidden_size}")
+            c = self.dense_channels
+            self.box_head = nn.Sequential(nn.Conv3d(c, c, 3, padding=1), nn.ReLU(), nn.Conv3d(c, 6 * self.dense_tokens, 1))
+            axes = [(torch.arange(n, dtype=torch.float32) + 0.5) / n for n in self.dense_grid]
+            centre = torch.stack(torch.meshgrid(*axes, indexing="ij"))                     # [3, d, h, w]
+            self.register_buffer("_cell_centre", centre.repeat(2, 1, 1, 1).unsqueeze(0), persistent=False)
+            size = torch.tensor([1.0 / n for n in self.dense_grid] * 2).view(1, 6, 1, 1, 1)
+            self.register_buffer("_cell_size", size, persistent=False)
         self.position_embeddings = nn.Parameter(torch.zeros(1, math.prod(grid), hidden_size))
         nn.init.trunc_normal_(self.position_embeddings, std=0.02)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
@@ -138,8 +205,8 @@ class ConvViT3D(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict) -> "ConvViT3D":
         known = {"img_size", "in_channels", "stem_channels", "token_pool", "hidden_size", "mlp_dim", "num_layers",
-                 "num_heads", "dense_stage", "groups", "pointwise_channels", "cls_pool", "input_windows", "dense_tokens", "dense_summary",
-                 "model_type"}
+                 "num_heads", "dense_stage", "groups", "pointwise_channels", "cls_pool", "input_windows", "dense_tokens",
+                 "dense_summary", "detections", "model_type"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ConfigError(f"convvit3d config has unknown keys {unknown}; valid: {sorted(known - {'model_type'})}")
@@ -147,10 +214,37 @@ class ConvViT3D(nn.Module):
             raise ConfigError("convvit3d config needs img_size [D, H, W]")
         return cls(**{k: v for k, v in cfg.items() if k != "model_type"})
 
+    @property
+    def num_detections(self) -> int:
+        """Detection tokens after the patch tokens: 6 * DETECTION_DIGITS per label (0 without ``detections``)."""
+        return 6 * DETECTION_DIGITS * self.dense_tokens if self.detections else 0
+
+    def box_map(self, dense: torch.Tensor) -> torch.Tensor:
+        """Every stem cell's box for every label: [B, K, 6, d, h, w], 0-1 input coordinates."""
+        b = dense.shape[0]
+        r = self.box_head(dense).view(b, self.dense_tokens, 6, *dense.shape[2:])
+        return self._cell_centre.unsqueeze(1) + self._cell_size.unsqueeze(1) * r
+
+    def detect(self, probs: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per label, the peak probability [B, K] and the box at the peak cell [B, K, 6] (clamped to 0-1,
+        ordered); ``probs`` [B, K, d, h, w] from the stem classifier, ``boxes`` from :meth:`box_map`."""
+        peak, idx = probs.flatten(2).max(-1)
+        box = boxes.flatten(3).gather(3, idx[:, :, None, None].expand(-1, -1, 6, 1)).squeeze(3).clamp(0, 1)
+        lo, hi = torch.minimum(box[..., :3], box[..., 3:]), torch.maximum(box[..., :3], box[..., 3:])
+        return peak, torch.cat((lo, hi), -1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        parts = self.forward_parts(x)
+        return parts["output"], parts["hidden_states"], parts["dense"]
+
+    def forward_parts(self, x: torch.Tensor) -> dict:
+        """``forward`` and what the pretraining losses need from it, computed once: ``output``,
+        ``hidden_states``, ``dense`` (stem features), ``dense_logits`` (the stem classifier's, with
+        ``dense_tokens``), ``box_map`` and ``detections`` (the per-label peak probability and box that the
+        detection tokens show, with ``detections``); absent parts are None."""
         if list(x.shape[2:]) != self.img_size:
             raise ConfigError(f"convvit3d expects input of spatial size {self.img_size}, got {list(x.shape[2:])}")
-        dense = None
+        dense = logits = boxes = found = None
         if self.input_windows:  # each input channel, then each channel re-windowed (window-major)
             w = ((x.unsqueeze(1) - self._win_lo.unsqueeze(2)) / self._win_width.unsqueeze(2)).clamp(0, 1)
             x = torch.cat((x, w.flatten(1, 2)), dim=1)
@@ -161,7 +255,8 @@ class ConvViT3D(nn.Module):
                 dense = x
         x = self.to_tokens(x).flatten(2).transpose(1, 2) + self.position_embeddings
         if self.dense_tokens:  # per token, each label's highest probability over its stem cells
-            p = self.dense_head(dense).softmax(1)[:, 1:]
+            logits = self.dense_head(dense)
+            p = logits.softmax(1)[:, 1:]
             x = x + self.dense_embed(nn.functional.max_pool3d(p, self._dense_pool, self._dense_pool)
                                      .flatten(2).transpose(1, 2))
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
@@ -175,4 +270,11 @@ class ConvViT3D(nn.Module):
         if self.dense_summary is not None:  # the summary token: each label's highest probability anywhere
             x = torch.cat((x[:, :1] + self.dense_summary(p.amax(dim=(2, 3, 4))).unsqueeze(1), x[:, 1:]), dim=1)
             hidden_states[-1] = x
-        return self.norm(x), hidden_states, dense
+        if self.detections:  # fixed-feature tokens: each label's peak probability and box, digit by digit
+            boxes = self.box_map(dense)
+            found = peak, box = self.detect(p, boxes)
+            scale = x[:, 1:].norm(dim=-1).mean(1).detach()  # as long as the patch tokens, so the connector weighs them alike
+            x = torch.cat((x, detection_features(peak, box, scale, self.hidden_size).to(x.dtype)), dim=1)
+            hidden_states[-1] = x
+        return {"output": self.norm(x), "hidden_states": hidden_states, "dense": dense, "dense_logits": logits,
+                "box_map": boxes, "detections": found}

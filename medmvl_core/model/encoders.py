@@ -151,8 +151,15 @@ class ConvViT3DEncoder(M3DClipEncoder):
         self.encoder = nn.Module()
         self.encoder.vision_encoder = ConvViT3D.from_config(spec["config"])
 
+    def num_tokens(self, select_feature: str) -> int:
+        """The patch tokens (and the summary token), then the ``detections`` tokens (6 x 2 per label)."""
+        return super().num_tokens(select_feature) + self.encoder.vision_encoder.num_detections
+
     def forward(self, x: torch.Tensor, select_layer: int, select_feature: str) -> torch.Tensor:
         enc = self.encoder.vision_encoder
+        if enc.num_detections and select_layer not in (-1, len(enc.blocks) - 1):
+            raise ConfigError(f"a convvit3d encoder with detections gives its detection tokens at the last layer only; "
+                              f"set select_layer to -1 (got {select_layer})")
         _, hidden_states, _ = enc(x.to(enc.cls_token.dtype))
         return select_features(hidden_states, select_layer, select_feature)
 
