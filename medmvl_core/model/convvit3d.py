@@ -47,15 +47,17 @@ label's probability peaks, its probability and the box that a small box head (``
 3x3x3 conv, ReLU, a 1x1x1 conv to 6 numbers per label) regresses there, as ``[z1, y1, x1, z2, y2,
 x2]`` in 0-1 of the input (the box convention of the 3D find task) — a one-detection-per-label
 detector in the CenterNet / FCOS manner (the phantoms never hold two findings of one kind). The
-tokens are fixed, not learned: one per (label, coordinate, decimal digit), each the one-hots of
-those three, the probability and its logit, and the digit's value one-hot — the box as its text
-``0.375`` reads, so that a language model could write a box by copying digit by digit — scaled to
+tokens are fixed, not learned: one per (label, coordinate, decimal digit — the first two,
+``DETECTION_DIGITS``), each the one-hots of those three, the probability and its logit, the units
+digit and the digit's value one-hot — the box as its text ``0.375`` reads, so that a language
+model could write a box by copying digit by digit — scaled to
 the patch tokens' mean length and zero-padded to ``hidden_size``. Why: a patch token here covers
 80 x 84 x 84 mm, so the tokens say "a calcification is somewhere in here" but not where within the
 token, which decides a 15-30 mm finding's box. The box head is trained by ``medmvl-train encoder``
 (its ``det_box`` loss) and ships with the encoder. Measured on the demo (README, "Demo model"):
 the detections' boxes reach IoU 0.37-0.78 by kind, but the demo's 3-layer LLM did not learn to
-copy them within its CPU step budget — not even from the true boxes — so the demo does not use it.
+copy them within its CPU step budget (trained on find questions alone, on tokens built from the
+true boxes, it learned the copy after some 600 steps), so the demo does not use them.
 
 ``forward(x) -> (normed output, [block outputs], stem features)``; the stem features (the grid after
 ``dense_stage`` stages) feed the dense pretraining head in ``training/encoder_pretrain.py``.
