@@ -124,6 +124,16 @@ TINY_DENSE = {"img_size": [16, 32, 32], "stem_channels": [4, 8], "token_pool": [
               "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "dense_stage": 1, "dense_tokens": 3}
 
 
+def _tiny_dense(**extra):
+    """A seeded tiny ``convvit3d`` with a stem classifier (``TINY_DENSE`` | ``extra``), its config and an input."""
+    from medmvl_core.model.convvit3d import ConvViT3D
+
+    cfg = TINY_DENSE | extra
+    torch.manual_seed(0)
+    enc = ConvViT3D.from_config(cfg)
+    return cfg, enc, torch.rand(2, 1, 16, 32, 32)
+
+
 def _stem_probs(enc, stem):
     """The stem classifier's label probabilities [B, K, d, h, w], computed here from its 1x1x1 conv weights."""
     return torch.softmax(torch.einsum("bcdhw,kc->bkdhw", stem, enc.dense_head.weight[:, :, 0, 0, 0])
@@ -133,13 +143,10 @@ def _stem_probs(enc, stem):
 def test_convvit3d_dense_tokens_add_each_tokens_max_label_probability():
     from medmvl_core.model.convvit3d import ConvViT3D
 
-    cfg = dict(TINY_DENSE)
-    torch.manual_seed(0)
-    enc = ConvViT3D.from_config(cfg)
+    cfg, enc, x = _tiny_dense()
     assert {"dense_head.weight", "dense_embed.weight"} <= set(enc.state_dict())
     seen = {}
     enc.blocks[0].register_forward_pre_hook(lambda m, i: seen.update(tokens=i[0].clone()))
-    x = torch.rand(2, 1, 16, 32, 32)
     with torch.no_grad():
         enc.dense_head.weight.normal_(0, 3.0)  # make the probabilities differ between cells
         enc.dense_embed.weight.zero_()
@@ -162,10 +169,7 @@ def test_convvit3d_dense_tokens_add_each_tokens_max_label_probability():
 def test_convvit3d_dense_summary_adds_each_labels_volume_maximum_to_the_summary_token():
     from medmvl_core.model.convvit3d import ConvViT3D
 
-    cfg = TINY_DENSE | {"cls_pool": "max", "dense_summary": True}
-    torch.manual_seed(0)
-    enc = ConvViT3D.from_config(cfg)
-    x = torch.rand(2, 1, 16, 32, 32)
+    cfg, enc, x = _tiny_dense(cls_pool="max", dense_summary=True)
     with torch.no_grad():
         enc.dense_head.weight.normal_(0, 3.0)
         enc.dense_summary.weight.zero_()
@@ -187,10 +191,7 @@ def test_convvit3d_detection_tokens_give_each_labels_peak_probability_and_the_bo
     from medmvl_core.model.encoders import ConvViT3DEncoder
 
     assert DETECTION_DIGITS == 2  # the layout below: tenths and hundredths of each coordinate
-    cfg = TINY_DENSE | {"cls_pool": "max", "detections": True}
-    torch.manual_seed(0)
-    enc = ConvViT3D.from_config(cfg)
-    x = torch.rand(2, 1, 16, 32, 32)
+    cfg, enc, x = _tiny_dense(cls_pool="max", detections=True)
     with torch.no_grad():
         enc.dense_head.weight.normal_(0, 3.0)
         enc.box_head[-1].weight.normal_(0, 2.0)  # boxes spread over the volume

@@ -152,7 +152,7 @@ class ConvViT3DEncoder(M3DClipEncoder):
         self.encoder.vision_encoder = ConvViT3D.from_config(spec["config"])
 
     def num_tokens(self, select_feature: str) -> int:
-        """The patch tokens (and the summary token), then the ``detections`` tokens (6 x 2 per label)."""
+        """The patch tokens (and the summary token), then the ``detections`` tokens (``num_detections``)."""
         return super().num_tokens(select_feature) + self.encoder.vision_encoder.num_detections
 
     def forward(self, x: torch.Tensor, select_layer: int, select_feature: str) -> torch.Tensor:
