@@ -377,6 +377,8 @@ def test_bad_pretrain_configs(tmp_path):
         load_pretrain_config(cfg, ["train.epochs=3"])
     with pytest.raises(ConfigError, match="supports 'convvit3d'"):
         load_pretrain_config(cfg, ["encoder.type=m3dclip"])
+    with pytest.raises(ConfigError, match="train.det_box_weight: must be a finite number >= 0"):
+        load_pretrain_config(cfg, ["train.det_box_weight=-1"])
     with pytest.raises(ConfigError, match="preprocessing makes volumes"):
         from training.encoder_pretrain import DensePretrainer
 

@@ -124,6 +124,8 @@ def load_pretrain_config(path: str | Path, overrides: list[str] | None = None) -
         problems.append(f"train.prior: must be in [0, 1), got {t.prior}")
     if not (t.noise_std >= 0 and math.isfinite(t.noise_std)):
         problems.append(f"train.noise_std: must be a finite number >= 0, got {t.noise_std}")
+    if not (t.det_box_weight >= 0 and math.isfinite(t.det_box_weight)):
+        problems.append(f"train.det_box_weight: must be a finite number >= 0, got {t.det_box_weight}")
     if problems:
         raise ConfigError("invalid encoder pretraining config:\n  " + "\n  ".join(problems))
     return cfg
