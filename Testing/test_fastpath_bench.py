@@ -35,6 +35,39 @@ def test_bench_cpu_small_prints_the_table(tmp_path):
     assert proc.stdout.startswith("machine: ") and "device=cpu" in proc.stdout
     data = json.loads(out_json.read_text())
     assert data["machine"]["device"] == "cpu" and len(data["rows"]) == len(ROWS)
+    # every row is also printed as soon as it is measured (a run cut short keeps what it measured)
+    streamed = [line[len("row: "):].split(" = ")[0] for line in proc.stdout.splitlines() if line.startswith("row: ")]
+    assert sorted(streamed) == sorted(ROWS)
+    assert proc.stdout.index("row: copy bandwidth") < proc.stdout.index("| metric |")
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_synthetic_ct_is_the_same_volume_as_nrrd_or_dicom_series(tmp_path, monkeypatch):
+    """Without SimpleITK (a GPU image may lack it) the cold-TTFT CT is written as a DICOM series;
+    both read back to the same HU voxels and spacing."""
+    import numpy as np
+
+    from medmvl_core.imaging import read_image
+
+    mod = _bench_module()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    nrrd = mod.synthetic_ct((5, 24, 20), tmp_path / "a")
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "SimpleITK", None)  # import SimpleITK -> ImportError
+        series = mod.synthetic_ct((5, 24, 20), tmp_path / "b")
+    assert nrrd.suffix == ".nrrd" and series.is_dir() and len(list(series.glob("*.dcm"))) == 5
+    a, b = read_image(nrrd), read_image(series)
+    assert np.array_equal(a.array, b.array) and a.array.shape == (5, 24, 20)
+    assert np.allclose(a.spacing, b.spacing) and set(np.unique(a.array)) == {-1000, -850, 40}
 
 
 def test_bench_refuses_cuda_without_a_gpu():
@@ -48,11 +81,7 @@ def test_bench_refuses_cuda_without_a_gpu():
 
 
 def test_a_failing_section_becomes_a_row():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module()
     rows: list = []
 
     def boom():

@@ -128,9 +128,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, small: bool) -> float:
 
 
 def synthetic_ct(shape: tuple[int, int, int], folder: Path) -> Path:
-    """A 'chest' phantom ([k, j, i] HU, int16) written as an uncompressed .nrrd."""
-    import SimpleITK as sitk
-
+    """A 'chest' phantom ([k, j, i] HU) written as an uncompressed .nrrd (SimpleITK), or, where
+    SimpleITK is not installed, as a single-frame DICOM series (pydicom) -> the file or folder."""
     d, h, w = shape
     z, y, x = np.ogrid[:d, :h, :w]
     body = ((y - h / 2) / (0.42 * h)) ** 2 + ((x - w / 2) / (0.45 * w)) ** 2 <= 1
@@ -138,6 +137,14 @@ def synthetic_ct(shape: tuple[int, int, int], folder: Path) -> Path:
     arr[np.broadcast_to(body, shape)] = 40
     lungs = (((y - h / 2) / (0.3 * h)) ** 2 + ((np.abs(x - w / 2) - 0.2 * w) / (0.15 * w)) ** 2 <= 1)
     arr[np.broadcast_to(lungs & body, shape)] = -850
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        from medmvl_core.imaging.testing import write_ct_series
+
+        path = folder / "ct_dicom"
+        write_ct_series(path, arr.astype(np.float32), spacing=(0.7, 0.7, 1.0), shuffle_names=False)
+        return path
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing((0.7, 0.7, 1.0))
     path = folder / "ct.nrrd"
@@ -245,11 +252,12 @@ def bench_ttft(eng, small: bool, n_new: int, rows: list, device) -> None:
         t0 = clock.now()
         vol = read_image(path)
         t_read = clock.now() - t0
+    fmt = "DICOM series" if path.is_dir() else path.suffix.lstrip(".")
     s = eng.create_session(vol)
     first = eng.answer(question=QUESTION, session=s, max_new_tokens=n_new)
     t = first.timings
     rows.append(("cold TTFT", (t_read + t["ttft_s"]) * 1e3, "ms",
-                 f"{'x'.join(map(str, shape[::-1]))} CT: read {t_read * 1e3:.0f} ms, preprocess "
+                 f"{'x'.join(map(str, shape[::-1]))} CT ({fmt}): read {t_read * 1e3:.0f} ms, preprocess "
                  f"{t['preprocess_s'] * 1e3:.0f} ms, encode {t['encode_s'] * 1e3:.0f} ms, prefill "
                  f"{t['prefill_tokens']:.0f} tokens {t['prefill_s'] * 1e3:.0f} ms"))
     follow = eng.answer(question=FOLLOW_UP, session=s, max_new_tokens=n_new)
@@ -339,6 +347,22 @@ def bench_train(model, small: bool, peak: float, peak_src: str, rows: list, devi
     model.eval()
 
 
+class Rows(list):
+    """The table's rows; each one is printed as it is measured (and the JSON file rewritten), so a
+    run cut short by a time limit still leaves what it measured."""
+
+    def __init__(self, info: dict, json_path: Path | None = None):
+        super().__init__()
+        self.info, self.json_path = info, json_path
+
+    def append(self, row) -> None:
+        super().append(row)
+        name, value, unit, note = row
+        print(f"row: {name} = {value:.4g} {unit} ({note})", flush=True)
+        if self.json_path is not None:
+            self.json_path.write_text(json.dumps({"machine": self.info, "rows": [list(r) for r in self]}, indent=1))
+
+
 def guarded(rows: list, name: str, fn, *args):
     """Run one bench section; a failure becomes a table row instead of ending the run."""
     try:
@@ -376,8 +400,7 @@ def _driver() -> str | None:
         return None
 
 
-def print_table(rows: list, info: dict) -> None:
-    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+def print_table(rows: list) -> None:
     print("| metric | value | unit | notes |")
     print("|---|---:|---|---|")
     for name, value, unit, note in rows:
@@ -406,8 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n_new = args.new_tokens or (8 if args.small else 128)
     torch.manual_seed(0)
-    rows: list = []
     info = machine(device)
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    rows = Rows(info, args.json)
     bw = copy_bandwidth(device, args.small)
     rows.append(("copy bandwidth", bw / 1e9, "GB/s", "device-to-device copy, read + write"))
     model, spec = build_model(args.small, device, dtype)
@@ -432,9 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     guarded(rows, "memory", bench_memory, lambda: build_model(args.small, device, dtype)[0], modes,
             min(n_new, 32), rows, device)
-    print_table(rows, info)
-    if args.json:
-        args.json.write_text(json.dumps({"machine": info, "rows": [list(r) for r in rows]}, indent=1))
+    print_table(rows)
     return 0
 
 
