@@ -156,6 +156,9 @@ QUESTION = "Generate radiology report for the CT."
 FOLLOW_UP = "Where is the nodule located and how large is it?"
 
 
+COMPILE_DECODE = False  # --compile-decode: the FastDecoder's torch.compile mode instead of CUDA graphs
+
+
 def make_engine(model, n_new: int):
     """The worker's engine over ``model`` (decode_mode "auto": CUDA graphs on CUDA, the plain
     DynamicCache path on the CPU), with the fixture tokenizer (no download). EOS is switched off
@@ -166,7 +169,8 @@ def make_engine(model, n_new: int):
     from medmvl_core.model.loader import make_processor
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
-    eng = Engine(model, make_processor(model, tok), max_new_tokens_limit=max(2048, n_new))
+    eng = Engine(model, make_processor(model, tok), max_new_tokens_limit=max(2048, n_new),
+                 compile_decode=COMPILE_DECODE)
     eng.eos_ids = set()
     return eng
 
@@ -219,6 +223,11 @@ def bench_decode(eng, n_new: int, batch: int, rows: list, device) -> None:
     one = eng.answer(vols[0], QUESTION, max_new_tokens=n_new)
     dt = clock.now() - t0
     rows.append(("ours b1", len(one.token_ids) / dt, "tokens/s", _decode_note(eng, one)))
+    step_ms = _replay_ms(eng, clock)
+    if step_ms is not None:
+        rows.append(("decode step alone b1", step_ms, "ms",
+                     f"the captured/compiled step replayed alone ({1e3 / step_ms:.0f} steps/s; the rest of "
+                     f"'ours b1' is host work per token and the prefill)"))
 
     def reqs() -> list:
         return [Request(volume=v, question=QUESTION, max_new_tokens=n_new) for v in vols]
@@ -233,6 +242,21 @@ def bench_decode(eng, n_new: int, batch: int, rows: list, device) -> None:
     rows.append((f"ours b{batch}", sum(len(r.token_ids) for r in res) / dt, "tokens/s",
                  _decode_note(eng, res[0]) + ", one forward per step for all rows"))
     logger.info("batch row 0 equals the batch-1 answer: %s", res[0].token_ids == one.token_ids)
+
+
+def _replay_ms(eng, clock, reps: int = 50) -> float | None:
+    """Milliseconds per replay of the engine's captured (or compiled) batch-1 decode step, with no
+    host work between replays; None where the step is eager (CPU, fallback)."""
+    fast = eng._fast
+    slot = getattr(fast, "_slot", None)
+    if fast is None or slot is None or slot.runner is None:
+        return None
+    with torch.inference_mode():
+        slot.runner()
+        t0 = clock.now()
+        for _ in range(reps):
+            slot.runner()
+        return (clock.now() - t0) / reps * 1e3
 
 
 def bench_ttft(eng, small: bool, n_new: int, rows: list, device) -> None:
@@ -252,7 +276,7 @@ def bench_ttft(eng, small: bool, n_new: int, rows: list, device) -> None:
         t0 = clock.now()
         vol = read_image(path)
         t_read = clock.now() - t0
-    fmt = "DICOM series" if path.is_dir() else path.suffix.lstrip(".")
+        fmt = "DICOM series" if path.is_dir() else path.suffix.lstrip(".")
     s = eng.create_session(vol)
     first = eng.answer(question=QUESTION, session=s, max_new_tokens=n_new)
     t = first.timings
@@ -415,9 +439,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--modes", default="none,8bit,4bit", help="quantization modes to measure")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--sections", default="ttft,decode,train,memory",
+                    help="which sections to run (comma-separated: ttft, decode, train, memory)")
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="decode with torch.compile (reduce-overhead) instead of a plain CUDA-graph capture")
     ap.add_argument("--json", type=Path, default=None, help="also write rows + machine to this file")
     ap.add_argument("--verbose", action="store_true", help="log INFO (fast-path mode choices, fallbacks)")
     args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
+    unknown = sections - {"ttft", "decode", "train", "memory"}
+    if unknown:
+        ap.error(f"unknown section(s) {sorted(unknown)}; choose from ttft, decode, train, memory")
+    global COMPILE_DECODE
+    COMPILE_DECODE = args.compile_decode
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -438,10 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     llm_bytes = nbytes(model.llm)
     rows.append(("decode floor b1", bw / llm_bytes, "tokens/s", f"{llm_bytes / 1e9:.3g} GB of LLM weights per token"))
     eng = make_engine(model, n_new)
-    guarded(rows, "cold TTFT", bench_ttft, eng, args.small, n_new, rows, device)
-    guarded(rows, "decode", bench_decode, eng, n_new, args.batch, rows, device)
+    if "ttft" in sections:
+        guarded(rows, "cold TTFT", bench_ttft, eng, args.small, n_new, rows, device)
+    if "decode" in sections:
+        guarded(rows, "decode", bench_decode, eng, n_new, args.batch, rows, device)
     del eng
-    if not args.skip_train:
+    if not args.skip_train and "train" in sections:
         name = info.get("gpu", "")
         known = [v for k, v in BF16_PEAK.items() if k in name]
         if device.type == "cuda" and known:
@@ -453,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    modes = [m for m in args.modes.split(",") if m]
+    modes = [m for m in args.modes.split(",") if m] if "memory" in sections else []
     guarded(rows, "memory", bench_memory, lambda: build_model(args.small, device, dtype)[0], modes,
             min(n_new, 32), rows, device)
     print_table(rows)
