@@ -259,6 +259,37 @@ def _replay_ms(eng, clock, reps: int = 50) -> float | None:
         return (clock.now() - t0) / reps * 1e3
 
 
+def bench_profile(model, rows: list, device, steps: int = 5) -> None:
+    """Where a decode step's GPU time goes: the eager static-cache step (the kernels a captured
+    graph replays) under torch.profiler -> kernel count per step and the top kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from medmvl_core.engine.fast_decode import FastDecoder
+
+    fast = FastDecoder(model, mode="static")
+    hidden = model.llm.get_input_embeddings().weight.shape[-1]
+    with torch.inference_mode():
+        fast.prefill(torch.randn(1, 297, hidden, device=device) * 0.02, max_new_tokens=64)
+        for _ in range(3):
+            fast.step(1)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                fast.step(1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    kern = [e for e in prof.key_averages() if device.type != "cuda" or getattr(e, "device_type", None) is not None
+            and str(e.device_type).endswith("CUDA")]
+    total_us = sum(getattr(e, attr) for e in kern)
+    count = sum(e.count for e in kern) / steps
+    rows.append(("profile: kernel time per step", total_us / steps / 1e3, "ms",
+                 f"eager static-cache step, {count:.0f} kernels per step"))
+    for e in sorted(kern, key=lambda e: -getattr(e, attr))[:12]:
+        rows.append((f"profile: {e.key[:70]}", getattr(e, attr) / steps / 1e3, "ms",
+                     f"{e.count / steps:.0f} per step"))
+
+
 def bench_ttft(eng, small: bool, n_new: int, rows: list, device) -> None:
     """Cold TTFT (read a CT file, preprocess, encode, prefill, first token) and follow-up TTFT
     (the session's KV cache reused) through ``Engine.answer``, the worker's path."""
@@ -440,16 +471,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="none,8bit,4bit", help="quantization modes to measure")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--sections", default="ttft,decode,train,memory",
-                    help="which sections to run (comma-separated: ttft, decode, train, memory)")
+                    help="which sections to run (comma-separated: ttft, decode, train, memory; also "
+                         "profile: the decode step's kernels under torch.profiler)")
     ap.add_argument("--compile-decode", action="store_true",
                     help="decode with torch.compile (reduce-overhead) instead of a plain CUDA-graph capture")
     ap.add_argument("--json", type=Path, default=None, help="also write rows + machine to this file")
     ap.add_argument("--verbose", action="store_true", help="log INFO (fast-path mode choices, fallbacks)")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
-    unknown = sections - {"ttft", "decode", "train", "memory"}
+    unknown = sections - {"ttft", "decode", "train", "memory", "profile"}
     if unknown:
-        ap.error(f"unknown section(s) {sorted(unknown)}; choose from ttft, decode, train, memory")
+        ap.error(f"unknown section(s) {sorted(unknown)}; choose from ttft, decode, train, memory, profile")
     global COMPILE_DECODE
     COMPILE_DECODE = args.compile_decode
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -476,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         guarded(rows, "cold TTFT", bench_ttft, eng, args.small, n_new, rows, device)
     if "decode" in sections:
         guarded(rows, "decode", bench_decode, eng, n_new, args.batch, rows, device)
+    if "profile" in sections:
+        guarded(rows, "profile", bench_profile, model, rows, device)
     del eng
     if not args.skip_train and "train" in sections:
         name = info.get("gpu", "")
