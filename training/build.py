@@ -63,23 +63,6 @@ def _connector_spec(comp: ComponentConfig, vis: dict) -> dict:
     return spec
 
 
-def digit_token_ids(tokenizer_dir: Optional[Path]) -> list[int]:
-    """The token ids of "0" ... "9" in the run's tokenizer (for a connector's ``text_digits: true``)."""
-    from transformers import AutoTokenizer
-
-    if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
-        raise ConfigError(f"connector text_digits: true needs model.tokenizer (a tokenizer folder); got {tokenizer_dir}")
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
-    ids = []
-    for d in "0123456789":
-        enc = tok.encode(d, add_special_tokens=False)
-        if len(enc) != 1:
-            raise ConfigError(f"connector text_digits: the tokenizer in {tokenizer_dir} writes the digit {d!r} as "
-                              f"{len(enc)} tokens, not one; train it with digits as single tokens")
-        ids.append(int(enc[0]))
-    return ids
-
-
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -132,9 +115,7 @@ def build_from_parts(cfg: RunConfig) -> tuple[Any, Any]:
             raise ConfigError(f"model.encoder_{kind} needs model.connector_{kind}")
         espec = _encoder_spec(enc, vis)
         kwargs[f"encoder_{kind}"] = espec
-        kwargs[f"connector_{kind}"] = cspec = _connector_spec(con, espec["config"])
-        if cspec.get("text_digits") is True:
-            cspec["text_digits"] = digit_token_ids(cfg.resolve_path(m.tokenizer) if m.tokenizer else None)
+        kwargs[f"connector_{kind}"] = _connector_spec(con, espec["config"])
         if folder is not None:
             folders[f"encoder_{kind}"] = folder
         if kind == "image":

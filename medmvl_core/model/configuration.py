@@ -84,13 +84,6 @@ def validate_connector_spec(spec: dict | None, where: str) -> dict | None:
     from medmvl_core.model.connectors import OUTPUT_NORMS
 
     _check_choice(f"{where}.output_norm", spec.get("output_norm"), OUTPUT_NORMS)
-    if spec.get("text_digits") is not None:
-        ids = spec["text_digits"]
-        if (not isinstance(ids, (list, tuple)) or len(ids) != 10
-                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
-            raise ConfigError(f"{where}.text_digits = {ids!r} must be the token ids of the digits 0-9 "
-                              "(10 non-negative ints; a training config may say `text_digits: true`)")
-        spec["text_digits"] = [int(i) for i in ids]
     if "output_scale" in spec:
         if spec.get("output_norm") is None:
             raise ConfigError(f"{where}.output_scale needs output_norm (e.g. 'layernorm'); set both or neither")

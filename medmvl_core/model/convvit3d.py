@@ -109,17 +109,6 @@ def detection_features(probs: torch.Tensor, boxes: torch.Tensor, scale: torch.Te
     return nn.functional.pad(f, (0, width - f.shape[-1]))
 
 
-def detection_digit_values(features: torch.Tensor, n_labels: int) -> torch.Tensor:
-    """The decimal digit (0-9) each detection token shows, read back from its features.
-
-    ``features`` [B, T, C]: encoder output whose last ``n_labels * 6 * DETECTION_DIGITS`` tokens are
-    detection tokens as :func:`detection_features` builds them (unnormalized) -> LongTensor [B, n_det].
-    """
-    n_det = n_labels * 6 * DETECTION_DIGITS
-    start = detection_feature_size(n_labels) - 10
-    return features[:, features.shape[1] - n_det:, start:start + 10].argmax(-1)
-
-
 def _ints(v, n: int, what: str) -> list[int]:
     v = [int(v)] * n if isinstance(v, int) else [int(x) for x in v]
     if len(v) != n:

@@ -71,23 +71,8 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
             self.connector_image3d = build_connector(
                 config.connector_image3d, self.encoder_image3d.hidden_size, hidden, self.encoder_image3d.patch_grid()
             )
-        for kind in ("image", "image3d"):
-            if (getattr(config, f"connector_{kind}") or {}).get("text_digits") is not None:
-                self._check_text_digits(kind)
         self._no_split_modules = list(getattr(self.llm, "_no_split_modules", None) or [])
         self.post_init()
-
-    def _check_text_digits(self, kind: str) -> None:
-        enc = getattr(self, f"encoder_{kind}")
-        n_det = getattr(getattr(getattr(enc, "encoder", None), "vision_encoder", None), "num_detections", 0)
-        if kind != "image3d" or not n_det:
-            raise ConfigError(f"connector_{kind}.text_digits needs a 3D encoder with detection tokens "
-                              "(encoder_image3d of type convvit3d with detections: true)")
-        vocab = self.config.llm_config.vocab_size
-        bad = [i for i in self.config.connector_image3d["text_digits"] if i >= vocab]
-        if bad:
-            raise ConfigError(f"connector_image3d.text_digits has token ids {bad} outside the LLM's vocabulary "
-                              f"({vocab}); are they from this model's tokenizer?")
 
     # -- embeddings / tying --------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
@@ -165,19 +150,7 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
         if kind == "image":
             return self.connector_image(features)
         if self.encoder_image3d is not None:
-            out = self.connector_image3d(features)
-            digits = self.config.connector_image3d.get("text_digits")
-            if digits is not None:  # each detection token also carries the embedding of the digit it shows
-                from medmvl_core.model.convvit3d import detection_digit_values
-
-                enc = self.encoder_image3d.encoder.vision_encoder
-                ids = torch.tensor(digits, device=out.device)[detection_digit_values(features, enc.dense_tokens)]
-                text = self.llm.get_input_embeddings()(ids).to(out.dtype)
-                det = out[:, out.shape[1] - text.shape[1]:]
-                # as long as the connector's detection tokens, so the digit is not lost among them
-                scale = (det.norm(dim=-1).mean() / text.norm(dim=-1).mean().clamp_min(1e-6)).detach()
-                out = torch.cat((out[:, :out.shape[1] - text.shape[1]], det + scale * text), 1)
-            return out
+            return self.connector_image3d(features)
         b = batch_size or 1
         self._check_per_slice_connector()
         if self.config.image3d_slice_fusion == "concat":
