@@ -29,10 +29,13 @@ def test_static_cache_equals_plain_over_turns(toy):
     model, proc = toy
     plain, static = Engine(model, proc, decode_mode="plain"), Engine(model, proc, decode_mode="static")
     sp, ss = plain.create_session(_vol(0)), static.create_session(_vol(0))
-    for q in QUESTIONS:
+    for i, q in enumerate(QUESTIONS):
         a = plain.answer(question=q, session=sp, max_new_tokens=10)
         b = static.answer(question=q, session=ss, max_new_tokens=10)
         assert b.timings["decode_path"] == "static:static" and a.timings["decode_path"] == "plain"
+        # follow-ups prefill their new tokens into the static cache (FastDecoder.extend)
+        assert b.timings.get("prefill_path") == ("static:static" if i else None)
+        assert "prefill_path" not in a.timings
         assert a.token_ids == b.token_ids and a.text == b.text
         assert ss.kv_ids == sp.kv_ids           # the session cache covers the same tokens
     assert b.timings["cached_tokens"] > 8       # and the static path's cache was reused
@@ -56,6 +59,29 @@ def test_static_path_falls_back_to_plain(toy, monkeypatch):
     assert a.timings["decode_path"] == "plain"
     assert a.token_ids == Engine(model, proc, decode_mode="plain").answer(
         _vol(1), QUESTIONS[0], max_new_tokens=8).token_ids
+
+
+def test_follow_up_prefill_falls_back_to_plain_when_extend_fails(toy, monkeypatch):
+    from medmvl_core.engine import fast_decode as fd
+
+    model, proc = toy
+    plain, static = Engine(model, proc, decode_mode="plain"), Engine(model, proc, decode_mode="static")
+    sp, ss = plain.create_session(_vol(3)), static.create_session(_vol(3))
+    for eng, s in ((plain, sp), (static, ss)):
+        eng.answer(question=QUESTIONS[0], session=s, max_new_tokens=6)
+
+    def broken(self, embeds):
+        raise RuntimeError("extend broke")
+
+    monkeypatch.setattr(fd.FastDecoder, "extend", broken)
+    a = plain.answer(question=QUESTIONS[1], session=sp, max_new_tokens=6)
+    b = static.answer(question=QUESTIONS[1], session=ss, max_new_tokens=6)
+    assert a.token_ids == b.token_ids and "prefill_path" not in b.timings
+    assert b.timings["decode_path"] == "plain" and not static._static_ok   # the fast path is off from now on
+    assert static._fast_lock.acquire(blocking=False)                       # and its lock was released
+    static._fast_lock.release()
+    c = static.answer(question=QUESTIONS[2], session=ss, max_new_tokens=6)
+    assert c.token_ids == plain.answer(question=QUESTIONS[2], session=sp, max_new_tokens=6).token_ids
 
 
 def test_batched_decoding_equals_one_by_one(toy):
@@ -133,6 +159,8 @@ def test_warmup_runs_the_static_path_and_leaves_nothing_behind(toy):
     assert eng.warmup() > 0
     assert len(eng.images) == 0 and not eng.sessions and eng.kv_bytes_used() == 0
     assert eng._static_ok   # the static path worked during warm-up (no fallback)
+    # a follow-up was prefilled through the static cache too (on CUDA: its chunk graph is captured)
+    assert any(slot.chunks for slot in eng._fast._slots.values())
 
 
 def test_oom_in_a_batched_step_falls_back_to_one_by_one(toy):

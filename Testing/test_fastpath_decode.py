@@ -254,3 +254,67 @@ def test_least_recently_used_caches_are_freed(model):
         dec.prefill(embeds, max_new_tokens=new)
         dec.step(1)
     assert list(dec._slots) == [(128, 1), (32, 1)]
+
+
+def test_extend_appends_a_follow_up_to_a_loaded_cache(model):
+    """extend(new tokens) after start_from(session cache) = prefilling prefix + new tokens at once:
+    same last logits and greedy continuation, for suffix lengths inside, at and past a chunk size
+    and across a cache bucket; the padding slots never reach the session's cache."""
+    from medmvl_core.engine.fast_decode import CHUNKS
+
+    emb = model.llm.get_input_embeddings()
+    for n_prefix, n_new in ((9, 1), (9, 5), (14, 8), (14, 9), (25, 20)):
+        ids = _ids(n_prefix + n_new, 40 + n_new)
+        full = emb(torch.tensor([ids])).detach()
+        ref_first, _ = _dyn_prefill(model, full)
+        ref = _hf_greedy(model, full, 5)
+        _, past = _dyn_prefill(model, full[:, :n_prefix])
+        dec = FastDecoder(model, buckets=BUCKETS)
+        dec.start_from(past, n_prefix, max_new_tokens=6)   # bucket 32: (25, 20) must grow to 64
+        first = dec.extend(full[:, n_prefix:])
+        assert torch.allclose(first, ref_first, atol=1e-4), (n_prefix, n_new)
+        assert dec.length == n_prefix + n_new
+        toks, _ = _greedy(dec, first, 5)
+        assert toks == ref, (n_prefix, n_new)
+        back = dec.to_dynamic(0)
+        assert back.get_seq_length() == n_prefix + n_new + 4
+    assert dec._slot.cap == 64 and set(dec._slot.chunks) == {32}  # grew; 20 new tokens padded to 32
+    assert CHUNKS[0] == 8 and 16 in CHUNKS
+    # twice in a row (a follow-up after an answer) equals the one-shot prefill too
+    ids = _ids(30, 77)
+    full = emb(torch.tensor([ids])).detach()
+    _, past = _dyn_prefill(model, full[:, :10])
+    dec = FastDecoder(model, buckets=BUCKETS)
+    dec.start_from(past, 10, max_new_tokens=30)
+    dec.extend(full[:, 10:17])
+    assert torch.allclose(dec.extend(full[:, 17:]), _dyn_prefill(model, full)[0], atol=1e-4)
+
+
+def test_extend_uses_the_captured_runner_and_falls_back(model, monkeypatch):
+    calls = []
+
+    def fake(fn, owner):
+        def replay():
+            calls.append(1)
+            return fn()
+        return replay
+
+    emb = model.llm.get_input_embeddings()
+    full = emb(torch.tensor([_ids(20, 90)])).detach()
+    ref = _dyn_prefill(model, full)[0]
+    for capture, used, reason in ((fake, True, None), (lambda fn, owner: 1 / 0, False, "ZeroDivisionError")):
+        monkeypatch.setattr(fd, "capture_cuda_graph", capture)
+        calls.clear()
+        _, past = _dyn_prefill(model, full[:, :12])
+        dec = FastDecoder(model, buckets=BUCKETS)
+        dec.mode = "graph"
+        dec.start_from(past, 12, max_new_tokens=8)
+        assert torch.allclose(dec.extend(full[:, 12:]), ref, atol=1e-4)
+        assert bool(calls) == used and (dec.fallback_reason is None if reason is None
+                                        else reason in dec.fallback_reason and dec.mode == "static")
+    with pytest.raises(FastPathError, match="load a cache first"):
+        FastDecoder(model, buckets=BUCKETS).extend(full[:, :3])
+    with pytest.raises(FastPathError, match="at most 128 tokens"):
+        dec.extend(emb(torch.tensor([_ids(129, 1)])).detach())
+    with pytest.raises(FastPathError, match="plain path"):
+        FastDecoder(model, mode="plain").extend(full[:, :3])

@@ -318,8 +318,8 @@ def bench_ttft(eng, small: bool, n_new: int, rows: list, device) -> None:
     follow = eng.answer(question=FOLLOW_UP, session=s, max_new_tokens=n_new)
     t = follow.timings
     rows.append(("follow-up TTFT", t["ttft_s"] * 1e3, "ms",
-                 f"{t['prefill_tokens']:.0f} new tokens prefilled, {t['cached_tokens']:.0f} reused from the "
-                 f"KV cache (session)"))
+                 f"{t['prefill_tokens']:.0f} new tokens prefilled ({t.get('prefill_path', 'plain')} path), "
+                 f"{t['cached_tokens']:.0f} reused from the KV cache (session)"))
     eng.delete_session(s.id)
     eng.images.clear()
 

@@ -213,8 +213,9 @@ class Engine:
         return removed
 
     def warmup(self, max_new_tokens: int = 4, batch_sizes: Sequence[int] = (1,)) -> float:
-        """Run one throw-away answer per input kind (compiles/captures the static decode step,
-        fills allocator pools) and forget it; returns the seconds it took."""
+        """Run a throw-away question and follow-up per input kind (compiles/captures the static
+        decode step and the follow-up prefill, fills allocator pools) and forget them; returns the
+        seconds it took."""
         t0 = time.perf_counter()
         try:
             from medmvl_core.imaging import Volume
@@ -222,10 +223,12 @@ class Engine:
             from medmvl_core.engine.testing import ToyVolume as Volume  # type: ignore[assignment]
         shapes = {"image3d": (32, 64, 64), "image": (1, 64, 64)}
         for kind in self.kinds:
-            vol = Volume(np.zeros(shapes[kind], dtype=np.int16))
+            s = self.create_session(Volume(np.zeros(shapes[kind], dtype=np.int16)))
             try:
-                self.answer(vol, "Warm-up.", max_new_tokens=max_new_tokens)
+                self.answer(question="Warm-up.", session=s, max_new_tokens=max_new_tokens)
+                self.answer(question="And a follow-up question?", session=s, max_new_tokens=max_new_tokens)
             finally:
+                self.delete_session(s.id)
                 self.images.clear()
         if self._fast is not None and self._static_ok:
             try:  # capture the batched decode steps too
@@ -324,8 +327,13 @@ class Engine:
         try:
             with self._oom_guard(s):
                 p = self._prepare_request(s, req)
-                logits = self._prefill(p)
-                tokens, reason, fed = self._decode_one(p, logits)
+                try:
+                    logits = self._prefill(p, extend=True)
+                    tokens, reason, fed = self._decode_one(p, logits)
+                finally:
+                    if p.fast is not None:  # loaded by the prefill but the decode never took it
+                        p.fast = None
+                        self._fast_lock.release()
                 return self._finish(p, tokens, reason, fed)
         finally:
             s.last_used = time.monotonic()
@@ -461,18 +469,53 @@ class Engine:
         return _Prepared(s, req, kind, entry, q, ids, ephemeral, lcp, past, timings, t_start,
                          check, params, generator, TextStreamer(self.tokenizer, req.on_token))
 
-    def _prefill(self, p: "_Prepared") -> torch.Tensor:
+    def _prefill(self, p: "_Prepared", extend: bool = False) -> torch.Tensor:
+        """Prefill the prompt's uncached suffix; returns the logits at its last token.
+
+        extend=True (single answers): a follow-up's new text tokens go through the static cache's
+        ``FastDecoder.extend`` (a captured graph on CUDA) when the fast path is in use, and the
+        decoder stays loaded for the answer (``p.fast``); otherwise the plain forward.
+        """
         self._hook("prefill")
         t0 = time.perf_counter()
         suffix = p.ids[p.lcp:]
         has_img = any(t < 0 for t in suffix)
-        logits, p.past = self._forward(suffix, len(p.ids), p.past,
-                                       p.entry.embeds if has_img else None)
+        logits = self._extend_fast(p, suffix) if extend and not has_img and p.past is not None else None
+        if logits is None:
+            logits, p.past = self._forward(suffix, len(p.ids), p.past,
+                                           p.entry.embeds if has_img else None)
         p.timings["prefill_s"] = time.perf_counter() - t0
         p.timings["prefill_tokens"] = len(suffix)
         p.timings["cached_tokens"] = p.lcp
         p.t_decode = time.perf_counter()
         return logits
+
+    def _extend_fast(self, p: "_Prepared", suffix: list[int]) -> torch.Tensor | None:
+        """Load the session cache into the FastDecoder and extend it with ``suffix`` (text tokens);
+        the decoder stays locked for this answer in ``p.fast``. None when the fast path is not in
+        use, busy, or the suffix is too long for one chunk (then the plain forward prefills)."""
+        from medmvl_core.engine.fast_decode import CHUNKS, pick_bucket
+
+        if len(suffix) > max(CHUNKS):
+            return None
+        # the cache bucket holds the prefix, the padded chunk and the answer
+        fast = self._start_fast([p.past], [p.lcp], pick_bucket(len(suffix), CHUNKS) + p.params.max_new_tokens)
+        if fast is None:
+            return None
+        try:
+            with torch.inference_mode():
+                x = torch.tensor([suffix], dtype=torch.long, device=self.device)
+                logits = fast.extend(self.model.embed_inputs(x, None))
+        except Exception as exc:  # noqa: BLE001 - fall back to the plain prefill
+            self._fast_lock.release()
+            if is_oom(exc):
+                raise
+            logger.warning("static-cache prefill failed (%s); using the plain path", exc)
+            self._static_ok = False
+            return None
+        p.fast = fast
+        p.timings["prefill_path"] = f"static:{fast.mode}"
+        return logits.to(self.dtype)
 
     def _use_static(self) -> bool:
         return self.decode_mode == "static" or (self.decode_mode == "auto"
@@ -508,7 +551,9 @@ class Engine:
 
     def _decode_one(self, p: "_Prepared", logits: torch.Tensor) -> tuple[list[int], str, int]:
         total = len(p.ids)
-        fast = self._start_fast([p.past], [total], p.params.max_new_tokens)
+        fast, p.fast = p.fast, None  # already loaded (and locked) by the prefill's extend
+        if fast is None:
+            fast = self._start_fast([p.past], [total], p.params.max_new_tokens)
         used_fast = fast is not None
 
         def step(tok: int) -> torch.Tensor:
@@ -707,6 +752,7 @@ class _Prepared:
     streamer: TextStreamer
     t_decode: float = 0.0
     first: list = field(default_factory=list)
+    fast: Any = None  # the FastDecoder holding this answer's cache (locked), after an extend prefill
 
     def on_token_id(self, _tok: int) -> None:
         if not self.first:

@@ -39,6 +39,8 @@ from medmvl_core.errors import MedMVLError
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+#: Token counts a follow-up's new tokens are padded to in :meth:`FastDecoder.extend` (one graph each).
+CHUNKS: tuple[int, ...] = (8, 16, 32, 64, 128)
 MODES = ("auto", "graph", "compile", "static", "plain")
 
 
@@ -88,6 +90,20 @@ class _Slot:
         self.cache_pos = torch.zeros(1, dtype=torch.long, device=device)
         self.pos_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.runner: Callable[[], torch.Tensor] | None = None  # captured / compiled decode step
+        self.chunks: dict[int, _Chunk] = {}  # extend(): buffers and runner per chunk length
+
+
+class _Chunk:
+    """Static inputs of one chunk length for :meth:`FastDecoder.extend` (graph-capturable)."""
+
+    def __init__(self, batch: int, n: int, hidden: int, device: torch.device, dtype: torch.dtype):
+        self.n = n
+        self.embeds = torch.zeros(batch, n, hidden, dtype=dtype, device=device)
+        self.pos_ids = torch.zeros(batch, n, dtype=torch.long, device=device)
+        self.cache_pos = torch.zeros(n, dtype=torch.long, device=device)
+        self.start = torch.zeros((), dtype=torch.long, device=device)   # first slot of the chunk
+        self.last = torch.zeros(1, dtype=torch.long, device=device)     # index of the last real token
+        self.runner: Callable[[], torch.Tensor] | None = None
 
 
 class FastDecoder:
@@ -151,6 +167,8 @@ class FastDecoder:
         self.mode = "static"
         for s in self._slots.values():
             s.runner = None
+            for c in s.chunks.values():
+                c.runner = None
 
     @torch.inference_mode()
     def reset(self) -> None:
@@ -245,6 +263,66 @@ class FastDecoder:
         self._row_pos = self._row_pos + 1
         return logits.float()
 
+    @torch.inference_mode()
+    def extend(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Append ``inputs_embeds`` [1, n, hidden] (a follow-up question's new tokens) to the loaded
+        cache in one forward — a captured graph per chunk length on CUDA — and return the logits
+        at the last new token, [1, vocab] (float). Load the session's cache first (``start_from``).
+
+        The tokens are right-padded to the next of :data:`CHUNKS`; the padding slots are written but
+        stay invalid (never attended) and the next tokens overwrite them.
+        """
+        if self.mode == "plain":
+            raise FastPathError("extend() needs the static cache; the plain path prefills through the engine")
+        if self._slot is None:
+            raise FastPathError("extend() before start_from()/prefill(): load a cache first")
+        b, n = inputs_embeds.shape[:2]
+        if b != 1 or self._slot.batch != 1:
+            raise FastPathError("extend() takes one sequence (batch 1)")
+        if n < 1:
+            raise FastPathError("extend() needs at least one token")
+        if n > max(CHUNKS):
+            raise FastPathError(f"extend() takes at most {max(CHUNKS)} tokens at once, got {n}")
+        chunk = pick_bucket(n, CHUNKS)
+        while self._w + chunk > self._slot.cap:
+            self._grow()
+        slot, w = self._slot, self._w
+        cb = slot.chunks.get(chunk)
+        if cb is None:
+            cb = slot.chunks[chunk] = _Chunk(1, chunk, inputs_embeds.shape[-1], self.device, self.dtype)
+        cb.embeds.zero_()
+        cb.embeds[:, :n].copy_(inputs_embeds.to(self.device, self.dtype))
+        ar = torch.arange(chunk, device=self.device)
+        cb.cache_pos.copy_(ar + w)
+        cb.pos_ids.copy_(self._row_pos[:, None] + ar[None])
+        cb.start.fill_(w)
+        cb.last.fill_(n - 1)
+        if self.mode in ("graph", "compile") and cb.runner is None:
+            try:
+                cb.runner = self._make_runner(lambda: self._eager_chunk(slot, cb), f"extend of {chunk}")
+            except Exception as exc:  # noqa: BLE001 - any capture/compile failure falls back
+                self._fallback(f"{self.mode} setup of extend failed: {type(exc).__name__}: {exc}")
+        logits = cb.runner().clone() if self.mode in ("graph", "compile") and cb.runner else self._eager_chunk(slot, cb)
+        slot.valid[:, w:w + n] = True
+        slot.valid[:, w + n:w + chunk] = False
+        self._w = w + n
+        self._row_pos = self._row_pos + n
+        return logits.float()
+
+    def _eager_chunk(self, slot: _Slot, cb: _Chunk) -> torch.Tensor:
+        """One forward of ``cb``'s tokens at slots ``start ..``: each attends to the valid slots before
+        the chunk and, causally, to the chunk (reads/writes only static buffers)."""
+        cols = torch.arange(slot.cap, device=self.device)
+        before = slot.valid[:, None, :] & (cols < cb.start)[None, None, :]                 # [B, 1, cap]
+        causal = (cols[None, :] >= cb.start) & (cols[None, :] <= cb.cache_pos[:, None])    # [n, cap]
+        allowed = before | causal[None]                                                    # [B, n, cap]
+        mask = torch.zeros(slot.batch, 1, cb.n, slot.cap, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed[:, None], self._min())
+        out = self.llm(inputs_embeds=cb.embeds, attention_mask=mask, position_ids=cb.pos_ids,
+                       cache_position=cb.cache_pos, past_key_values=slot.cache, use_cache=True,
+                       logits_to_keep=cb.last)
+        return out.logits[:, -1, :]
+
     def _eager_step(self, slot: _Slot) -> torch.Tensor:
         mask = torch.zeros(slot.batch, 1, 1, slot.cap, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~slot.valid[:, None, None, :], self._min())
@@ -256,26 +334,25 @@ class FastDecoder:
         if self.mode in ("graph", "compile"):
             if slot.runner is None:
                 try:
-                    slot.runner = self._build_runner(slot)
+                    slot.runner = self._make_runner(lambda: self._eager_step(slot),
+                                                    f"cache length {slot.cap}, batch {slot.batch}")
                 except Exception as exc:  # noqa: BLE001 - any capture/compile failure falls back
                     self._fallback(f"{self.mode} setup failed: {type(exc).__name__}: {exc}")
             if slot.runner is not None:
                 return slot.runner().clone()
         return self._eager_step(slot)
 
-    def _build_runner(self, slot: _Slot) -> Callable[[], torch.Tensor]:
-        """Capture (graph) or compile (compile) the decode step for ``slot``.
+    def _make_runner(self, fn: Callable[[], torch.Tensor], what: str) -> Callable[[], torch.Tensor]:
+        """Capture (graph) or compile (compile) ``fn``, an eager step over static buffers.
 
-        The step is idempotent for the current inputs (it rewrites the same KV slot), so warming
-        up and verifying with the real inputs is safe.
+        ``fn`` is idempotent for its current inputs (it rewrites the same KV slots), so warming up
+        and verifying with the real inputs is safe.
         """
-        ref = self._eager_step(slot).clone()
+        ref = fn().clone()
         if self.mode == "graph":
-            runner = capture_cuda_graph(lambda: self._eager_step(slot), self)
+            runner = capture_cuda_graph(fn, self)
         else:
-            compiled = torch.compile(lambda: self._eager_step(slot), mode="reduce-overhead",
-                                     dynamic=False)
-            runner = compiled
+            runner = torch.compile(fn, mode="reduce-overhead", dynamic=False)
         got = runner()
         if self.verify:
             tol = 1e-3 if self.dtype == torch.float32 else 5e-2
@@ -284,8 +361,7 @@ class FastDecoder:
             if not err <= tol * scale or int(got.argmax(-1)[0]) != int(ref.argmax(-1)[0]):
                 raise FastPathError(f"the {self.mode} decode step differs from the eager step "
                                     f"(max abs diff {err:.3g})")
-        logger.info("fast decode path: %s ready for cache length %d, batch %d",
-                    self.mode, slot.cap, slot.batch)
+        logger.info("fast decode path: %s ready for %s", self.mode, what)
         return runner
 
     def _grow(self) -> None:
