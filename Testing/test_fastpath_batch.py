@@ -76,6 +76,10 @@ def test_batch_rows_equal_single_runs(tiny):
         assert got[i].finish_reason == ("stop" if refs[i][-1] in (eos, stop_tok) else "length"), i
         assert "".join(streamed[i]) == got[i].text, i
         assert got[i].timings["decode_path"] == "batch4:static:static"
+        # fresh requests: one left-padded prefill for all four in the static cache
+        assert got[i].timings["prefill_path"] == "batch4:static:static"
+        assert got[i].timings["prefill_tokens"] == len(eng.encode_prompt(eng.conversation([], QUESTIONS[i], "image"),
+                                                                           "image"))
     assert got[0].token_ids == first[:4] and got[0].finish_reason == "stop"
     assert len(refs[3]) == 5 and got[3].finish_reason == "length"   # its own max_new_tokens
     # another batch (a different size) reuses the engine's one decoder object
@@ -97,3 +101,34 @@ def test_a_row_cancelled_before_its_first_token_and_a_bad_row_fail_alone(tiny):
     assert got[0].token_ids == _alone(eng, images[0], QUESTIONS[0], 6)
     assert isinstance(got[1], CancelledError) and "cancelled" in str(got[1])
     assert isinstance(got[2], RequestError) and "max_new_tokens" in str(got[2])
+
+
+def test_fresh_batch_prefill_falls_back_and_a_session_with_history_prefills_alone(tiny):
+    model, proc, images = tiny
+    refs = [_alone(Engine(model, proc, decode_mode="static"), im, QUESTIONS[0], 6) for im in images[:3]]
+    # an out-of-memory error in the batched decode: the requests are answered again one by one
+    calls = {"n": 0}
+
+    def hook(stage):
+        if stage == "decode":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("CUDA out of memory (simulated)")
+
+    eng = Engine(model, proc, decode_mode="static", fault_hook=hook)
+    streamed: list[list[str]] = [[] for _ in range(3)]
+    got = eng.answer_batch([Request(volume=im, question=QUESTIONS[0], max_new_tokens=6, on_token=streamed[i].append)
+                            for i, im in enumerate(images[:3])])
+    assert [g.token_ids for g in got] == refs
+    assert ["".join(x) for x in streamed] == [g.text for g in got]      # nothing streamed twice
+    assert "prefill_path" not in got[0].timings and got[0].timings["decode_path"].startswith("batch3")
+    assert eng._fast_lock.acquire(blocking=False)
+    eng._fast_lock.release()
+    # a session with history in the batch: every request is prefilled on its own (its cache reused)
+    eng = Engine(model, proc, decode_mode="static")
+    s = eng.create_session(images[0])
+    eng.answer(question=QUESTIONS[0], session=s, max_new_tokens=4)
+    got = eng.answer_batch([Request(session=s, question=QUESTIONS[1], max_new_tokens=5),
+                            Request(volume=images[1], question=QUESTIONS[1], max_new_tokens=5)])
+    assert got[0].timings["cached_tokens"] > 0 and "prefill_path" not in got[0].timings
+    assert got[1].token_ids == _alone(eng, images[1], QUESTIONS[1], 5)

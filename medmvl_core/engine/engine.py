@@ -349,6 +349,7 @@ class Engine:
         """
         results: list[Answer | BaseException | None] = [None] * len(requests)
         live: list[tuple[int, _Prepared, torch.Tensor]] = []
+        prepared: list[tuple[int, _Prepared]] = []
         locked: list[Session] = []
         try:
             for i, req in enumerate(requests):
@@ -358,7 +359,18 @@ class Engine:
                         raise SessionBusyError(f"session {s.id[:8]} is already answering")
                     locked.append(s)
                     with self._oom_guard(s):
-                        p = self._prepare_request(s, req)
+                        prepared.append((i, self._prepare_request(s, req)))
+                except BaseException as exc:  # noqa: BLE001 - reported per request
+                    results[i] = exc
+            if len(prepared) > 1 and all(p.past is None for _, p in prepared):
+                done = self._answer_fresh_batch(prepared)  # one prefill for all; None: not possible
+                if done is not None:
+                    for i, res in done:
+                        results[i] = res
+                    prepared = []
+            for i, p in prepared:
+                try:
+                    with self._oom_guard(p.session):
                         live.append((i, p, self._prefill(p)))
                 except BaseException as exc:  # noqa: BLE001 - reported per request
                     results[i] = exc
@@ -377,6 +389,68 @@ class Engine:
                 s.last_used = time.monotonic()
                 s.lock.release()
         return results  # type: ignore[return-value]
+
+    def _answer_fresh_batch(self, prepared: list[tuple[int, "_Prepared"]]
+                            ) -> list[tuple[int, Answer | BaseException]] | None:
+        """Requests with no cached prefix: one left-padded prefill for all of them in the
+        FastDecoder's static cache, then the batched decode from there (no cache copies). None when
+        the fast path is not in use or busy, or the prefill fails (the caller prefills them one by
+        one)."""
+        if not (self._use_static() and self._static_ok) or not self._fast_lock.acquire(blocking=False):
+            return None
+        preps = [p for _, p in prepared]
+        try:
+            for p in preps:
+                self._hook("prefill")
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                rows = [self.model.embed_inputs(torch.tensor([p.ids], dtype=torch.long, device=self.device),
+                                                p.entry.embeds if any(t < 0 for t in p.ids) else None)
+                        for p in preps]
+                lengths = [len(p.ids) for p in preps]
+                lmax = max(lengths)
+                embeds = torch.zeros(len(rows), lmax, rows[0].shape[-1], dtype=rows[0].dtype, device=self.device)
+                mask = torch.zeros(len(rows), lmax, dtype=torch.long, device=self.device)
+                for b, (r, n) in enumerate(zip(rows, lengths)):
+                    embeds[b, lmax - n:] = r[0]
+                    mask[b, lmax - n:] = 1
+                fast = self._fast_decoder()
+                logits = fast.prefill(embeds, mask, max_new_tokens=max(p.params.max_new_tokens for p in preps))
+        except Exception as exc:  # noqa: BLE001 - prefill them one by one instead
+            self._fast_lock.release()
+            if is_oom(exc) and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            logger.warning("batched prefill failed (%s); prefilling the requests one by one", exc)
+            return None
+        dt = time.perf_counter() - t0
+        for p in preps:
+            p.timings.update(prefill_s=dt, prefill_tokens=len(p.ids), cached_tokens=0,
+                             prefill_path=f"batch{len(preps)}:static:{fast.mode}")
+            p.t_decode = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                outs = self._batched_loop(preps, logits.to(self.dtype), lengths, lmax, len(preps), fast)
+        except BaseException as exc:  # noqa: BLE001
+            if not is_oom(exc):
+                outs = [exc] * len(preps)  # every row fails alike (a broken step)
+            else:  # start them again one by one; text already streamed is not sent again
+                logger.warning("out of memory in a batched decode; answering the requests one by one")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                for p in preps:
+                    p.streamer.ids = []
+                    p.timings.pop("prefill_path", None)
+                return None
+        finally:
+            self._fast_lock.release()
+        results: list[tuple[int, Answer | BaseException]] = []
+        for (i, p), out in zip(prepared, outs):
+            if isinstance(out, BaseException):
+                p.session.drop_kv()
+                results.append((i, out))
+            else:
+                results.append((i, self._finish(p, *out)))
+        return results
 
     def _session_for(self, req: "Request") -> Session:
         if req.session is not None:
@@ -641,8 +715,11 @@ class Engine:
         fed = [0] * n
         done: list[tuple[list[int], str, int] | BaseException | None] = [None] * n
         pad = int(getattr(self.tokenizer, "pad_token_id", None) or 0)
+        greedy_rows = [not p.params.do_sample for p in preps]
         while True:
             feed = []
+            # every greedy row's next token with one device->host copy (not one sync per row)
+            greedy = logits.argmax(dim=-1).tolist() if any(greedy_rows) else None
             for b, p in enumerate(preps):
                 if done[b] is not None:
                     feed.append(pad)
@@ -653,7 +730,8 @@ class Engine:
                     done[b] = exc
                     feed.append(pad)
                     continue
-                tok = int(choose_token(logits[b:b + 1], p.params, p.generator)[0])
+                tok = (int(greedy[b]) if greedy_rows[b] else
+                       int(choose_token(logits[b:b + 1], p.params, p.generator)[0]))
                 tokens[b].append(tok)
                 p.on_token_id(tok)
                 if tok in self.eos_ids:
