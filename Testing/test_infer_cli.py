@@ -64,6 +64,33 @@ def test_infer_reproduces_golden_then_eval(reference_dir, tmp_path, ckpt, data, 
     assert json.loads((rep / "metrics.json").read_text())["provenance"]["n"] == 2
 
 
+def test_infer_quantize_4bit_quantizes_every_decoder_linear_and_changes_the_answers(reference_dir, tmp_path, caplog):
+    """--quantize 4bit loads the checkpoint and quantizes the LLM's decoder-layer linears (as the
+    worker does) before answering: the float model's golden text changes on this random checkpoint.
+    (The quantized text itself is not compared with a second run: bitsandbytes' CPU 4-bit kernels
+    change their weight packing after the first forward, so it depends on the order of calls.)"""
+    import logging
+
+    import torch
+
+    from medmvl_core.model import load_checkpoint
+
+    inp = _with_references(reference_dir, "ct_inference.json", tmp_path)
+    out = tmp_path / "q.json"
+    with caplog.at_level(logging.INFO, logger="medmvl_core.engine.quantize"):
+        assert cli_main(["infer", "--checkpoint", str(reference_dir / "ct_chest_tiny"), "--data", str(inp),
+                         "--image3d-dir", str(reference_dir / "inputs"), "--output", str(out),
+                         "--max-new-tokens", "12", "--device", "cpu", "--quantize", "4bit"]) == 0
+    got = {r["id"]: r["conversations"][-1]["value"] for r in json.loads(out.read_text(encoding="utf-8"))}
+    model, _ = load_checkpoint(reference_dir / "ct_chest_tiny", device="cpu")
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.llm.model.layers.modules())
+    assert n_linear > 0 and any(f"quantized {n_linear} LLM linear layers to 4bit" in r.getMessage()
+                                for r in caplog.records)
+    golden = _golden_texts(reference_dir, "ct_chest_tiny")
+    assert set(got) == set(golden) and all(isinstance(t, str) and t for t in got.values())
+    assert got != golden
+
+
 def test_infer_bad_inputs(reference_dir, tmp_path, capsys):
     base = ["infer", "--checkpoint", str(reference_dir / "ct_chest_tiny"), "--output", str(tmp_path / "o.json")]
     data = str(reference_dir / "inputs" / "ct_inference.json")

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=float, default=30.0, metavar="S",
                         help="seconds between incremental saves (default 30)")
     parser.add_argument("--seed", type=int, default=42, help="seed for sampling (MedM-VL uses 42)")
+    parser.add_argument("--quantize", default="none", choices=["none", "8bit", "4bit"],
+                        help="bitsandbytes 8-bit / 4-bit (NF4) LLM weights, as `medmvl serve --quantize` "
+                             "(to measure what quantization costs in accuracy)")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -116,7 +119,13 @@ def run(args: argparse.Namespace) -> int:
     if pending:
         bi.check_media([items[i] for i in pending], args.image_dir, args.image3d_dir)
         torch.manual_seed(args.seed)
-        model, proc = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype)
+        if args.quantize != "none":  # as the worker does: load on the CPU, quantize onto the device
+            from medmvl_core.engine.quantize import quantize_model
+
+            model, proc = load_checkpoint(args.checkpoint, device="cpu", dtype=args.dtype)
+            model = quantize_model(model, args.quantize, device=device)
+        else:
+            model, proc = load_checkpoint(args.checkpoint, device=device, dtype=args.dtype)
         lengths = [0] * len(items)
         for i in pending:
             lengths[i] = len(proc.encode(items[i]["conversations"], mode="generate")["input_ids"])
