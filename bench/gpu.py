@@ -156,10 +156,7 @@ QUESTION = "Generate radiology report for the CT."
 FOLLOW_UP = "Where is the nodule located and how large is it?"
 
 
-COMPILE_DECODE = False  # --compile-decode: the FastDecoder's torch.compile mode instead of CUDA graphs
-
-
-def make_engine(model, n_new: int):
+def make_engine(model, n_new: int, compile_decode: bool = False):
     """The worker's engine over ``model`` (decode_mode "auto": CUDA graphs on CUDA, the plain
     DynamicCache path on the CPU), with the fixture tokenizer (no download). EOS is switched off
     so every answer has exactly the requested length (fair token counts)."""
@@ -170,7 +167,7 @@ def make_engine(model, n_new: int):
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
     eng = Engine(model, make_processor(model, tok), max_new_tokens_limit=max(2048, n_new),
-                 compile_decode=COMPILE_DECODE)
+                 compile_decode=compile_decode)
     eng.eos_ids = set()
     return eng
 
@@ -482,8 +479,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sections - {"ttft", "decode", "train", "memory", "profile"}
     if unknown:
         ap.error(f"unknown section(s) {sorted(unknown)}; choose from ttft, decode, train, memory, profile")
-    global COMPILE_DECODE
-    COMPILE_DECODE = args.compile_decode
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -503,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     model, spec = build_model(args.small, device, dtype)
     llm_bytes = nbytes(model.llm)
     rows.append(("decode floor b1", bw / llm_bytes, "tokens/s", f"{llm_bytes / 1e9:.3g} GB of LLM weights per token"))
-    eng = make_engine(model, n_new)
+    eng = make_engine(model, n_new, args.compile_decode)
     if "ttft" in sections:
         guarded(rows, "cold TTFT", bench_ttft, eng, args.small, n_new, rows, device)
     if "decode" in sections:

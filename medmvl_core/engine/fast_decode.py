@@ -359,7 +359,7 @@ class FastDecoder:
             err = (got.float() - ref.float()).abs().max().item()
             scale = ref.float().abs().max().item() + 1e-6
             if not err <= tol * scale or int(got.argmax(-1)[0]) != int(ref.argmax(-1)[0]):
-                raise FastPathError(f"the {self.mode} decode step differs from the eager step "
+                raise FastPathError(f"the {self.mode} step ({what}) differs from the eager step "
                                     f"(max abs diff {err:.3g})")
         logger.info("fast decode path: %s ready for %s", self.mode, what)
         return runner
