@@ -581,11 +581,7 @@ class Engine:
                 x = torch.tensor([suffix], dtype=torch.long, device=self.device)
                 logits = fast.extend(self.model.embed_inputs(x, None))
         except Exception as exc:  # noqa: BLE001 - fall back to the plain prefill
-            self._fast_lock.release()
-            if is_oom(exc):
-                raise
-            logger.warning("static-cache prefill failed (%s); using the plain path", exc)
-            self._static_ok = False
+            self._fast_failed(exc, "static-cache prefill failed")
             return None
         p.fast = fast
         p.timings["prefill_path"] = f"static:{fast.mode}"
@@ -616,12 +612,17 @@ class Engine:
                             lengths if len(lengths) > 1 else lengths[0], max_new)
             return fast
         except Exception as exc:  # noqa: BLE001 - any failure: fall back to the plain path
-            self._fast_lock.release()
-            if is_oom(exc):
-                raise
-            logger.warning("static-cache decoding unavailable (%s); using the plain path", exc)
-            self._static_ok = False
+            self._fast_failed(exc, "static-cache decoding unavailable")
             return None
+
+    def _fast_failed(self, exc: Exception, what: str) -> None:
+        """A failure while holding the FastDecoder: release it; an out-of-memory error goes on to the
+        caller's OOM guard, anything else switches the engine to the plain path from now on."""
+        self._fast_lock.release()
+        if is_oom(exc):
+            raise exc
+        logger.warning("%s (%s); using the plain path", what, exc)
+        self._static_ok = False
 
     def _decode_one(self, p: "_Prepared", logits: torch.Tensor) -> tuple[list[int], str, int]:
         total = len(p.ids)
