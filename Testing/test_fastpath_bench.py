@@ -80,6 +80,13 @@ def test_bench_refuses_cuda_without_a_gpu():
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
 
 
+def test_bench_refuses_an_unknown_section():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--small",
+                           "--sections", "decode,speed"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "unknown section(s) ['speed']" in proc.stderr
+    assert "choose from ttft, decode, train, memory, profile" in proc.stderr and "row:" not in proc.stdout
+
+
 def test_a_failing_section_becomes_a_row():
     mod = _bench_module()
     rows: list = []
