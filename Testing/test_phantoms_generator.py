@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medmvl_core.data.phantom_dataset import generate_dataset, model_box_fn
-from medmvl_core.data.phantom_tasks import parse_report, report_text
+from medmvl_core.data.phantom_tasks import LOBES, make_tasks, parse_kind, parse_report, report_text
 from medmvl_core.data.phantoms import (CT_SHAPE, HU, Finding, make_ct_phantom, make_phantom, make_xray_phantom,
                                        write_phantom)
 from medmvl_core.errors import DataError
@@ -111,6 +111,28 @@ def test_report_goes_organ_by_organ():
     assert "The liver is normal." not in text and "The liver is normal." in report_text([calc])
     assert parse_report(report_text([cyst, eff, calc])) == {("cyst", "liver"), ("effusion", "left pleural space"),
                                                            ("calcification", "right lower lobe")}
+
+
+def test_region_answers_name_the_place_first():
+    """Region answers (generator version 4): "In the <place>: <what>." — for a normal box, the lobe
+    it was drawn in, which the phantom records; parse_kind reads the kind back."""
+    seen = set()
+    for index in range(12):
+        ph = make_ct_phantom(3, "train", index)
+        assert ph.normal_location in LOBES and ph.truth()["normal_location"] == ph.normal_location
+        lo, hi = ph.normal_box[:3], ph.normal_box[3:]
+        centre = tuple((a + b) // 2 for a, b in zip(lo, hi))
+        assert ph.array[centre] < -500  # the normal box sits in aerated lung
+        tasks = make_tasks(ph, np.random.default_rng(index), lambda b: [0.0] * 6, lambda b: "[box]")
+        region = [t for t in tasks if t["task"] == "region"][0]
+        kind, loc = region["truth"]["kind"], region["truth"]["location"]
+        what = "normal lung" if kind == "normal" else ""
+        assert region["answer"].startswith(f"In the {loc}: ") and what in region["answer"]
+        assert parse_kind(region["answer"]) == kind
+        if kind == "normal":
+            assert loc == ph.normal_location
+        seen.add(kind == "normal")
+    assert seen == {True, False}
 
 
 def test_generate_dataset_files(tmp_path):

@@ -48,7 +48,7 @@ def test_evaluate_hand_computed():
         _item("find", "{<10><20><30><40>}", {"box": [10, 20, 30, 40]}),
         _item("region", "A nodule in the right upper lobe.", {"kind": "nodule"}),
         _item("region", "Normal lung.", {"kind": "mass"}),
-        _item("region", "Normal lung.", {"kind": "normal"}),
+        _item("region", "In the right upper lobe: normal lung.", {"kind": "normal"}),
         _item("open", "in the Right upper lobe", {}, answer="In the right upper lobe."),
         _item("open", "25 mm.", {}, answer="30 mm."),
     ]

@@ -28,7 +28,10 @@ from medmvl_core.data.phantoms import SPLITS, Phantom, make_phantom, write_phant
 from medmvl_core.errors import DataError
 
 logger = logging.getLogger(__name__)
-GENERATOR_VERSION = 2  # 2: reports organ by organ, the kind named before the size ("A nodule measuring 25 mm ...")
+# 2: reports organ by organ, the kind named before the size ("A nodule measuring 25 mm ...");
+# 4: region answers name the place first ("In the right upper lobe: normal lung."; 3 was an
+# experiment with multiple-choice answers, reverted).
+GENERATOR_VERSION = 4
 
 
 def format_box_3d(box: Iterable[float]) -> str:

@@ -26,7 +26,7 @@ REPORT_QUESTION = {"CT": "Generate radiology report for the CT.",
 KIND_TEXT = {"nodule": "nodule", "mass": "mass", "calcification": "calcification", "cyst": "cyst",
              "effusion": "pleural effusion"}
 CHOICE_OPTIONS = ("nodule", "mass", "calcification", "cyst", "pleural effusion", "no abnormality")
-NORMAL_REGION = "Normal lung."
+NORMAL_REGION = "normal lung"
 # The worker's task prompts (medmvl_core.engine.tasks), so "describe" / "find" requests from the
 # plugin reach the demo model worded exactly as in its training data.
 DESCRIBE_PROMPT = "What is in the region {box}? Describe it."
@@ -208,14 +208,19 @@ def _open_task(ph: Phantom, rng) -> dict:
 
 
 def _region_task(ph: Phantom, rng, box_fn: BoxFn, box_text: BoxTextFn) -> dict:
+    """"What is in the region [box]?" about one finding's box (70% when there are findings) or a box
+    of normal lung. The answer names the place first ("In the left lower lobe: a nodule.", "In the
+    right upper lobe: normal lung."; generator version 4; before, "A nodule in the left lower lobe."
+    and "Normal lung."): the place is what the box's coordinates say, and the kind is then read at
+    that place rather than guessed first. On the demo model it raised region accuracy from 60.5% to
+    73% (normal boxes 61% -> 77%; README, "Demo model")."""
     if ph.findings and rng.random() < 0.7:
         f = ph.findings[rng.integers(len(ph.findings))]
-        ans = f"A {KIND_TEXT[f.kind]} in the {f.location}."
-        if f.kind == "effusion":
-            ans = f"A {f.grade} pleural effusion in the {f.location}."
+        what = f"a {f.grade} pleural effusion" if f.kind == "effusion" else f"a {KIND_TEXT[f.kind]}"
         box, kind, loc = f.box, f.kind, f.location
     else:
-        box, kind, loc, ans = ph.normal_box, "normal", "", NORMAL_REGION
+        box, kind, loc, what = ph.normal_box, "normal", ph.normal_location, NORMAL_REGION
+    ans = f"In the {loc}: {what}." if loc else what[0].upper() + what[1:] + "."
     mbox = box_fn(box)
     return {"task": "region", "question": DESCRIBE_PROMPT.format(box=box_text(mbox)), "answer": ans,
             "truth": {"kind": kind, "location": loc, "box": mbox}}

@@ -75,13 +75,14 @@ class Phantom:
     direction: tuple[float, ...]    # row-major 3x3 (CT) or 2x2
     findings: list[Finding] = field(default_factory=list)
     normal_box: tuple[int, ...] = ()  # a box of normal lung, for "what is in this box" negatives
+    normal_location: str = ""         # the lobe that box lies in
 
     def truth(self) -> dict:
         """JSON-serialisable ground truth (no voxels)."""
         return {"id": self.id, "split": self.split, "index": self.index, "modality": self.modality,
                 "shape": list(self.array.shape), "spacing": list(self.spacing),
                 "findings": [f.to_dict() for f in self.findings],
-                "normal_box": [int(v) for v in self.normal_box]}
+                "normal_box": [int(v) for v in self.normal_box], "normal_location": self.normal_location}
 
 
 def phantom_rng(seed: int, split: str, index: int, kind: str = "ct") -> np.random.Generator:
@@ -216,14 +217,14 @@ def make_ct_phantom(seed: int, split: str, index: int) -> Phantom:
         findings.append(Finding(kind, loc, size_mm=size, box=_box_of(m)))
     vol += rng.normal(0.0, 12.0, size=vol.shape).astype(np.float32) * an.body
     findings.sort(key=lambda f: LOCATIONS.index(f.location))
-    normal = an.lobe_mask(str(rng.choice(LOBES))) & aerated
-    normal_box = _normal_box(rng, normal, radius=(2, 4, 4))
+    normal_lobe = str(rng.choice(LOBES))
+    normal_box = _normal_box(rng, an.lobe_mask(normal_lobe) & aerated, radius=(2, 4, 4))
     origin = (-CT_SPACING[0] * CT_SHAPE[2] / 2 + rng.uniform(-20, 20),
               -CT_SPACING[1] * CT_SHAPE[1] / 2 + rng.uniform(-20, 20), -900.0 + rng.uniform(-50, 50))
     return Phantom(id=f"ct-{split}-{index:05d}", split=split, index=index, modality="CT", array=vol,
                    spacing=CT_SPACING, origin=tuple(float(o) for o in origin),
                    direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), findings=findings,
-                   normal_box=normal_box)
+                   normal_box=normal_box, normal_location=normal_lobe)
 
 
 def _normal_box(rng, mask: np.ndarray, radius: tuple[int, ...]) -> tuple[int, ...]:
@@ -321,11 +322,12 @@ def make_xray_phantom(seed: int, split: str, index: int) -> Phantom:
         findings.append(Finding(kind, loc, size_mm=size, box=_box_of(m)))
     img = _blur2d(img) + rng.normal(0, 0.02, size=img.shape).astype(np.float32)
     findings.sort(key=lambda f: LOCATIONS.index(f.location))
-    normal_box = _normal_box(rng, lobe_mask(str(rng.choice(LOBES))) & aerated, radius=(5, 5))
+    normal_lobe = str(rng.choice(LOBES))
+    normal_box = _normal_box(rng, lobe_mask(normal_lobe) & aerated, radius=(5, 5))
     arr = np.clip(img * 255.0, 0, 255).astype(np.uint8)
     return Phantom(id=f"xr-{split}-{index:05d}", split=split, index=index, modality="XR", array=arr,
                    spacing=XR_SPACING, origin=(0.0, 0.0), direction=(1.0, 0.0, 0.0, 1.0),
-                   findings=findings, normal_box=normal_box)
+                   findings=findings, normal_box=normal_box, normal_location=normal_lobe)
 
 
 def _blur2d(img: np.ndarray) -> np.ndarray:
