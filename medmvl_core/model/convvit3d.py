@@ -20,10 +20,11 @@ neither a learned CLS token nor a small LLM learned within the demo's training b
 
 ``input_windows`` (optional, e.g. ``[[0.6, 0.886], [0.886, 1.0]]``): extra input channels, each the
 input re-windowed to ``clamp((x - lo) / (hi - lo), 0, 1)`` — fixed, not learned. With a wide CT
-window (the demo's HU [-1000, 400] scaled to 0-1) a liver cyst differs from liver by 0.1 and a
-calcification from a nodule by 0.25; a narrow soft-tissue window and a "brighter than soft tissue"
-window make those a 0.4-1.0 step that the first convolution sees at once, as a radiologist
-switches windows (multi-window inputs are common practice in CT deep learning).
+window (HU [-1000, 400] scaled to 0-1, the demo's until session 9) a liver cyst differs from liver by
+0.1 and a calcification from a nodule by 0.25; a narrow soft-tissue window and a "brighter than soft
+tissue" window make those a 0.4-1.0 step that the first convolution sees at once, as a radiologist
+switches windows (multi-window inputs are common practice in CT deep learning). The demo model now
+windows its input to soft tissue in preprocessing instead (HU [-160, 240]), which measured better.
 
 ``dense_tokens`` (optional, the number of finding labels K): the encoder owns the dense classifier
 of its stem grid (a 1x1x1 conv to K + 1 classes, background first), and each token gets, added
