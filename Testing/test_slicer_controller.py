@@ -87,6 +87,12 @@ def test_history_is_per_volume_and_uploads_are_cached():
     assert len(client.uploads) == 3
     c.clear_history("a")
     assert c.history("a") == [] and len(c.history("b")) == 2
+    # After Clear the model starts a new conversation on the volume already uploaded.
+    c.run_task(_volume("a", value=3), "ask", "again?")
+    c.wait(10)
+    assert len(client.uploads) == 3 and len(client.sessions) == 4
+    assert client.asked[-1]["session"] == "sess4" and client.asked[-2]["session"] == "sess3"
+    assert client.sessions[-1] == client.sessions[-2]  # same volume id
 
 
 def test_session_lost_on_the_worker_is_uploaded_again():

@@ -50,6 +50,11 @@ def _box_model(reference_dir: Path, dst: Path) -> Path:
         vocab = {t: i for t, i in vocab.items() if i != 0}
         vocab[token] = 0
         vf.write_text(json.dumps(vocab))
+    # Room for a 1000-token answer (the fixture's LLM stops at 512 positions; RoPE has no table).
+    cfg = dst / "base/llm/config.json"
+    c = json.loads(cfg.read_text())
+    c["max_position_embeddings"] = c["sliding_window"] = 2048
+    cfg.write_text(json.dumps(c))
     tj = dst / "base/llm/tokenizer.json"
     d = json.loads(tj.read_text())
     d["model"]["vocab"] = {t: i for t, i in d["model"]["vocab"].items() if i != 0}
@@ -181,10 +186,23 @@ def test_cancel_a_long_answer(viewer):
     app, win, _ckpt, _tmp = viewer
     win.controller.max_new_tokens = 1000
     win.set_task("ask")
-    win.questionEdit.setText("Describe everything in detail.")
-    QTest.mouseClick(win.askButton, QtCore.Qt.LeftButton)
     key = win.volume.key
-    assert _wait(app, lambda: win.controller.partial(key).count("[") >= 2, 60)
+    # The tiny model writes 1000 tokens in about a second; on a loaded machine the GUI thread can
+    # miss the whole stream. Cancel needs an answer in flight, so ask again (a fresh chat each
+    # time) until the panel has seen it streaming.
+    for _attempt in range(5):
+        win.clear_chat()
+        win.questionEdit.setText("Describe everything in detail.")
+        QTest.mouseClick(win.askButton, QtCore.Qt.LeftButton)
+        streaming = _wait(app, lambda: win.controller.partial(key).count("[") >= 2
+                          or win.controller.idle(), 60)
+        assert streaming, "no token arrived within 60 s"
+        if not win.controller.idle():
+            break
+        done = win.controller.history(key)[-1]
+        assert done.role == "assistant" and done.text.count("[") == 1000, done.text[:200]
+    else:
+        pytest.fail("every answer finished before the panel saw it stream")
     assert win.cancelButton.isEnabled()
     t0 = time.monotonic()
     QTest.mouseClick(win.cancelButton, QtCore.Qt.LeftButton)

@@ -151,7 +151,7 @@ class PanelController:
         self.max_new_tokens = 256
         self._events: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._uploads: dict[str, tuple[str, str, str]] = {}  # key -> (fingerprint, vid, sid)
+        self._uploads: dict[str, tuple[str, str, str | None]] = {}  # key -> (fingerprint, vid, sid)
         self._session: str | None = None
         self._cancel = threading.Event()
         self._download: subprocess.Popen | None = None
@@ -372,7 +372,13 @@ class PanelController:
         return list(self.histories.get(key, []))
 
     def clear_history(self, key: str) -> None:
+        """Forget the volume's conversation here and on the worker: the next question starts a
+        new worker session (the uploaded volume is kept), so the model no longer sees the
+        cleared turns and they stop taking room in its context."""
         self.histories.pop(key, None)
+        cached = self._uploads.get(key)
+        if cached is not None:
+            self._uploads[key] = (cached[0], cached[1], None)
 
     def transcript(self, key: str) -> str:
         """The volume's conversation as plain text (Copy / Save)."""
@@ -417,6 +423,10 @@ class PanelController:
         fp = content_key(volume.array)
         cached = self._uploads.get(volume.key)
         if cached and cached[0] == fp and not fresh:
+            if cached[2] is None:  # the chat was cleared: a new conversation on the same upload
+                sid = client.create_session(cached[1])
+                self._uploads[volume.key] = (fp, cached[1], sid)
+                return sid
             return cached[2]
         t0 = time.monotonic()
         spacing, origin, direction = lps_from_ijk_to_ras(volume.ijk_to_ras)
