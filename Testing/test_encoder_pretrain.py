@@ -120,6 +120,33 @@ def test_convvit3d_input_windows_are_fixed_rewindowed_channels():
     assert torch.allclose(got[2], torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 1.0]), atol=1e-6)  # brighter
 
 
+def test_convvit3d_coord_features_append_each_tokens_grid_position():
+    from medmvl_core.model.encoders import build_encoder
+
+    cfg = {"img_size": [16, 32, 64], "stem_channels": [4, 8], "token_pool": [1, 2, 2], "hidden_size": 32,
+           "mlp_dim": 64, "num_layers": 2, "num_heads": 2, "dense_stage": 1, "cls_pool": "max"}
+    torch.manual_seed(0)
+    plain = build_encoder({"type": "convvit3d", "config": cfg})
+    enc = build_encoder({"type": "convvit3d", "config": cfg | {"coord_features": True}})
+    enc.load_state_dict(plain.state_dict())  # no new weights: the same encoder, wider tokens
+    assert plain.patch_grid() == [4, 4, 8] and plain.hidden_size == 32 and enc.hidden_size == 32 + 16
+    x = torch.rand(2, 1, 16, 32, 64)
+    with torch.no_grad():
+        a, b = plain(x, -1, "cls_patch"), enc(x, -1, "cls_patch")
+    assert b.shape == (2, 1 + 128, 48)
+    assert torch.equal(b[..., :32], a)                      # the features themselves unchanged
+    assert torch.equal(b[:, 0, 32:], torch.zeros(2, 16))    # the summary token has no position
+    coords = b[:, 1:, 32:]
+    scale = a[:, 1:].norm(dim=-1).mean(1) / 3 ** 0.5
+    for n in (0, 1, 8, 37, 127):                            # token n is grid cell (k, j, i), i fastest
+        k, j, i = n // 32, (n // 8) % 4, n % 8
+        want = torch.zeros(16)
+        want[[k, 4 + j, 8 + i]] = 1.0
+        assert torch.allclose(coords[:, n], want * scale[:, None], atol=1e-5), n
+    with pytest.raises(ConfigError, match="last layer"):
+        enc(x, 0, "cls_patch")
+
+
 TINY_DENSE = {"img_size": [16, 32, 32], "stem_channels": [4, 8], "token_pool": [1, 2, 2], "hidden_size": 32,
               "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "dense_stage": 1, "dense_tokens": 3}
 
@@ -237,7 +264,7 @@ def test_convvit3d_detection_tokens_give_each_labels_peak_probability_and_the_bo
     wrapped = ConvViT3DEncoder(spec)
     assert wrapped.num_tokens("cls_patch") == 65 + n and wrapped.num_tokens("patch") == 64 + n
     assert wrapped(x, -1, "patch").shape == (2, 64 + n, 32)
-    with pytest.raises(ConfigError, match="detection tokens at the last layer only"):
+    with pytest.raises(ConfigError, match="detections or coord_features gives those at the last layer only"):
         ConvViT3DEncoder(spec | {"config": cfg | {"num_layers": 2}})(x, -2, "patch")
     with pytest.raises(ConfigError, match="detections needs dense_tokens"):
         ConvViT3D.from_config(cfg | {"dense_tokens": 0})

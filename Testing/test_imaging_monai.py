@@ -155,3 +155,34 @@ def test_runtime_imports_neither_monai_nor_torch():
             "print('monai' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("shape,size", [((64, 96, 96), (32, 64, 64)), ((7, 10, 13), (3, 4, 5)),
+                                        ((5, 6, 7), (8, 6, 3))])
+def test_window_max_resize_equals_torch_adaptive_max_pool(shape, size):
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 400, shape).astype(np.float32)
+    box = [(1, shape[0]), (0, shape[1] - 1), (2, shape[2])]
+    got = T.resize_window_max(x, size, -160.0, 240.0, box)
+    crop = torch.from_numpy(x[1:, :-1, 2:].astype(np.float64))
+    ref = torch.nn.functional.adaptive_max_pool3d(crop[None, None], size)[0, 0]
+    ref = ((ref.clamp(-160.0, 240.0) + 160.0) / 400.0).float().numpy()
+    assert got.shape == tuple(size) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_max_windows_keep_a_small_dense_finding_that_averaging_loses():
+    vol = np.full((64, 96, 96), -850.0, np.float32)  # lung
+    vol[31:33, 41:43, 51:53] = 1000.0                # a calcification 2 voxels wide
+    spec = {"kind": "volume", "hu_window": [-160, 240], "crop_foreground": False, "size": [32, 64, 64],
+            "orientation": "native", "channels": 1, "normalize": {"type": "minmax"},
+            "max_windows": [[130, 1130]]}
+    out, _ = preprocess(vol, spec)
+    assert out.shape == (2, 32, 64, 64)
+    assert out[1].max() == pytest.approx(0.87) and out[1][out[1] > 0].size < 20
+    assert out[0].max() < 0.4  # the trilinear channel averages it with the lung
+    assert np.argwhere(out[1] == out[1].max()).min(0).tolist()[0] in (15, 16)
+    from medmvl_core.imaging import validate_spec
+    from medmvl_core.errors import ConfigError
+    with pytest.raises(ConfigError, match="max_windows"):
+        validate_spec(dict(spec, max_windows=[[5, 1]]))

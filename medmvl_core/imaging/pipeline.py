@@ -5,7 +5,9 @@ The steps for ``kind="volume"`` (MedM-VL HEAD, eval mode) are, in order: reorien
 ``minmax`` / ``mean_std`` when those are the normalisation, as M3D-CLIP and MedM-CLIP do
 before cropping), foreground crop (MONAI CropForeground, value > 0), trilinear resize to
 ``size`` (float32), uint8 truncation (``cast_uint8``), channel copies, and the per-slice HF
-image processor for ``normalize.type == "image_processor"``. The optional ``augment``
+image processor for ``normalize.type == "image_processor"``; then one channel per
+``max_windows`` entry (the same region, windowed to [lo, hi] -> [0, 1] and resized by area
+maximum; not a MedM-VL step — our own encoders use it to keep small dense findings). The optional ``augment``
 reproduces the train-mode rot90/flip, seeded.
 """
 
@@ -145,8 +147,9 @@ def _intensity_fn(spec: dict, arr: np.ndarray):
     return fn
 
 
-def _finish(resized: np.ndarray, spec: dict, augment) -> np.ndarray:
-    """uint8 cast, channel copies, per-slice processor, augmentation: [D,H,W] -> [C,D,H',W']."""
+def _finish(resized: np.ndarray, spec: dict, augment, extra: Sequence[np.ndarray] = ()) -> np.ndarray:
+    """uint8 cast, channel copies, per-slice processor, ``extra`` channels (``max_windows``)
+    appended, augmentation: [D,H,W] -> [C,D,H',W']."""
     norm = spec["normalize"]
     c = int(spec["channels"])
     if spec["cast_uint8"]:
@@ -157,6 +160,8 @@ def _finish(resized: np.ndarray, spec: dict, augment) -> np.ndarray:
         out = T.slices_image_processor(resized, norm, channels=c)
     else:
         out = np.repeat(resized.astype(np.float32)[None], c, axis=0)
+    if len(extra):
+        out = np.concatenate([out, np.stack(extra).astype(out.dtype)], axis=0)
     if augment is not None:
         out = T.augment_volume(out, augment)
     return out
@@ -183,7 +188,8 @@ def _preprocess_volume(vol: Volume, spec: dict, roi, margin: int, augment):
         crop = tuple((0, n) for n in arr.shape)
     size = tuple(int(v) for v in spec["size"])
     resized = T.resize_trilinear(arr, size, fn, crop)
-    out = _finish(resized, spec, augment)
+    out = _finish(resized, spec, augment, [T.resize_window_max(arr, size, float(lo), float(hi), crop)
+                                           for lo, hi in spec.get("max_windows", ())])
     base = [r[0] for r in roi_box] if roi_box else [0, 0, 0]
     start = tuple(float(b + c[0]) for b, c in zip(base, crop))
     extent = tuple(float(c[1] - c[0]) for c in crop)

@@ -6,7 +6,10 @@ A spec is a JSON-serialisable dict stored in the checkpoint config
 * ``"volume"`` — a HU volume: optional ``hu_window`` ([lo, hi] -> [0, 255], float64), optional
   ``crop_foreground`` (MONAI ``CropForeground``: voxels > 0 after the intensity step), resize to
   ``size`` = [D, H, W] (MONAI ``Resize`` trilinear), optional ``cast_uint8`` (truncation), then
-  ``channels`` copies and ``normalize``.
+  ``channels`` copies and ``normalize``; optional ``max_windows`` ([[lo, hi], ...] in HU, default
+  none): one more channel each, the region windowed to [lo, hi] -> [0, 1] and resized by area
+  maximum instead of averaging (small dense findings keep their intensity; our extension, not
+  MedM-VL's).
 * ``"volume_preprocessed"`` — MedM-VL v1.0 data: the array is already windowed, cropped and
   resized ([1, D, H, W] or [D, H, W] in [0, 255]); only the cast and ``normalize`` apply.
 * ``"image"`` — a 2D image, processed as the encoder's HF image processor does.
@@ -143,6 +146,11 @@ def validate_spec(spec: dict) -> dict:
         win = s["hu_window"]
         if win is not None and not (len(win) == 2 and float(win[0]) < float(win[1])):
             problems.append(f"hu_window={win!r} ([lo, hi] with lo < hi, or null)")
+        mw = s.get("max_windows", [])
+        if not (isinstance(mw, (list, tuple)) and all(
+                isinstance(w, (list, tuple)) and len(w) == 2
+                and all(isinstance(v, (int, float)) for v in w) and w[0] < w[1] for w in mw)):
+            problems.append(f"max_windows={mw!r} (a list of [lo, hi] HU pairs with lo < hi)")
     if problems:
         raise ConfigError("invalid preprocessing spec: " + "; ".join(problems))
     return s

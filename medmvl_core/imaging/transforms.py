@@ -168,6 +168,35 @@ def resize_trilinear(x: np.ndarray, size: Sequence[int],
 
 
 # ----------------------------------------------------------------------------- 2D processor
+def adaptive_bins(n_in: int, n_out: int) -> list[tuple[int, int]]:
+    """Half-open source ranges of each output cell, as torch's adaptive pooling draws them:
+    [floor(o * n_in / n_out), ceil((o + 1) * n_in / n_out)); never empty, may overlap."""
+    return [((o * n_in) // n_out, -((-(o + 1) * n_in) // n_out)) for o in range(n_out)]
+
+
+def resize_window_max(x: np.ndarray, size: Sequence[int], lo: float, hi: float,
+                      box: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
+    """Area-maximum resize of ``x[box]`` windowed to [lo, hi] -> [0, 1], float32, shape ``size``.
+
+    Each output cell holds the largest windowed value of the source voxels it covers (adaptive
+    max pooling), so a structure smaller than a cell keeps its full intensity instead of being
+    averaged with its surroundings as in a trilinear resize — the reason to feed it as an extra
+    channel: a 15 mm calcification at 1000 HU stays at 1000 HU in a 5 mm grid.
+    """
+    if box is None:
+        box = [(0, n) for n in x.shape]
+    n_in = [b - a for a, b in box]
+    if min(n_in) <= 0:
+        raise InvalidImageError(f"cannot resize an empty region {list(box)}")
+    v = x[tuple(slice(a, b) for a, b in box)]
+    for axis, (n, m) in enumerate(zip(n_in, size)):
+        if n != m:
+            v = np.stack([v.take(range(a, b), axis=axis).max(axis=axis)
+                          for a, b in adaptive_bins(n, int(m))], axis=axis)
+    v = (np.clip(v.astype(np.float64), lo, hi) - lo) / (hi - lo)
+    return np.ascontiguousarray(v, dtype=np.float32)
+
+
 def pil_resize_uint8(img: np.ndarray, height: int, width: int, resample: int = 3) -> np.ndarray:
     """PIL resize of an [H, W] or [H, W, 3] uint8 image (what HF image processors call)."""
     from PIL import Image

@@ -60,6 +60,15 @@ the detections' boxes reach IoU 0.37-0.78 by kind, but the demo's 3-layer LLM di
 copy them within its CPU step budget (trained on find questions alone, on tokens built from the
 true boxes, it learned the copy after some 600 steps), so the demo does not use them.
 
+``coord_features: true``: the last layer's tokens (and the normed output) get ``sum(grid)`` more
+channels, fixed, not learned: for each patch token the one-hot of its grid index along each axis
+(k, j, i), scaled so the three ones have a patch token's mean length; zeros for the summary and
+detection tokens. The position embeddings already tell the ViT blocks where a token is, but after
+them the position is mixed into the features, and the LLM has to learn to read it back — left
+from right for "is there a nodule in the left lung?", and the place a region question's box
+points to. This makes it a linear lookup. No weights are added, so a pretrained encoder takes the
+flag without retraining (stage 2 trains the connector on the wider tokens).
+
 ``forward(x) -> (normed output, [block outputs], stem features)``; the stem features (the grid after
 ``dense_stage`` stages) feed the dense pretraining head in ``training/encoder_pretrain.py``.
 """
@@ -124,7 +133,7 @@ class ConvViT3D(nn.Module):
                  hidden_size: int = 128, mlp_dim: int = 256, num_layers: int = 2, num_heads: int = 4,
                  dense_stage: int = 2, groups: int = 4, pointwise_channels=(), cls_pool: str = "token",
                  input_windows=(), dense_tokens: int = 0, dense_summary: bool = False,
-                 detections: bool = False) -> None:
+                 detections: bool = False, coord_features: bool = False) -> None:
         super().__init__()
         windows = [tuple(float(v) for v in w) for w in input_windows]
         if any(len(w) != 2 or not w[0] < w[1] for w in windows):
@@ -199,6 +208,11 @@ class ConvViT3D(nn.Module):
             self.register_buffer("_cell_centre", centre.repeat(2, 1, 1, 1).unsqueeze(0), persistent=False)
             size = torch.tensor([1.0 / n for n in self.dense_grid] * 2).view(1, 6, 1, 1, 1)
             self.register_buffer("_cell_size", size, persistent=False)
+        self.coord_features = bool(coord_features)
+        if self.coord_features:  # per patch token, the one-hot of its grid index along each axis
+            idx = torch.stack(torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij")).flatten(1).T
+            onehot = torch.cat([nn.functional.one_hot(idx[:, a], n) for a, n in enumerate(grid)], 1).float()
+            self.register_buffer("_coords", onehot, persistent=False)                     # [N, sum(grid)]
         self.position_embeddings = nn.Parameter(torch.zeros(1, math.prod(grid), hidden_size))
         nn.init.trunc_normal_(self.position_embeddings, std=0.02)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
@@ -209,13 +223,18 @@ class ConvViT3D(nn.Module):
     def from_config(cls, cfg: dict) -> "ConvViT3D":
         known = {"img_size", "in_channels", "stem_channels", "token_pool", "hidden_size", "mlp_dim", "num_layers",
                  "num_heads", "dense_stage", "groups", "pointwise_channels", "cls_pool", "input_windows", "dense_tokens",
-                 "dense_summary", "detections", "model_type"}
+                 "dense_summary", "detections", "coord_features", "model_type"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ConfigError(f"convvit3d config has unknown keys {unknown}; valid: {sorted(known - {'model_type'})}")
         if "img_size" not in cfg:
             raise ConfigError("convvit3d config needs img_size [D, H, W]")
         return cls(**{k: v for k, v in cfg.items() if k != "model_type"})
+
+    @property
+    def output_size(self) -> int:
+        """Width of the last layer's tokens: ``hidden_size``, plus sum(grid) with ``coord_features``."""
+        return self.hidden_size + (sum(self.grid) if self.coord_features else 0)
 
     @property
     def num_detections(self) -> int:
@@ -279,5 +298,12 @@ class ConvViT3D(nn.Module):
             scale = x[:, 1:].norm(dim=-1).mean(1).detach()  # as long as the patch tokens, so the connector weighs them alike
             x = torch.cat((x, detection_features(peak, box, scale, self.hidden_size).to(x.dtype)), dim=1)
             hidden_states[-1] = x
-        return {"output": self.norm(x), "hidden_states": hidden_states, "dense": dense, "dense_logits": logits,
+        out = self.norm(x)
+        if self.coord_features:  # the last layer's tokens carry their grid position, explicitly
+            scale = x[:, 1:].norm(dim=-1).mean(1).detach() / math.sqrt(3)  # as long as a patch token
+            c = x.new_zeros(x.shape[0], x.shape[1], self._coords.shape[1])
+            c[:, 1:1 + self._coords.shape[0]] = self._coords.to(x.dtype) * scale[:, None, None]
+            hidden_states[-1] = torch.cat((x, c), dim=-1)
+            out = torch.cat((out, c), dim=-1)
+        return {"output": out, "hidden_states": hidden_states, "dense": dense, "dense_logits": logits,
                 "box_map": boxes, "detections": found}

@@ -151,15 +151,20 @@ class ConvViT3DEncoder(M3DClipEncoder):
         self.encoder = nn.Module()
         self.encoder.vision_encoder = ConvViT3D.from_config(spec["config"])
 
+    @property
+    def hidden_size(self) -> int:
+        """The width of the tokens it gives the connector (``coord_features`` widen the last layer's)."""
+        return self.encoder.vision_encoder.output_size
+
     def num_tokens(self, select_feature: str) -> int:
         """The patch tokens (and the summary token), then the ``detections`` tokens (``num_detections``)."""
         return super().num_tokens(select_feature) + self.encoder.vision_encoder.num_detections
 
     def forward(self, x: torch.Tensor, select_layer: int, select_feature: str) -> torch.Tensor:
         enc = self.encoder.vision_encoder
-        if enc.num_detections and select_layer not in (-1, len(enc.blocks) - 1):
-            raise ConfigError(f"a convvit3d encoder with detections gives its detection tokens at the last layer only; "
-                              f"set select_layer to -1 (got {select_layer})")
+        if (enc.num_detections or enc.coord_features) and select_layer not in (-1, len(enc.blocks) - 1):
+            raise ConfigError(f"a convvit3d encoder with detections or coord_features gives those at the last layer "
+                              f"only; set select_layer to -1 (got {select_layer})")
         _, hidden_states, _ = enc(x.to(enc.cls_token.dtype))
         return select_features(hidden_states, select_layer, select_feature)
 
