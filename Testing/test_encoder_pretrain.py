@@ -213,6 +213,27 @@ def test_convvit3d_dense_summary_adds_each_labels_volume_maximum_to_the_summary_
         ConvViT3D.from_config(cfg | {"dense_tokens": 0})
 
 
+def test_convvit3d_label_features_append_each_tokens_label_maxima_and_the_volumes():
+    from medmvl_core.model.convvit3d import ConvViT3D
+
+    cfg, plain, x = _tiny_dense(cls_pool="max")
+    enc = ConvViT3D.from_config(cfg | {"label_features": True, "coord_features": True})
+    with torch.no_grad():
+        plain.dense_head.weight.normal_(0, 3.0)
+        enc.load_state_dict(plain.state_dict())
+        _, a, stem = plain(x)
+        out, b, _ = enc(x)
+    assert enc.output_size == 32 + 12 + 3 and b[-1].shape == out.shape == (2, 65, 47)
+    assert torch.equal(b[-1][..., :32], a[-1]) and torch.equal(b[-1][..., 32:], out[..., 32:])
+    got = b[-1][..., 44:] / a[-1][:, 1:].norm(dim=-1).mean(1)[:, None, None]
+    p = _stem_probs(enc, stem)  # independently: max over each token's 2 x 4 x 4 stem cells
+    want = p.reshape(2, 3, 4, 2, 4, 4, 4, 4).amax(dim=(3, 5, 7)).reshape(2, 3, 64).transpose(1, 2)
+    assert torch.allclose(got[:, 1:], want, atol=1e-5) and want.max() > 0.9 and want.min() < 0.1
+    assert torch.allclose(got[:, 0], p.flatten(2).amax(-1), atol=1e-5)  # the summary: the volume's maxima
+    with pytest.raises(ConfigError, match="label_features needs dense_tokens"):
+        ConvViT3D.from_config(cfg | {"dense_tokens": 0, "label_features": True})
+
+
 def test_convvit3d_detection_tokens_give_each_labels_peak_probability_and_the_box_there():
     from medmvl_core.model.convvit3d import DETECTION_DIGITS, ConvViT3D, detection_feature_size
     from medmvl_core.model.encoders import ConvViT3DEncoder

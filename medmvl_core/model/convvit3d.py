@@ -69,6 +69,16 @@ from right for "is there a nodule in the left lung?", and the place a region que
 points to. This makes it a linear lookup. No weights are added, so a pretrained encoder takes the
 flag without retraining (stage 2 trains the connector on the wider tokens).
 
+``label_features: true`` (with ``dense_tokens``): likewise ``dense_tokens`` more channels, each
+label's probability from the stem classifier — per patch token its maximum over the token's stem
+cells (what ``dense_tokens`` embeds before the ViT blocks), on the summary token its maximum over
+the volume — scaled by a patch token's mean length. Why: measured on the demo's test phantoms,
+the shipped encoder's stem classifier names 47 of 48 calcifications right at their box, and at the
+token holding a calcification's centre the calcification maximum is the largest in 32 of 32 (mean
+0.89 against nodule 0.39); yet the LLM reading the ViT blocks' output called most of them nodules
+or masses. After the blocks the probabilities are mixed into 128 learned features; here they are
+read off directly.
+
 ``forward(x) -> (normed output, [block outputs], stem features)``; the stem features (the grid after
 ``dense_stage`` stages) feed the dense pretraining head in ``training/encoder_pretrain.py``.
 """
@@ -133,7 +143,7 @@ class ConvViT3D(nn.Module):
                  hidden_size: int = 128, mlp_dim: int = 256, num_layers: int = 2, num_heads: int = 4,
                  dense_stage: int = 2, groups: int = 4, pointwise_channels=(), cls_pool: str = "token",
                  input_windows=(), dense_tokens: int = 0, dense_summary: bool = False,
-                 detections: bool = False, coord_features: bool = False) -> None:
+                 detections: bool = False, coord_features: bool = False, label_features: bool = False) -> None:
         super().__init__()
         windows = [tuple(float(v) for v in w) for w in input_windows]
         if any(len(w) != 2 or not w[0] < w[1] for w in windows):
@@ -208,6 +218,9 @@ class ConvViT3D(nn.Module):
             self.register_buffer("_cell_centre", centre.repeat(2, 1, 1, 1).unsqueeze(0), persistent=False)
             size = torch.tensor([1.0 / n for n in self.dense_grid] * 2).view(1, 6, 1, 1, 1)
             self.register_buffer("_cell_size", size, persistent=False)
+        self.label_features = bool(label_features)
+        if self.label_features and not self.dense_tokens:
+            raise ConfigError("convvit3d label_features needs dense_tokens (the stem classifier whose probabilities it shows)")
         self.coord_features = bool(coord_features)
         if self.coord_features:  # per patch token, the one-hot of its grid index along each axis
             idx = torch.stack(torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij")).flatten(1).T
@@ -223,7 +236,7 @@ class ConvViT3D(nn.Module):
     def from_config(cls, cfg: dict) -> "ConvViT3D":
         known = {"img_size", "in_channels", "stem_channels", "token_pool", "hidden_size", "mlp_dim", "num_layers",
                  "num_heads", "dense_stage", "groups", "pointwise_channels", "cls_pool", "input_windows", "dense_tokens",
-                 "dense_summary", "detections", "coord_features", "model_type"}
+                 "dense_summary", "detections", "coord_features", "label_features", "model_type"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ConfigError(f"convvit3d config has unknown keys {unknown}; valid: {sorted(known - {'model_type'})}")
@@ -233,8 +246,10 @@ class ConvViT3D(nn.Module):
 
     @property
     def output_size(self) -> int:
-        """Width of the last layer's tokens: ``hidden_size``, plus sum(grid) with ``coord_features``."""
-        return self.hidden_size + (sum(self.grid) if self.coord_features else 0)
+        """Width of the last layer's tokens: ``hidden_size``, plus sum(grid) with ``coord_features``, plus
+        ``dense_tokens`` with ``label_features``."""
+        return (self.hidden_size + (sum(self.grid) if self.coord_features else 0)
+                + (self.dense_tokens if self.label_features else 0))
 
     @property
     def num_detections(self) -> int:
@@ -299,11 +314,20 @@ class ConvViT3D(nn.Module):
             x = torch.cat((x, detection_features(peak, box, scale, self.hidden_size).to(x.dtype)), dim=1)
             hidden_states[-1] = x
         out = self.norm(x)
+        extra = []
+        scale = x[:, 1:1 + math.prod(self.grid)].norm(dim=-1).mean(1).detach()  # a patch token's mean length
         if self.coord_features:  # the last layer's tokens carry their grid position, explicitly
-            scale = x[:, 1:].norm(dim=-1).mean(1).detach() / math.sqrt(3)  # as long as a patch token
             c = x.new_zeros(x.shape[0], x.shape[1], self._coords.shape[1])
-            c[:, 1:1 + self._coords.shape[0]] = self._coords.to(x.dtype) * scale[:, None, None]
-            hidden_states[-1] = torch.cat((x, c), dim=-1)
-            out = torch.cat((out, c), dim=-1)
+            c[:, 1:1 + self._coords.shape[0]] = self._coords.to(x.dtype) * (scale / math.sqrt(3))[:, None, None]
+            extra.append(c)
+        if self.label_features:  # ... and each label's probability: the token's maximum, the volume's
+            tok = nn.functional.max_pool3d(p, self._dense_pool, self._dense_pool).flatten(2).transpose(1, 2)
+            c = x.new_zeros(x.shape[0], x.shape[1], self.dense_tokens)
+            c[:, 0] = p.amax(dim=(2, 3, 4)).to(x.dtype)
+            c[:, 1:1 + tok.shape[1]] = tok.to(x.dtype)
+            extra.append(c * scale[:, None, None])
+        if extra:
+            hidden_states[-1] = torch.cat((x, *extra), dim=-1)
+            out = torch.cat((out, *extra), dim=-1)
         return {"output": out, "hidden_states": hidden_states, "dense": dense, "dense_logits": logits,
                 "box_map": boxes, "detections": found}
