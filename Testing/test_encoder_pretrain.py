@@ -381,6 +381,24 @@ def test_pretrain_run_lowers_the_loss_and_the_folder_loads_as_an_encoder(tmp_pat
     assert all(torch.equal(got[k], saved[k]) for k in saved)
 
 
+def test_coord_and_label_features_leave_pretraining_unchanged(tmp_path):
+    from safetensors.torch import load_file
+
+    from training.cli import main
+
+    out = {}
+    for name, extra in (("plain", {}), ("flags", {"coord_features": True, "label_features": True})):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = _phantom_set(d, dense_tokens=5, **extra)
+        assert main(["encoder", "--config", str(cfg), "train.steps=8", "train.eval_every=0"]) == 0
+        out[name] = (load_file(str(d / "enc" / "final" / "model.safetensors")),
+                     json.loads((d / "enc" / "final" / "config.json").read_text()))
+    (a, ca), (b, cb) = out["plain"], out["flags"]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # the same weights
+    assert cb["coord_features"] is True and cb["label_features"] is True and "label_features" not in ca
+
+
 def test_pretraining_with_detections_trains_the_box_head_and_reports_detection_metrics(tmp_path):
     from safetensors.torch import load_file
 

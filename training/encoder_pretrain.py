@@ -323,7 +323,8 @@ class DensePretrainer:
         parts = enc.forward_parts(x)  # the stem classifier and the box head run once, inside the encoder
         dense, hidden = parts["dense"], parts["hidden_states"]
         ntok = math.prod(self.token_grid)
-        pd, pc, pb, pl, pg, pgb = self.heads(dense, hidden[-1][:, :1 + ntok], parts["dense_logits"])  # not the detection tokens
+        # the summary and patch tokens, without the detection tokens or the fixed coord/label channels
+        pd, pc, pb, pl, pg, pgb = self.heads(dense, hidden[-1][:, :1 + ntok, :enc.hidden_size], parts["dense_logits"])
         b = x.shape[0]
         k1 = len(self.labels) + 1
         tg, sub = self.token_grid, self.sub
