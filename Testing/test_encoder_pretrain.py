@@ -232,6 +232,11 @@ def test_convvit3d_label_features_append_each_tokens_label_maxima_and_the_volume
     assert torch.allclose(got[:, 0], p.flatten(2).amax(-1), atol=1e-5)  # the summary: the volume's maxima
     with pytest.raises(ConfigError, match="label_features needs dense_tokens"):
         ConvViT3D.from_config(cfg | {"dense_tokens": 0, "label_features": True})
+    from medmvl_core.model.encoders import build_encoder
+
+    two = build_encoder({"type": "convvit3d", "config": cfg | {"label_features": True, "num_layers": 2}})
+    with pytest.raises(ConfigError, match="label_features gives those at the last layer only"):
+        two(x, 0, "cls_patch")
 
 
 def test_convvit3d_detection_tokens_give_each_labels_peak_probability_and_the_box_there():
@@ -285,7 +290,7 @@ def test_convvit3d_detection_tokens_give_each_labels_peak_probability_and_the_bo
     wrapped = ConvViT3DEncoder(spec)
     assert wrapped.num_tokens("cls_patch") == 65 + n and wrapped.num_tokens("patch") == 64 + n
     assert wrapped(x, -1, "patch").shape == (2, 64 + n, 32)
-    with pytest.raises(ConfigError, match="detections or coord_features gives those at the last layer only"):
+    with pytest.raises(ConfigError, match="detections, coord_features or label_features gives those at the last layer only"):
         ConvViT3DEncoder(spec | {"config": cfg | {"num_layers": 2}})(x, -2, "patch")
     with pytest.raises(ConfigError, match="detections needs dense_tokens"):
         ConvViT3D.from_config(cfg | {"dense_tokens": 0})

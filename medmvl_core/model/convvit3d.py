@@ -294,8 +294,8 @@ class ConvViT3D(nn.Module):
         if self.dense_tokens:  # per token, each label's highest probability over its stem cells
             logits = self.dense_head(dense)
             p = logits.softmax(1)[:, 1:]
-            x = x + self.dense_embed(nn.functional.max_pool3d(p, self._dense_pool, self._dense_pool)
-                                     .flatten(2).transpose(1, 2))
+            token_max = nn.functional.max_pool3d(p, self._dense_pool, self._dense_pool).flatten(2).transpose(1, 2)
+            x = x + self.dense_embed(token_max)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         hidden_states = []
         for blk in self.blocks:
@@ -307,24 +307,24 @@ class ConvViT3D(nn.Module):
         if self.dense_summary is not None:  # the summary token: each label's highest probability anywhere
             x = torch.cat((x[:, :1] + self.dense_summary(p.amax(dim=(2, 3, 4))).unsqueeze(1), x[:, 1:]), dim=1)
             hidden_states[-1] = x
+        if self.detections or self.output_size != self.hidden_size:
+            # fixed features are scaled to a patch token's mean length, so the connector weighs them alike
+            scale = x[:, 1:].norm(dim=-1).mean(1).detach()
         if self.detections:  # fixed-feature tokens: each label's peak probability and box, digit by digit
             boxes = self.box_map(dense)
             found = peak, box = self.detect(p, boxes)
-            scale = x[:, 1:].norm(dim=-1).mean(1).detach()  # as long as the patch tokens, so the connector weighs them alike
             x = torch.cat((x, detection_features(peak, box, scale, self.hidden_size).to(x.dtype)), dim=1)
             hidden_states[-1] = x
         out = self.norm(x)
         extra = []
-        scale = x[:, 1:1 + math.prod(self.grid)].norm(dim=-1).mean(1).detach()  # a patch token's mean length
         if self.coord_features:  # the last layer's tokens carry their grid position, explicitly
             c = x.new_zeros(x.shape[0], x.shape[1], self._coords.shape[1])
             c[:, 1:1 + self._coords.shape[0]] = self._coords.to(x.dtype) * (scale / math.sqrt(3))[:, None, None]
             extra.append(c)
         if self.label_features:  # ... and each label's probability: the token's maximum, the volume's
-            tok = nn.functional.max_pool3d(p, self._dense_pool, self._dense_pool).flatten(2).transpose(1, 2)
             c = x.new_zeros(x.shape[0], x.shape[1], self.dense_tokens)
             c[:, 0] = p.amax(dim=(2, 3, 4)).to(x.dtype)
-            c[:, 1:1 + tok.shape[1]] = tok.to(x.dtype)
+            c[:, 1:1 + token_max.shape[1]] = token_max.to(x.dtype)
             extra.append(c * scale[:, None, None])
         if extra:
             hidden_states[-1] = torch.cat((x, *extra), dim=-1)

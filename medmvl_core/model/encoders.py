@@ -153,7 +153,8 @@ class ConvViT3DEncoder(M3DClipEncoder):
 
     @property
     def hidden_size(self) -> int:
-        """The width of the tokens it gives the connector (``coord_features`` widen the last layer's)."""
+        """The width of the tokens it gives the connector (``coord_features`` / ``label_features`` widen the
+        last layer's)."""
         return self.encoder.vision_encoder.output_size
 
     def num_tokens(self, select_feature: str) -> int:
@@ -162,9 +163,9 @@ class ConvViT3DEncoder(M3DClipEncoder):
 
     def forward(self, x: torch.Tensor, select_layer: int, select_feature: str) -> torch.Tensor:
         enc = self.encoder.vision_encoder
-        if (enc.num_detections or enc.coord_features) and select_layer not in (-1, len(enc.blocks) - 1):
-            raise ConfigError(f"a convvit3d encoder with detections or coord_features gives those at the last layer "
-                              f"only; set select_layer to -1 (got {select_layer})")
+        if (enc.num_detections or enc.output_size != enc.hidden_size) and select_layer not in (-1, len(enc.blocks) - 1):
+            raise ConfigError(f"a convvit3d encoder with detections, coord_features or label_features gives those at "
+                              f"the last layer only; set select_layer to -1 (got {select_layer})")
         _, hidden_states, _ = enc(x.to(enc.cls_token.dtype))
         return select_features(hidden_states, select_layer, select_feature)
 
