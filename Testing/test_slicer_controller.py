@@ -93,6 +93,35 @@ def test_history_is_per_volume_and_uploads_are_cached():
     assert len(client.uploads) == 3 and len(client.sessions) == 4
     assert client.asked[-1]["session"] == "sess4" and client.asked[-2]["session"] == "sess3"
     assert client.sessions[-1] == client.sessions[-2]  # same volume id
+    # ... and the cleared conversation is deleted on the worker (in the background).
+    _until(lambda: client.deleted == ["sess3"])
+
+
+def _until(cond, timeout=10.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_clear_when_the_worker_lost_the_session_and_while_answering():
+    c, rec, client = _connected(fail_delete=True)
+    c.run_task(_volume(), "report")
+    c.wait(10)
+    c.clear_history("ct1")  # the delete fails (session gone): logged, nothing raised or shown
+    c.run_task(_volume(), "ask", "next?")
+    c.wait(10)
+    assert client.asked[-1]["session"] == "sess2" and c.history("ct1")[-1].role == "assistant"
+    assert not [e for e in rec.events if e[0] == "error"]
+    # Clear while an answer streams: the answering session is not deleted under it.
+    c2, _rec2, client2 = _connected(slow=0.05)
+    c2.run_task(_volume(), "report")
+    _until(lambda: c2._session is not None)
+    c2.clear_history("ct1")
+    c2.wait(10)
+    assert client2.deleted == [] and client2.cancelled == []
 
 
 def test_session_lost_on_the_worker_is_uploaded_again():

@@ -386,13 +386,14 @@ class FakeWorkerClient:
     instances: list = []
 
     def __init__(self, url="http://fake", token="", timeout=30.0, *, tokens=("The ", "lungs ", "are ", "clear."),
-                 boxes=None, api=1, slow=0.0, missing_session_once=False):
+                 boxes=None, api=1, slow=0.0, missing_session_once=False, fail_delete=False):
         import threading
 
         self.url, self.token = url, token
         self.tokens, self.boxes, self.api, self.slow = list(tokens), boxes, api, slow
         self.missing_session_once = missing_session_once
         self.uploads, self.sessions, self.asked, self.cancelled = [], [], [], []
+        self.deleted, self.fail_delete = [], fail_delete
         self._cancel = threading.Event()
         FakeWorkerClient.instances.append(self)
 
@@ -435,6 +436,13 @@ class FakeWorkerClient:
                 on_token(t)
         return Answer(text=text, boxes=list(self.boxes or []), timings={"generate_s": 0.01},
                       num_tokens=len(self.tokens), task=task, prompt_question=question or "")
+
+    def delete_session(self, session_id):
+        from medmvl_core.client import errors as client_errors
+
+        if self.fail_delete:
+            raise client_errors.NotFoundError(f"no session {session_id}")
+        self.deleted.append(session_id)
 
     def cancel(self, session_id):
         self.cancelled.append(session_id)

@@ -379,6 +379,20 @@ class PanelController:
         cached = self._uploads.get(key)
         if cached is not None:
             self._uploads[key] = (cached[0], cached[1], None)
+            old, client = cached[2], self.client
+            # Free the old conversation on the worker now (its KV cache and turns), in the
+            # background so the panel never waits on the network. Not while it is answering: that
+            # answer finishes (or is cancelled) first and the worker's idle eviction frees it.
+            if old is not None and client is not None and old != self._session:
+                threading.Thread(target=self._forget_session, args=(client, old),
+                                 name="medmvl-forget", daemon=True).start()
+
+    @staticmethod
+    def _forget_session(client: WorkerClient, session_id: str) -> None:
+        try:
+            client.delete_session(session_id)
+        except errors.WorkerError as exc:  # gone already (evicted, worker restarted): fine
+            logger.info("delete of a cleared session: %s", exc)
 
     def transcript(self, key: str) -> str:
         """The volume's conversation as plain text (Copy / Save)."""
