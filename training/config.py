@@ -118,6 +118,7 @@ class DataConfig:
     cache_dir: Optional[str] = None
     independent_turns: bool = False  # train each turn of a multi-turn row as if asked alone (encode_train_turns)
     multi_turn_share: float = 0.0    # with independent_turns: this share of rows (per row and epoch) stays multi-turn
+    shuffle_choices: bool = False    # multiple-choice options "(a) X (b) Y ..." in a new order per row and epoch
 
 
 @dataclass

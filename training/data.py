@@ -170,7 +170,8 @@ def make_dataset(records: list[Record], processor: Any, cfg: RunConfig, max_leng
     skip = cache.has if cache is not None else None
     return MedMVLDataset(records, processor, max_length=max_length, augment=cfg.data.augment, seed=cfg.seed,
                          skip_pixels=skip, independent_turns=cfg.data.independent_turns,
-                         multi_turn_share=cfg.data.multi_turn_share, encodings=encodings)
+                         multi_turn_share=cfg.data.multi_turn_share, encodings=encodings,
+                         shuffle_choices=cfg.data.shuffle_choices)
 
 
 class KeyedCollator(Collator):

@@ -313,6 +313,7 @@ class Recipe:
         self.step_module.eval()
         ds = make_dataset(self.eval_data.records, self.data_proc, self.cfg, self.max_length, None,
                           self.eval_data.encodings)
+        ds.shuffle_choices = False  # evaluation reads the questions as written
         idx = list(range(len(ds)))[acc.process_index::acc.num_processes]
         batches = [idx[i:i + tr.micro_batch_size] for i in range(0, len(idx), tr.micro_batch_size)]
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=KeyedCollator(self.data_proc),

@@ -256,16 +256,61 @@ class TrainEncodings:
         key = (rec.source, rec.index, rec.id, bool(packed))
         enc = self._memo.get(key)
         if enc is None:
-            enc = (encode_train_turns if packed else encode_train)(self.processor, rec.conversations, n_images)
-            if self.independent_turns and not packed:  # a plain row among packed ones: one segment, causal
-                n = len(enc["input_ids"])
-                enc = dict(enc, position_ids=list(range(n)), segments=[1] * n)
-            enc = {k: np.asarray(v, dtype=np.int32) for k, v in enc.items()}
+            enc = self.encode(rec.conversations, packed, n_images)
             size = sum(v.nbytes for v in enc.values())
             if self._bytes + size <= self.MAX_BYTES:
                 self._memo[key] = enc
                 self._bytes += size
         return enc
+
+    def encode(self, conversations: list, packed: bool, n_images: Optional[dict] = None) -> dict:
+        """The encoding of ``conversations``, not kept (a per-epoch variant of a row)."""
+        enc = (encode_train_turns if packed else encode_train)(self.processor, conversations, n_images)
+        if self.independent_turns and not packed:  # a plain row among packed ones: one segment, causal
+            n = len(enc["input_ids"])
+            enc = dict(enc, position_ids=list(range(n)), segments=[1] * n)
+        return {k: np.asarray(v, dtype=np.int32) for k, v in enc.items()}
+
+
+_OPTION = re.compile(r"\(([a-h])\) ")
+_ANSWER_LETTER = re.compile(r"^(\s*)\(([a-h])\)")
+
+
+def shuffle_choice_options(conversations: list, rng: np.random.Generator) -> tuple[list, int]:
+    """The conversation with the options of its multiple-choice questions in a new random order.
+
+    A question qualifies when it ends in lettered options ``(a) X (b) Y ...`` (consecutive letters
+    from ``a``, at least two) and the answer that follows starts with one of those letters
+    (``(b) cyst.``): the options are permuted and the answer's letter follows its option. Other
+    turns are kept as they are. Returns the new list (the input is not modified) and the number
+    of questions shuffled.
+    """
+    out, n = list(conversations), 0
+    for t in range(len(out) - 1):
+        q, a = out[t], out[t + 1]
+        if q.get("from") != "human" or a.get("from") != "gpt":
+            continue
+        text = str(q.get("value", ""))
+        marks = list(_OPTION.finditer(text))
+        start = next((k for k, m in enumerate(marks) if m.group(1) == "a"), None)
+        if start is None:
+            continue
+        marks = marks[start:]
+        if len(marks) < 2 or [m.group(1) for m in marks] != list("abcdefgh"[:len(marks)]):
+            continue
+        options = [text[m.end():(marks[k + 1].start() if k + 1 < len(marks) else len(text))].strip()
+                   for k, m in enumerate(marks)]
+        answer = str(a.get("value", ""))
+        am = _ANSWER_LETTER.match(answer)
+        if am is None or not all(options) or ord(am.group(2)) - ord("a") >= len(options):
+            continue
+        order = rng.permutation(len(options))
+        new_letter = "abcdefgh"[int(np.nonzero(order == ord(am.group(2)) - ord("a"))[0][0])]
+        head = text[:marks[0].start()]
+        out[t] = dict(q, value=head + " ".join(f"({l}) {options[j]}" for l, j in zip("abcdefgh", order)))
+        out[t + 1] = dict(a, value=f"{am.group(1)}({new_letter})" + answer[am.end():])
+        n += 1
+    return out, n
 
 
 class MedMVLDataset:
@@ -276,15 +321,20 @@ class MedMVLDataset:
     (placeholders already expanded by the processor, labels -100 outside answers); with
     ``independent_turns`` also ``"position_ids"`` and ``"segments"`` (see :func:`encode_train_turns`),
     except for a ``multi_turn_share`` of the rows (drawn per row and epoch), which keep their plain
-    multi-turn encoding (one segment) so that follow-up questions are still trained.
+    multi-turn encoding (one segment) so that follow-up questions are still trained. With
+    ``shuffle_choices`` the options of multiple-choice questions are put in a new order per row and
+    epoch (:func:`shuffle_choice_options`), so that the letter must be looked up in the question
+    rather than remembered with the image.
     ``image_keys`` are content hashes (file bytes + preprocessing spec) used by the encoder cache;
     when ``skip_pixels(key)`` returns True for every image of a sample the pixels are not read.
     """
 
     def __init__(self, records: Sequence[Record], processor: Any, *, max_length: Optional[int] = None, augment: bool = False, seed: int = 0,
                  skip_pixels: Optional[Callable[[str], bool]] = None, independent_turns: bool = False,
-                 multi_turn_share: float = 0.0, encodings: Optional[TrainEncodings] = None):
+                 multi_turn_share: float = 0.0, encodings: Optional[TrainEncodings] = None,
+                 shuffle_choices: bool = False):
         self.records = list(records)
+        self.shuffle_choices = shuffle_choices
         self.independent_turns = independent_turns
         self.multi_turn_share = multi_turn_share
         self.processor = processor
@@ -332,7 +382,15 @@ class MedMVLDataset:
         import torch
 
         rec = self.records[i]
-        enc = self.encode_text(rec, self.independent(i))
+        independent = self.independent(i)
+        enc = self.encode_text(rec, independent)
+        if self.shuffle_choices:  # the options in a new order each epoch (the row's usual length checked)
+            rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch, i, 11]))
+            convs, n = shuffle_choice_options(rec.conversations, rng)
+            if n:
+                shuffled = self.encodings.encode(convs, independent)
+                if self.max_length is None or len(shuffled["input_ids"]) <= self.max_length:
+                    enc = shuffled
         sample: dict = {"id": rec.id,
                         "input_ids": torch.as_tensor(enc["input_ids"], dtype=torch.long),
                         "labels": torch.as_tensor(enc["labels"], dtype=torch.long),
