@@ -292,7 +292,7 @@ def test_convvit3d_detection_tokens_give_each_labels_peak_probability_and_the_bo
     assert wrapped(x, -1, "patch").shape == (2, 64 + n, 32)
     with pytest.raises(ConfigError, match="detections, coord_features or label_features gives those at the last layer only"):
         ConvViT3DEncoder(spec | {"config": cfg | {"num_layers": 2}})(x, -2, "patch")
-    with pytest.raises(ConfigError, match="detections needs dense_tokens"):
+    with pytest.raises(ConfigError, match="detections / box_refs need dense_tokens"):
         ConvViT3D.from_config(cfg | {"dense_tokens": 0})
     with pytest.raises(ConfigError, match="hidden_size >= 25"):
         ConvViT3D.from_config(cfg | {"hidden_size": 24})

@@ -127,7 +127,8 @@ def build_from_parts(cfg: RunConfig) -> tuple[Any, Any]:
     if m.preprocessing:
         prep.update(m.preprocessing)
     mcfg = MedMVLConfig(template=m.template, preprocessing=prep, padding_side=m.padding_side,
-                        max_length=m.max_length or 2048, llm_attn_implementation=m.attn_implementation, **kwargs)
+                        max_length=m.max_length or 2048, llm_attn_implementation=m.attn_implementation,
+                        box_refs=m.box_refs, **kwargs)
     torch.manual_seed(cfg.seed)
     model = MedMVLForConditionalGeneration(mcfg)
     if llm_folder is not None:
@@ -152,6 +153,9 @@ def make_processor(model: Any, tokenizer_dir: Optional[Path]) -> Any:
         raise ConfigError(f"model.tokenizer: {tokenizer_dir} is not a tokenizer folder")
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
     vocab = model.config.llm_config.vocab_size
+    from medmvl_core.model.box_refs import add_box_ref_tokens
+
+    add_box_ref_tokens(tok, model.config.box_refs)
     if len(tok) > vocab:
         raise ConfigError(f"the tokenizer has {len(tok)} tokens but the LLM's vocab_size is {vocab}; "
                           "raise model.llm.config.vocab_size (or use the matching tokenizer)")

@@ -66,6 +66,7 @@ class ModelConfig:
     padding_side: str = "right"
     preprocessing: Optional[dict] = None
     attn_implementation: str = "sdpa"
+    box_refs: Optional[list] = None  # finding labels whose boxes the LLM names by one token (medmvl_core/model/box_refs.py)
 
 
 @dataclass

@@ -73,8 +73,11 @@ def check_rows(records: list[Record], processor: Any, max_length: int, on_bad_ro
     return good, len(records) - len(good)
 
 
-def load_train_data(cfg: RunConfig, processor: Any, max_length: int, key: str = "datasets") -> TrainData:
-    """Records of ``data.<key>``, checked; raises or skips bad rows per ``data.on_bad_row``."""
+def load_train_data(cfg: RunConfig, processor: Any, max_length: int, key: str = "datasets",
+                    box_refs: Optional[list] = None) -> TrainData:
+    """Records of ``data.<key>``, checked; raises or skips bad rows per ``data.on_bad_row``. With
+    ``box_refs`` (the model's labels), answers that are a 3D box become the label's reference token
+    (:func:`medmvl_core.model.box_refs.refer_box_answers`)."""
     records, offsets, sizes, ratios, skipped = [], [], [], [], 0
     encodings = TrainEncodings(processor, cfg.data.independent_turns)
     for i, ds in enumerate(getattr(cfg.data, key)):
@@ -82,6 +85,14 @@ def load_train_data(cfg: RunConfig, processor: Any, max_length: int, key: str = 
         recs = load_records(path, cfg.resolve_path(ds.image_dir), cfg.resolve_path(ds.image3d_dir),
                             on_bad_row=cfg.data.on_bad_row)
         n_rows = len(recs)
+        if box_refs:
+            from medmvl_core.model.box_refs import refer_box_answers
+
+            changed = 0
+            for r in recs:
+                r.conversations, n = refer_box_answers(r.conversations, box_refs)
+                changed += n
+            logger.info("data %s: %d box answers trained as box references", path, changed)
         recs, bad = check_rows(recs, processor, max_length, cfg.data.on_bad_row, str(path),
                                cfg.data.independent_turns, cfg.data.multi_turn_share, encodings)
         skipped += bad

@@ -339,7 +339,7 @@ class DensePretrainer:
         if self.locations:
             out["loc"] = F.cross_entropy(pl.reshape(-1, pl.shape[-1]), t["loc"].reshape(-1), weight=self.loc_weight)
         det = (torch.zeros(b, 0), torch.zeros(b, 0, 6))
-        if enc.detections:
+        if enc.has_box_head:
             boxes = parts["box_map"]                                            # [B, K, 6, d, h, w]
             w = t["dense"][:, 1:] * gm[:, :, None, None, None]                  # cells each present finding covers
             err = (boxes - t["global_box"][:, :, :, None, None, None]).abs().sum(2)
@@ -379,7 +379,7 @@ class DensePretrainer:
             present = on.any(1)
             seen = ((flags == i + 1).any(-1) & on).any(1)
             res[f"token_recall_{name}"] = float((seen & present).sum() / present.sum().clamp(min=1))
-        if self.encoder.detections:  # the detection tokens: presence (peak probability) and box at the peak
+        if self.encoder.has_box_head:  # the detection tokens: presence (peak probability) and box at the peak
             from medmvl_core.evaluation.phantom_metrics import box_iou
 
             for i, name in enumerate(self.labels):

@@ -111,10 +111,11 @@ class Recipe:
                                         max_length=self.max_length)
         self.data_proc = data_proc
         self.cache = self._encoder_cache(model)
-        self.data = load_train_data(cfg, data_proc, self.max_length)
+        box_refs = getattr(model.config, "box_refs", None)
+        self.data = load_train_data(cfg, data_proc, self.max_length, box_refs=box_refs)
         self.dataset = make_dataset(self.data.records, data_proc, cfg, self.max_length, self.cache,
                                     self.data.encodings)
-        self.eval_data = load_train_data(cfg, data_proc, self.max_length, "eval_datasets") \
+        self.eval_data = load_train_data(cfg, data_proc, self.max_length, "eval_datasets", box_refs) \
             if cfg.data.eval_datasets else None
         world = self.acc.num_processes
         self.global_batch = tr.micro_batch_size * tr.grad_accum * world

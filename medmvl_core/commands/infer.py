@@ -87,7 +87,8 @@ def make_generate_batch(model, proc, args: argparse.Namespace, device):
                 inputs[k] = batch[k].to(device=device, dtype=dtype)
         with torch.inference_mode():
             out = model.generate(**inputs, **gen_kwargs)
-        return proc.batch_decode(out, skip_special_tokens=True)
+            texts = proc.batch_decode(out, skip_special_tokens=True)
+            return model.resolve_box_refs(texts, inputs.get("images3d"))  # box reference tokens -> boxes
 
     return generate_batch
 

@@ -54,16 +54,26 @@ def choose_token(logits: torch.Tensor, params: SamplingParams,
 
 
 class TextStreamer:
-    """Turns a growing list of token ids into text pieces (holds back incomplete UTF-8)."""
+    """Turns a growing list of token ids into text pieces (holds back incomplete UTF-8).
 
-    def __init__(self, tokenizer, on_piece: Callable[[str], None] | None):
+    ``resolve`` (optional) rewrites the decoded text before it is shown (box references to boxes, see
+    :mod:`medmvl_core.model.box_refs`); it must only grow as tokens are added. :meth:`raw_text` is the
+    text as the model wrote it (what its conversation continues from)."""
+
+    def __init__(self, tokenizer, on_piece: Callable[[str], None] | None,
+                 resolve: Callable[[str], str] | None = None):
         self.tokenizer = tokenizer
         self.on_piece = on_piece
+        self.resolve = resolve
         self.ids: list[int] = []
         self.emitted = 0
 
-    def text(self) -> str:
+    def raw_text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def text(self) -> str:
+        raw = self.raw_text()
+        return raw if self.resolve is None else self.resolve(raw)
 
     def finish(self) -> None:
         """Emit whatever is left (an incomplete character at the very end stays as U+FFFD)."""

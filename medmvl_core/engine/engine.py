@@ -54,6 +54,7 @@ class ImageEntry:
     tensor: torch.Tensor
     geom: Any
     embeds: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None  # [K, 6]: what the model's box reference tokens stand for (box_refs)
 
 
 def _tensor_bytes(t: torch.Tensor | None) -> int:
@@ -181,6 +182,8 @@ class Engine:
                     embeds = self.model.encode_images(images3d=entry.tensor[None])
                 else:
                     embeds = self.model.encode_images(images=entry.tensor[None])
+                if kind == "image3d" and getattr(self.model.config, "box_refs", None):
+                    entry.boxes = self.model.find_boxes(entry.tensor[None])[0].float().cpu()
             entry.embeds = embeds
             if self.use_cache:
                 self.images.put(key, entry)
@@ -541,7 +544,17 @@ class Engine:
         if params.do_sample and params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(params.seed))
         return _Prepared(s, req, kind, entry, q, ids, ephemeral, lcp, past, timings, t_start,
-                         check, params, generator, TextStreamer(self.tokenizer, req.on_token))
+                         check, params, generator, TextStreamer(self.tokenizer, req.on_token, self._resolver(entry)))
+
+    def _resolver(self, entry: ImageEntry) -> Callable[[str], str] | None:
+        """The answer-text rewrite of a box_refs model: each box reference token becomes its box."""
+        labels = getattr(self.model.config, "box_refs", None)
+        if not labels or entry.boxes is None:
+            return None
+        from medmvl_core.model.box_refs import resolve_box_refs
+
+        boxes = entry.boxes
+        return lambda text: resolve_box_refs(text, boxes, labels)
 
     def _prefill(self, p: "_Prepared", extend: bool = False) -> torch.Tensor:
         """Prefill the prompt's uncached suffix; returns the logits at its last token.
@@ -770,6 +783,7 @@ class Engine:
         p.streamer.finish()
         t_end = time.perf_counter()
         text = p.streamer.text()
+        raw = p.streamer.raw_text()  # the conversation continues from what the model wrote
         timings = p.timings
         timings["ttft_s"] = (p.first[0] if p.first else t_end) - p.t_start
         timings["decode_s"] = t_end - p.t_decode
@@ -777,7 +791,7 @@ class Engine:
         timings["total_s"] = t_end - p.t_start
         s = p.session
         if not p.ephemeral:
-            s.turns.append((p.q, text.strip()))
+            s.turns.append((p.q, raw.strip()))
             # only registered sessions keep a cache (one-off answers and deleted sessions don't)
             if self.use_cache and self.sessions.get(s.id) is s:
                 s.past, s.kv_ids = p.past, p.ids + tokens[:fed]

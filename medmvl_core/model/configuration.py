@@ -110,6 +110,10 @@ class MedMVLConfig(PretrainedConfig):
         llm_attn_implementation: attention used in the LLM (MedM-VL HEAD runs ``sdpa``).
         image3d_slice_fusion: ``"concat"`` or ``"mean"``; see ``SLICE_FUSIONS``.
         source: where the checkpoint came from (informational: format, hub ids of the bases).
+        box_refs: finding labels (a ``convvit3d`` encoder's ``dense_tokens`` labels, in its order) whose
+            boxes the LLM writes as one reference token each, decoded to the encoder's box head's box
+            (see :mod:`medmvl_core.model.box_refs`); None (the default, and every MedM-VL checkpoint):
+            boxes are plain text.
     """
 
     model_type = "medmvl"
@@ -130,6 +134,7 @@ class MedMVLConfig(PretrainedConfig):
         llm_attn_implementation: str = "sdpa",
         image3d_slice_fusion: str = "concat",
         source: dict | None = None,
+        box_refs: list | None = None,
         model_max_length: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -168,6 +173,14 @@ class MedMVLConfig(PretrainedConfig):
         _check_choice("image3d_slice_fusion", image3d_slice_fusion, SLICE_FUSIONS)
         self.image3d_slice_fusion = image3d_slice_fusion
         self.source = dict(source or {})
+        if box_refs is not None:
+            from medmvl_core.model.box_refs import check_labels
+
+            box_refs = check_labels(box_refs)
+            if self.encoder_image3d is None or self.encoder_image3d.get("type") != "convvit3d":
+                raise ConfigError("box_refs needs a convvit3d encoder_image3d with box_refs: true (its box head "
+                                  "gives the boxes)")
+        self.box_refs = box_refs
         kwargs.pop("max_length", None)
         if llm_config is not None:
             kwargs.setdefault("tie_word_embeddings", bool(getattr(llm_config, "tie_word_embeddings", False)))

@@ -79,6 +79,13 @@ token holding a calcification's centre the calcification maximum is the largest 
 or masses. After the blocks the probabilities are mixed into 128 learned features; here they are
 read off directly.
 
+``box_refs: true`` (with ``dense_tokens``): the box head of ``detections`` (trained alike by
+``medmvl-train encoder``), but no detection tokens: the tokens the LLM reads are unchanged, and
+:meth:`ConvViT3D.find_boxes` gives each label's box at its peak cell for the box reference tokens of
+:mod:`medmvl_core.model.box_refs` (the LLM writes ``<|box:nodule|>``, the answer shows this box).
+Why: the detections' boxes were good (IoU 0.4-0.8 by kind) but the demo's 3-layer LLM did not learn
+to copy them digit by digit within its CPU budget; naming the label is one token it learns at once.
+
 ``forward(x) -> (normed output, [block outputs], stem features)``; the stem features (the grid after
 ``dense_stage`` stages) feed the dense pretraining head in ``training/encoder_pretrain.py``.
 """
@@ -143,7 +150,8 @@ class ConvViT3D(nn.Module):
                  hidden_size: int = 128, mlp_dim: int = 256, num_layers: int = 2, num_heads: int = 4,
                  dense_stage: int = 2, groups: int = 4, pointwise_channels=(), cls_pool: str = "token",
                  input_windows=(), dense_tokens: int = 0, dense_summary: bool = False,
-                 detections: bool = False, coord_features: bool = False, label_features: bool = False) -> None:
+                 detections: bool = False, coord_features: bool = False, label_features: bool = False,
+                 box_refs: bool = False) -> None:
         super().__init__()
         windows = [tuple(float(v) for v in w) for w in input_windows]
         if any(len(w) != 2 or not w[0] < w[1] for w in windows):
@@ -204,11 +212,16 @@ class ConvViT3D(nn.Module):
             raise ConfigError("convvit3d dense_summary needs dense_tokens (the stem classifier it summarizes)")
         self.dense_summary = nn.Linear(self.dense_tokens, hidden_size) if dense_summary else None
         self.detections = bool(detections)
-        if self.detections:
+        self.box_refs = bool(box_refs)
+        if self.detections and self.box_refs:
+            raise ConfigError("convvit3d takes detections (detection tokens) or box_refs (boxes the LLM refers to), "
+                              "not both")
+        if self.detections or self.box_refs:
             if not self.dense_tokens:
-                raise ConfigError("convvit3d detections needs dense_tokens (the stem classifier whose peaks it reports)")
+                raise ConfigError("convvit3d detections / box_refs need dense_tokens (the stem classifier whose peaks "
+                                  "they report)")
             need = detection_feature_size(self.dense_tokens)
-            if hidden_size < need:
+            if self.detections and hidden_size < need:
                 raise ConfigError(f"convvit3d detections need hidden_size >= {need} for {self.dense_tokens} labels, "
                                   f"got {hidden_size}")
             c = self.dense_channels
@@ -236,7 +249,7 @@ class ConvViT3D(nn.Module):
     def from_config(cls, cfg: dict) -> "ConvViT3D":
         known = {"img_size", "in_channels", "stem_channels", "token_pool", "hidden_size", "mlp_dim", "num_layers",
                  "num_heads", "dense_stage", "groups", "pointwise_channels", "cls_pool", "input_windows", "dense_tokens",
-                 "dense_summary", "detections", "coord_features", "label_features", "model_type"}
+                 "dense_summary", "detections", "coord_features", "label_features", "box_refs", "model_type"}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise ConfigError(f"convvit3d config has unknown keys {unknown}; valid: {sorted(known - {'model_type'})}")
@@ -261,6 +274,29 @@ class ConvViT3D(nn.Module):
         b = dense.shape[0]
         r = self.box_head(dense).view(b, self.dense_tokens, 6, *dense.shape[2:])
         return self._cell_centre.unsqueeze(1) + self._cell_size.unsqueeze(1) * r
+
+    @property
+    def has_box_head(self) -> bool:
+        """Whether the encoder has the box head (``detections`` or ``box_refs``)."""
+        return self.detections or self.box_refs
+
+    @torch.no_grad()
+    def find_boxes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per label, the stem classifier's peak probability [B, K] and the box head's box there [B, K, 6]
+        (``[z1, y1, x1, z2, y2, x2]`` in 0-1 of the input) — what a ``box_refs`` reference token stands for.
+        Runs the stem only (not the ViT blocks)."""
+        if not self.has_box_head:
+            raise ConfigError("this convvit3d encoder has no box head (needs detections or box_refs)")
+        if list(x.shape[2:]) != self.img_size:
+            raise ConfigError(f"convvit3d expects input of spatial size {self.img_size}, got {list(x.shape[2:])}")
+        if self.input_windows:
+            w = ((x.unsqueeze(1) - self._win_lo.unsqueeze(2)) / self._win_width.unsqueeze(2)).clamp(0, 1)
+            x = torch.cat((x, w.flatten(1, 2)), dim=1)
+        x = self.pointwise(x)
+        for n, stage in enumerate(self.stem[:self.dense_stage], 1):
+            x = stage(x)
+        p = self.dense_head(x).softmax(1)[:, 1:]
+        return self.detect(p, self.box_map(x))
 
     def detect(self, probs: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per label, the peak probability [B, K] and the box at the peak cell [B, K, 6] (clamped to 0-1,
@@ -310,9 +346,10 @@ class ConvViT3D(nn.Module):
         if self.detections or self.output_size != self.hidden_size:
             # fixed features are scaled to a patch token's mean length, so the connector weighs them alike
             scale = x[:, 1:].norm(dim=-1).mean(1).detach()
-        if self.detections:  # fixed-feature tokens: each label's peak probability and box, digit by digit
+        if self.has_box_head:
             boxes = self.box_map(dense)
             found = peak, box = self.detect(p, boxes)
+        if self.detections:  # fixed-feature tokens: each label's peak probability and box, digit by digit
             x = torch.cat((x, detection_features(peak, box, scale, self.hidden_size).to(x.dtype)), dim=1)
             hidden_states[-1] = x
         out = self.norm(x)

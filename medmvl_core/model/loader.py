@@ -90,7 +90,10 @@ def make_processor(model: MedMVLForConditionalGeneration, tokenizer: Any) -> Any
     padding side and maximum length, with ``tokenizer``."""
     from medmvl_core.processing import MedMVLProcessor
 
+    from medmvl_core.model.box_refs import add_box_ref_tokens
+
     cfg = model.config
+    add_box_ref_tokens(tokenizer, getattr(cfg, "box_refs", None), cfg.llm_config.vocab_size)
     counts = {}
     for kind in ("image", "image3d"):
         try:

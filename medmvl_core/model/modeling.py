@@ -71,6 +71,12 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
             self.connector_image3d = build_connector(
                 config.connector_image3d, self.encoder_image3d.hidden_size, hidden, self.encoder_image3d.patch_grid()
             )
+        if config.box_refs is not None:
+            enc = self.encoder_image3d.encoder.vision_encoder
+            if not enc.box_refs or enc.dense_tokens != len(config.box_refs):
+                raise ConfigError(f"box_refs names {len(config.box_refs)} labels; the 3D encoder needs box_refs: true "
+                                  f"and dense_tokens {len(config.box_refs)} (it has box_refs {enc.box_refs}, "
+                                  f"dense_tokens {enc.dense_tokens})")
         self._no_split_modules = list(getattr(self.llm, "_no_split_modules", None) or [])
         self.post_init()
 
@@ -176,6 +182,29 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
             raise PlaceholderError("encode_images needs images or images3d")
         return next(iter(out.values())) if len(out) == 1 else out
 
+    @torch.no_grad()
+    def find_boxes(self, images3d: torch.Tensor) -> torch.Tensor:
+        """The boxes that ``box_refs`` tokens stand for: [B, K, 6] (``[z1, y1, x1, z2, y2, x2]`` in 0-1 of
+        the model input) for images3d [B, C, D, H, W], one per label of ``config.box_refs``."""
+        if self.config.box_refs is None:
+            raise ConfigError("this model has no box_refs (its boxes are plain text)")
+        enc = self.encoder_image3d.encoder.vision_encoder
+        return enc.find_boxes(images3d.to(enc.cls_token.dtype))[1]
+
+    def resolve_box_refs(self, texts: list[str], images3d: torch.Tensor | None) -> list[str]:
+        """``texts`` (one per volume of ``images3d``) with each box reference replaced by its box;
+        unchanged without ``box_refs`` or references."""
+        from medmvl_core.model.box_refs import resolve_box_refs
+
+        labels = self.config.box_refs
+        if labels is None or images3d is None or not any("<|box:" in t for t in texts):
+            return texts
+        if images3d.shape[0] != len(texts):
+            raise ConfigError(f"resolve_box_refs needs one volume per answer, got {images3d.shape[0]} volumes for "
+                              f"{len(texts)} answers")
+        boxes = self.find_boxes(images3d).float().cpu()
+        return [resolve_box_refs(t, b, labels) for t, b in zip(texts, boxes)]
+
     # -- text ------------------------------------------------------------------------------------
     def embed_inputs(
         self,
@@ -277,7 +306,9 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
         image_embeds: torch.Tensor | dict[str, torch.Tensor] | None = None,
         **generate_kwargs: Any,
     ) -> torch.LongTensor:
-        """Greedy / sampling / beam search; returns only the new tokens [B, new_tokens]."""
+        """Greedy / sampling / beam search; returns only the new tokens [B, new_tokens]. A ``box_refs``
+        model may write box reference tokens: pass the decoded texts through :meth:`resolve_box_refs`
+        (as ``medmvl infer`` and the engine do) to show the boxes."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         inputs_embeds = self._inputs_embeds(input_ids, attention_mask, images, images3d, image_embeds)
