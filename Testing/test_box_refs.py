@@ -15,7 +15,7 @@ from medmvl_core.model.box_refs import (add_box_ref_tokens, box_ref_token, forma
 from medmvl_core.model.convvit3d import ConvViT3D
 
 LABELS = ["nodule", "mass", "calcification", "cyst", "effusion"]
-DEMO = Path(__file__).resolve().parent.parent / "Resources" / "demo_model"
+TOK = Path(__file__).resolve().parent / "data" / "medmvl_reference" / "base" / "llm"  # a tokenizer without them
 ENC = {"img_size": [16, 32, 32], "in_channels": 1, "stem_channels": [8, 8], "token_pool": [1, 2, 2],
        "hidden_size": 32, "mlp_dim": 64, "num_layers": 1, "num_heads": 2, "dense_stage": 2,
        "cls_pool": "max", "dense_tokens": 5, "label_features": True, "box_refs": True}
@@ -52,14 +52,14 @@ def test_resolve_writes_the_labels_box_in_the_models_format():
 def test_reference_tokens_are_one_token_each_and_survive_decoding():
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(DEMO), trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(str(TOK), trust_remote_code=False)
     n0 = len(tok)
     assert add_box_ref_tokens(tok, LABELS, n0 + 5) == 5 and len(tok) == n0 + 5
     assert add_box_ref_tokens(tok, LABELS, n0 + 5) == 0  # idempotent
     ids = tok("Found: <|box:calcification|>")["input_ids"]
     assert ids[-1] == tok.convert_tokens_to_ids(box_ref_token("calcification"))
     assert tok.decode(ids, skip_special_tokens=True) == "Found: <|box:calcification|>"
-    small = AutoTokenizer.from_pretrained(str(DEMO), trust_remote_code=False)
+    small = AutoTokenizer.from_pretrained(str(TOK), trust_remote_code=False)
     with pytest.raises(ConfigError, match="vocab_size"):
         add_box_ref_tokens(small, LABELS, len(small) + 2)
 
@@ -86,7 +86,7 @@ def _tiny_model(box_refs=LABELS, enc=ENC):
 
     cfg = MedMVLConfig(
         llm_config={"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                    "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 576,
+                    "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 832,
                     "max_position_embeddings": 512, "tie_word_embeddings": True},
         encoder_image3d={"type": "convvit3d", "select_layer": -1, "select_feature": "cls_patch", "config": dict(enc)},
         connector_image3d={"type": "mlp", "name": "mlp2x_gelu"}, template="qwen2", max_length=512,
@@ -128,7 +128,7 @@ def test_engine_shows_the_box_and_keeps_the_reference_in_the_conversation(monkey
     from medmvl_core.model.loader import make_processor
 
     model = _tiny_model()
-    proc = make_processor(model, AutoTokenizer.from_pretrained(str(DEMO), trust_remote_code=False))
+    proc = make_processor(model, AutoTokenizer.from_pretrained(str(TOK), trust_remote_code=False))
     ref = proc.tokenizer.convert_tokens_to_ids(box_ref_token("nodule"))
     eos = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
     script = iter([ref, eos, ref, eos])
@@ -148,3 +148,53 @@ def test_engine_shows_the_box_and_keeps_the_reference_in_the_conversation(monkey
     assert follow.text.strip() == ans.text.strip()
     ids = engine.encode_prompt(engine.conversation(s.turns[:1], "x", "image3d"), "image3d")
     assert ref in ids
+
+
+def test_stage2_run_trains_box_answers_as_references(tmp_path):
+    """A medmvl-train run with model.box_refs: box answers become the label's token in the training
+    labels, and the checkpoint keeps the labels and the tokens (its tokenizer) for inference."""
+    import json
+
+    import yaml
+
+    from medmvl_core.model import load_checkpoint
+    from training.config import load_config
+    from training.data import load_train_data
+    from training.recipe import run
+    from training.testing import INPUTS, REPO_ROOT
+
+    rows = [{"id": f"r{i}", "image3d": ["ct_volume.npy" if i % 2 else "ct_volume_b.npy"],
+             "conversations": [{"from": "human", "value": f"<image3d>\nWhere is the {LABELS[i]}? Please output the "
+                                                           "bounding box."},
+                               {"from": "gpt", "value": "[0.100, 0.200, 0.300, 0.400, 0.500, 0.600]"},
+                               {"from": "human", "value": "Is there a mass?"}, {"from": "gpt", "value": "No."}]}
+            for i in range(4)]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    cfg = {"name": "box_refs", "seed": 0,
+           "model": {"llm": {"config": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
+                                        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                        "vocab_size": 832, "max_position_embeddings": 512,
+                                        "tie_word_embeddings": True}},
+                     "tokenizer": str(TOK), "box_refs": LABELS,
+                     "encoder_image3d": {"type": "convvit3d", "config": ENC,
+                                         "options": {"select_layer": -1, "select_feature": "cls_patch"}},
+                     "connector_image3d": {"type": "mlp", "options": {"name": "mlp2x_gelu"}},
+                     "template": "qwen2", "max_length": 512},
+           "tune": {"llm": "full", "encoder_image3d": "frozen", "connector_image3d": "full"},
+           "data": {"datasets": [{"path": str(tmp_path / "rows.json"), "image3d_dir": str(INPUTS)}]},
+           "train": {"output_dir": str(tmp_path / "run"), "epochs": 1, "micro_batch_size": 2, "lr": 1e-3,
+                     "warmup_ratio": 0.0, "precision": "fp32", "save_every": 0},
+           "log": {"every": 1, "tensorboard": False, "progress_bar": False}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    c = load_config(tmp_path / "cfg.yaml")
+    run(c)
+    model, proc = load_checkpoint(str(tmp_path / "run" / "final"))
+    assert model.config.box_refs == LABELS
+    ids = [proc.tokenizer.convert_tokens_to_ids(box_ref_token(l)) for l in LABELS]
+    assert len(set(ids)) == 5 and proc.tokenizer.unk_token_id not in ids
+    data = load_train_data(c, proc, 512, box_refs=model.config.box_refs)
+    for rec, i in zip(data.records, range(4)):
+        enc = data.encodings.get(rec, c.data.independent_turns)
+        labels = [t for t in enc["labels"].tolist() if t != -100]
+        assert ids[i] in labels and rec.conversations[1]["value"] == box_ref_token(LABELS[i])
+    assert REPO_ROOT.is_dir()

@@ -45,7 +45,7 @@ def test_demo_model_answers_unseen_phantoms_in_format():
             out = model.generate(input_ids=s["input_ids"][None], attention_mask=s["attention_mask"][None],
                                  images3d=s["images3d"], max_new_tokens=n, do_sample=False,
                                  pad_token_id=proc.tokenizer.pad_token_id, eos_token_id=proc.tokenizer.eos_token_id)
-        return proc.batch_decode(out)[0]
+        return model.resolve_box_refs(proc.batch_decode(out), s["images3d"])[0]  # box references -> boxes
 
     for index in range(3):
         ph = make_ct_phantom(0, "test", 150 + index)
@@ -116,3 +116,38 @@ def test_demo_model_answers_follow_up_questions():
     balanced, _ = _balanced_yes_no(after_report=True)
     print(f"balanced yes/no accuracy after the report {balanced:.3f}")
     assert balanced >= 0.80, balanced  # measured 0.891; a first-turn-only model: 0.012 (README)
+
+
+def test_demo_model_finds_findings_on_unseen_phantoms():
+    """"Where is the X?" on 30 unseen phantoms: the answer's box against the true box. The demo model
+    names the label's box by a reference token (box_refs) and the encoder's box head places it; a box
+    placed to within one image token, as the LLM's own digits did, gave a mean IoU of 0.27 (README)."""
+    import torch
+
+    from medmvl_core.data.phantom_dataset import format_box_3d, model_box_fn
+    from medmvl_core.data.phantom_tasks import make_tasks
+    from medmvl_core.data.phantoms import make_ct_phantom
+    from medmvl_core.evaluation.phantom_metrics import box_iou, parse_box
+    from medmvl_core.imaging import Volume
+    from medmvl_core.model import load_checkpoint
+
+    model, proc = load_checkpoint(DEMO)
+    ious = []
+    for index in range(30):
+        ph = make_ct_phantom(0, "test", 100 + index)
+        vol = Volume(array=ph.array, spacing=ph.spacing, origin=ph.origin,
+                     direction=np.asarray(ph.direction).reshape(3, 3), modality="CT", source="phantom")
+        for t in make_tasks(ph, np.random.default_rng(index), model_box_fn(ph, None), format_box_3d):
+            if t["task"] != "find":
+                continue
+            s = proc([{"from": "human", "value": "<image3d>\n" + t["question"]}], image3d=vol, mode="generate")
+            with torch.no_grad():
+                out = model.generate(input_ids=s["input_ids"][None], attention_mask=s["attention_mask"][None],
+                                     images3d=s["images3d"], max_new_tokens=48, do_sample=False,
+                                     pad_token_id=proc.tokenizer.pad_token_id, eos_token_id=proc.tokenizer.eos_token_id)
+            text = model.resolve_box_refs(proc.batch_decode(out), s["images3d"])[0]
+            box = parse_box(text, 3)
+            ious.append(box_iou(box, t["truth"]["box"]) if box else 0.0)
+    print(f"find mean IoU {np.mean(ious):.3f} over {len(ious)} findings")
+    assert len(ious) >= 15
+    assert np.mean(ious) >= 0.40, np.mean(ious)  # the issue's target; see README for the measured value
