@@ -107,7 +107,7 @@ def test_demo_model_reads_the_image():
     balanced, n_yes = _balanced_yes_no(after_report=False)
     print(f"balanced yes/no accuracy {balanced:.3f} ({n_yes} yes truths)")
     assert n_yes >= 15
-    assert balanced >= 0.80, balanced  # measured 0.918 (README); an image-blind model gets 0.5
+    assert balanced >= 0.80, balanced  # measured 0.940 (README); an image-blind model gets 0.5
 
 
 def test_demo_model_answers_follow_up_questions():
@@ -115,7 +115,7 @@ def test_demo_model_answers_follow_up_questions():
     module's session does: a model trained only on first turns answers these with nonsense."""
     balanced, _ = _balanced_yes_no(after_report=True)
     print(f"balanced yes/no accuracy after the report {balanced:.3f}")
-    assert balanced >= 0.80, balanced  # measured 0.891; a first-turn-only model: 0.012 (README)
+    assert balanced >= 0.80, balanced  # measured 0.910; a first-turn-only model: 0.012 (README)
 
 
 def test_demo_model_finds_findings_on_unseen_phantoms():
