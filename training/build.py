@@ -153,9 +153,6 @@ def make_processor(model: Any, tokenizer_dir: Optional[Path]) -> Any:
         raise ConfigError(f"model.tokenizer: {tokenizer_dir} is not a tokenizer folder")
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
     vocab = model.config.llm_config.vocab_size
-    from medmvl_core.model.box_refs import add_box_ref_tokens
-
-    add_box_ref_tokens(tok, model.config.box_refs)
     if len(tok) > vocab:
         raise ConfigError(f"the tokenizer has {len(tok)} tokens but the LLM's vocab_size is {vocab}; "
                           "raise model.llm.config.vocab_size (or use the matching tokenizer)")

@@ -19,6 +19,7 @@ import re
 from typing import Any, Sequence
 
 from medmvl_core.errors import ConfigError
+from medmvl_core.processing.boxes import format_box_3d
 
 _BOX3D = re.compile(r"^\s*\[\s*(-?\d+(?:\.\d+)?\s*,\s*){5}-?\d+(?:\.\d+)?\s*\]\s*\.?\s*$")
 
@@ -53,20 +54,16 @@ def add_box_ref_tokens(tokenizer: Any, labels: Sequence[str] | None, vocab_size:
     return tokenizer.add_tokens(missing, special_tokens=False) if missing else 0
 
 
-def format_box(box: Sequence[float]) -> str:
-    """A 3D box as the model's box text: ``[0.172, 0.469, 0.375, 0.281, 0.583, 0.490]``."""
-    return "[" + ", ".join(f"{float(v):.3f}" for v in box) + "]"
-
-
 def resolve_box_refs(text: str, boxes: Any, labels: Sequence[str]) -> str:
     """Replace each ``<|box:LABEL|>`` in ``text`` by the box of that label (``boxes`` [K, 6], the
-    labels' order); text without references is returned unchanged."""
+    labels' order) in the model's 3D box text (:func:`medmvl_core.processing.boxes.format_box_3d`);
+    text without references is returned unchanged."""
     if "<|box:" not in text:
         return text
     for k, label in enumerate(labels):
         tok = box_ref_token(label)
         if tok in text:
-            text = text.replace(tok, format_box([float(v) for v in boxes[k]]))
+            text = text.replace(tok, format_box_3d([float(v) for v in boxes[k]]))
     return text
 
 

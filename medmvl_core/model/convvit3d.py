@@ -287,16 +287,21 @@ class ConvViT3D(nn.Module):
         Runs the stem only (not the ViT blocks)."""
         if not self.has_box_head:
             raise ConfigError("this convvit3d encoder has no box head (needs detections or box_refs)")
-        if list(x.shape[2:]) != self.img_size:
-            raise ConfigError(f"convvit3d expects input of spatial size {self.img_size}, got {list(x.shape[2:])}")
-        if self.input_windows:
-            w = ((x.unsqueeze(1) - self._win_lo.unsqueeze(2)) / self._win_width.unsqueeze(2)).clamp(0, 1)
-            x = torch.cat((x, w.flatten(1, 2)), dim=1)
-        x = self.pointwise(x)
-        for n, stage in enumerate(self.stem[:self.dense_stage], 1):
+        x = self._stem_input(x)
+        for stage in self.stem[:self.dense_stage]:
             x = stage(x)
         p = self.dense_head(x).softmax(1)[:, 1:]
         return self.detect(p, self.box_map(x))
+
+    def _stem_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input checked, with its re-windowed channels (window-major) and the pointwise layers:
+        what the first stem stage takes."""
+        if list(x.shape[2:]) != self.img_size:
+            raise ConfigError(f"convvit3d expects input of spatial size {self.img_size}, got {list(x.shape[2:])}")
+        if self.input_windows:  # each input channel, then each channel re-windowed
+            w = ((x.unsqueeze(1) - self._win_lo.unsqueeze(2)) / self._win_width.unsqueeze(2)).clamp(0, 1)
+            x = torch.cat((x, w.flatten(1, 2)), dim=1)
+        return self.pointwise(x)
 
     def detect(self, probs: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per label, the peak probability [B, K] and the box at the peak cell [B, K, 6] (clamped to 0-1,
@@ -315,13 +320,8 @@ class ConvViT3D(nn.Module):
         ``hidden_states``, ``dense`` (stem features), ``dense_logits`` (the stem classifier's, with
         ``dense_tokens``), ``box_map`` and ``detections`` (the per-label peak probability and box that the
         detection tokens show, with ``detections``); absent parts are None."""
-        if list(x.shape[2:]) != self.img_size:
-            raise ConfigError(f"convvit3d expects input of spatial size {self.img_size}, got {list(x.shape[2:])}")
         dense = logits = boxes = found = None
-        if self.input_windows:  # each input channel, then each channel re-windowed (window-major)
-            w = ((x.unsqueeze(1) - self._win_lo.unsqueeze(2)) / self._win_width.unsqueeze(2)).clamp(0, 1)
-            x = torch.cat((x, w.flatten(1, 2)), dim=1)
-        x = self.pointwise(x)
+        x = self._stem_input(x)
         for n, stage in enumerate(self.stem, 1):
             x = stage(x)
             if n == self.dense_stage:
