@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from medmvl_core.errors import ConfigError
-from medmvl_core.model.box_refs import (add_box_ref_tokens, box_ref_token, format_box, refer_box_answers,
-                                        resolve_box_refs)
+from medmvl_core.model.box_refs import add_box_ref_tokens, box_ref_token, refer_box_answers, resolve_box_refs
+from medmvl_core.processing.boxes import format_box_3d as format_box
 from medmvl_core.model.convvit3d import ConvViT3D
 
 LABELS = ["nodule", "mass", "calcification", "cyst", "effusion"]
@@ -45,7 +45,8 @@ def test_resolve_writes_the_labels_box_in_the_models_format():
     boxes[3] = torch.tensor([0.1724, 0.46851, 0.375, 0.28, 0.583, 0.49])
     text = resolve_box_refs("It is at <|box:cyst|>", boxes, LABELS)
     assert text == "It is at [0.172, 0.469, 0.375, 0.280, 0.583, 0.490]"
-    assert format_box([0, 1, 0.5, 0.25, 0.125, 0.0625]) == "[0.000, 1.000, 0.500, 0.250, 0.125, 0.062]"
+    boxes[0] = torch.tensor([0, 0.0625, 0.125, 0.25, 0.5, 1])
+    assert resolve_box_refs("<|box:nodule|>", boxes, LABELS) == "[0.000, 0.062, 0.125, 0.250, 0.500, 1.000]"
     assert resolve_box_refs("No box here.", boxes, LABELS) == "No box here."
 
 
@@ -105,6 +106,16 @@ def test_model_config_checks_box_refs():
         _tiny_model(enc=dict(ENC, box_refs=False))
     with pytest.raises(ConfigError, match="dense_tokens 4"):
         _tiny_model(box_refs=LABELS[:4])
+    with pytest.raises(ConfigError, match="non-empty list"):
+        _tiny_model(box_refs="nodule")
+    from medmvl_core.model import MedMVLConfig
+
+    with pytest.raises(ConfigError, match="needs a convvit3d encoder_image3d"):
+        MedMVLConfig(llm_config={"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
+                                 "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1},
+                     encoder_image3d={"type": "m3dclip", "config": {"in_channels": 1, "img_size": [16, 32, 32],
+                                                                    "patch_size": [4, 8, 8], "hidden_size": 32}},
+                     connector_image3d={"type": "mlp", "name": "mlp2x_gelu"}, box_refs=LABELS)
 
 
 def test_model_resolves_references_per_volume():
