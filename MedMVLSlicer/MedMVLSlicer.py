@@ -8,10 +8,11 @@ imports torch and never installs packages.
 import logging
 import os
 import sys
+from typing import Union
 
 import qt
 import slicer
-from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.parameterNodeWrapper import parameterNodeWrapper
@@ -46,6 +47,9 @@ logger = logging.getLogger(__name__)
 DEVICES = ("auto", "cuda", "cpu")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 SETTINGS_PREFIX = "MedMVLSlicer/"
+#: The volume classes the panel sends (grey volumes and 2D images, RGB/vector images); label maps
+#: (a subclass of scalar volumes) are not images to ask about. The .ui's selector lists the same.
+INPUT_VOLUME_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
 
 
 #
@@ -76,9 +80,14 @@ class MedMVLSlicer(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class MedMVLSlicerParameterNode:
-    """The scene-saved choices. The worker token is deliberately not here (kept in memory)."""
+    """The scene-saved choices. The worker token is deliberately not here (kept in memory).
 
-    inputVolume: vtkMRMLScalarVolumeNode
+    ``connectGui`` sets the input selector's node types from ``inputVolume``'s annotation (and the
+    selector lists exactly those classes), so the annotation names every class in
+    :data:`INPUT_VOLUME_CLASSES`; a bare ``vtkMRMLScalarVolumeNode`` would hide RGB images.
+    """
+
+    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]
     inputROI: vtkMRMLMarkupsROINode
 
 
@@ -174,7 +183,7 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            first = self.logic.firstInputVolume()
             if first:
                 self._parameterNode.inputVolume = first
 
@@ -401,6 +410,17 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
         self.controller.shutdown()
 
     # ---------------------------------------------------------------- geometry
+    @staticmethod
+    def firstInputVolume():
+        """The first volume in the scene the input selector lists (scalar or RGB, never a label
+        map), or None."""
+        scene = slicer.mrmlScene
+        for i in range(scene.GetNumberOfNodes()):
+            node = scene.GetNthNode(i)
+            if node.GetClassName() in INPUT_VOLUME_CLASSES:
+                return node
+        return None
+
     @staticmethod
     def volumeData(volumeNode) -> VolumeData:
         """Voxels + world geometry of a scalar or vector volume node (nothing else leaves)."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_slicer_stubs import FakeWorkerClient  # noqa: E402
+from slicer_stubs import FakeWorkerClient  # noqa: E402
 
 from medmvl_core.client import controller as ctl  # noqa: E402
 from medmvl_core.client import errors  # noqa: E402

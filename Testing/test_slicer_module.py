@@ -8,6 +8,7 @@ import functools
 import importlib
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ if not hasattr(slicer_core, "vtkMRMLScene"):
     pytest.skip("the installed `slicer` is not slicer-core", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import test_slicer_stubs as stubs  # noqa: E402
+import slicer_stubs as stubs  # noqa: E402
 
 TESTING = Path(__file__).resolve().parent
 
@@ -65,7 +66,7 @@ class Spy:
 
 
 def test_import_pulls_no_torch_and_installs_nothing():
-    code = ("import sys; sys.path.insert(0, %r); import test_slicer_stubs as s; s.install(); "
+    code = ("import sys; sys.path.insert(0, %r); import slicer_stubs as s; s.install(); "
             "import subprocess\n"
             "def boom(*a, **k): raise SystemExit('subprocess at import: %%r' %% (a,))\n"
             "subprocess.Popen = subprocess.run = subprocess.check_call = boom\n"
@@ -291,3 +292,71 @@ def test_ui_file_is_valid_qt_designer_xml_with_every_widget_the_module_uses():
     token = root.findChild(QtWidgets.QLineEdit, "tokenLineEdit")
     assert token.echoMode() == QtWidgets.QLineEdit.Password
     root.deleteLater()
+
+
+def _volume_of_class(scene, cls, name, comps=1):
+    import vtk
+
+    node = scene.AddNewNodeByClass(cls, name)
+    img = vtk.vtkImageData()
+    img.SetDimensions(8, 6, 1)
+    img.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, comps)
+    node.SetAndObserveImageData(img)
+    return node
+
+
+def test_input_selector_offers_grey_and_rgb_images_but_not_label_maps(env):
+    """Slicer's connectGui sets the selector's node types from the parameter's annotation; a
+    bare vtkMRMLScalarVolumeNode there would make RGB images unselectable (issue 33)."""
+    mod, rec = env
+    scene = sys.modules["slicer"].mrmlScene
+    label = _volume_of_class(scene, "vtkMRMLLabelMapVolumeNode", "mask")
+    grey = _volume_of_class(scene, "vtkMRMLScalarVolumeNode", "ct")
+    rgb = _volume_of_class(scene, "vtkMRMLVectorVolumeNode", "photo", comps=3)
+    w = _widget(mod)
+    sel = w.ui.inputSelector
+    assert set(sel.nodeTypes) == {"vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode"}
+    assert sel.listedNodes() == [grey, rgb]
+    sel.setCurrentNode(rgb)
+    assert sel.currentNode() is rgb and w._parameterNode.inputVolume is rgb
+    assert w.logic.volumeData(rgb).array.shape == (1, 6, 8, 3)
+    assert w.logic.volumeData(rgb).modality == "photo"
+    sel.setCurrentNode(label)
+    assert sel.currentNode() is None and w._parameterNode.inputVolume is None
+    w._parameterNode.inputVolume = grey  # parameter -> GUI
+    assert sel.currentNode() is grey
+
+
+def test_first_selection_skips_label_maps(env):
+    mod, rec = env
+    scene = sys.modules["slicer"].mrmlScene
+    _volume_of_class(scene, "vtkMRMLLabelMapVolumeNode", "mask")
+    rgb = _volume_of_class(scene, "vtkMRMLVectorVolumeNode", "photo", comps=3)
+    w = _widget(mod)
+    assert w._parameterNode.inputVolume is rgb and w.ui.inputSelector.currentNode() is rgb
+
+
+def test_the_ui_and_the_annotation_name_the_same_volume_classes(env):
+    mod, rec = env
+    ui = stubs.load_ui_widgets(str(stubs.MODULE_DIR / "Resources" / "UI" / "MedMVLSlicer.ui"))
+    annotated = stubs.node_types_of(mod.MedMVLSlicerParameterNode.annotations["inputVolume"])
+    assert set(ui.inputSelector.nodeTypes) == set(annotated) == set(mod.INPUT_VOLUME_CLASSES)
+    assert ui.inputSelector.showChildNodeTypes is False  # else label maps would be listed
+
+
+def test_stub_connect_gui_hides_rgb_with_a_scalar_only_annotation(env):
+    """The stubs do what Slicer does: the old annotation leaves RGB images unselectable."""
+    mod, rec = env
+    sl = sys.modules["slicer"]
+
+    # The module's annotation before issue 33 (built with type(): this file's annotations are strings).
+    Old = sl.parameterNodeWrapper.parameterNodeWrapper(
+        type("Old", (), {"__annotations__": {"inputVolume": sl.vtkMRMLScalarVolumeNode}}))
+    rgb = _volume_of_class(sl.mrmlScene, "vtkMRMLVectorVolumeNode", "photo", comps=3)
+    ui = stubs.load_ui_widgets(str(stubs.MODULE_DIR / "Resources" / "UI" / "MedMVLSlicer.ui"))
+    ui = stubs.FakeUI(inputSelector=ui.inputSelector)
+    ui.inputSelector.setMRMLScene(sl.mrmlScene)
+    Old(types.SimpleNamespace(params={})).connectGui(ui)
+    assert ui.inputSelector.nodeTypes == ("vtkMRMLScalarVolumeNode",)
+    ui.inputSelector.setCurrentNode(rgb)
+    assert ui.inputSelector.currentNode() is None and ui.inputSelector.listedNodes() == []

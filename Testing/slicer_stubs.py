@@ -1,9 +1,15 @@
-"""Stub ``slicer`` / ``qt`` / ``ctk`` modules to import and drive MedMVLSlicer.py outside Slicer (no tests here).
+"""Stub ``slicer`` / ``qt`` / ``ctk`` modules to import and drive MedMVLSlicer.py outside Slicer
+(a test helper: no tests here).
 
 Widgets are built from the module's real ``.ui`` file (every ``<widget name=...>`` becomes a
 :class:`FakeWidget`), so code that uses a widget the .ui lacks fails. MRML classes and the
 scene are the real ones from the ``slicer-core`` package (headless), so the Logic's geometry
 runs for real; ``vtk`` is slicer-core's VTK.
+
+Where Slicer's behaviour decides what a user can do, the stubs copy it (read from Slicer's
+source, ``Base/Python/slicer/parameterNodeWrapper/`` and ``qMRMLNodeComboBox.cxx``):
+``connectGui`` overwrites a node selector's ``nodeTypes`` with the parameter's annotation, and a
+selector lists (and accepts) only nodes of exactly those classes unless ``showChildNodeTypes``.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 import os
 import sys
 import types
+import typing
 import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -43,6 +50,9 @@ class FakeWidget:
         self._slots: dict[str, list] = {}
         self._node = None
         self._plain = ""
+        self.scene = None
+        self.nodeTypes: tuple = ()
+        self.showChildNodeTypes, self.noneEnabled = True, False
         for k, v in (props or {}).items():
             setattr(self, k, v)
 
@@ -82,7 +92,28 @@ class FakeWidget:
     def currentNode(self):
         return self._node
 
+    def lists(self, node) -> bool:
+        """Whether a qMRMLNodeComboBox shows ``node``: its class is one of ``nodeTypes`` (or a
+        subclass of one when ``showChildNodeTypes``), as qMRMLNodeComboBox's scene model filters."""
+        if self.cls != "qMRMLNodeComboBox":
+            return True
+        if self.showChildNodeTypes:
+            return any(node.IsA(t) for t in self.nodeTypes)
+        return node.GetClassName() in self.nodeTypes
+
+    def listedNodes(self) -> list:
+        """The nodes of the scene this selector offers, in scene order."""
+        if self.scene is None:
+            return []
+        nodes = [self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes())]
+        return [n for n in nodes if self.lists(n)]
+
     def setCurrentNode(self, node):
+        # qMRMLNodeComboBox::setCurrentNode: a node the selector does not list selects nothing.
+        if node is not None and not self.lists(node):
+            node = None
+        if node is self._node:
+            return
         self._node = node
         self.emit("currentNodeChanged(vtkMRMLNode*)", node)
 
@@ -112,6 +143,16 @@ class FakeUI(types.SimpleNamespace):
         raise AttributeError(f"the .ui file has no widget named {name!r}")
 
 
+def node_types_of(annotation) -> tuple[str, ...]:
+    """Class names of a node annotation: ``Node`` or ``Union[NodeA, NodeB, None]`` (Slicer's
+    ``parameterNodeWrapper.util.getNodeTypes``); ``()`` for anything else."""
+    import slicer as real_slicer
+
+    args = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Union else (annotation,)
+    return tuple(a().GetClassName() for a in args
+                 if isinstance(a, type) and issubclass(a, real_slicer.vtkMRMLNode))
+
+
 def load_ui_widgets(path: str) -> FakeUI:
     root = ET.parse(path).getroot()
     widgets = {}
@@ -122,10 +163,13 @@ def load_ui_widgets(path: str) -> FakeUI:
             child = list(p)[0] if list(p) else None
             if child is None:
                 continue
-            if child.tag == "string" and name in ("text", "toolTip"):
+            if child.tag == "string" and name in ("text", "toolTip", "SlicerParameterName"):
                 props[name] = child.text or ""
-            elif child.tag == "bool" and name in ("checked", "enabled"):
+            elif child.tag == "bool" and name in ("checked", "enabled", "showChildNodeTypes",
+                                                   "noneEnabled"):
                 props[name] = child.text == "true"
+            elif child.tag == "stringlist" and name == "nodeTypes":
+                props[name] = tuple(s.text for s in child.findall("string"))
         widgets[w.get("name")] = FakeWidget(w.get("name"), w.get("class"), props)
     return FakeUI(**widgets)
 
@@ -301,15 +345,19 @@ def install(recorder: _Recorder | None = None) -> _Recorder:
     class _UIRoot:
         def __init__(self, path):
             self.path = path
+            self.ui = load_ui_widgets(path)
 
         def setMRMLScene(self, s):
+            # Qt Designer forms connect mrmlSceneChanged to every MRML widget: all get the scene.
             self.scene = s
+            for w in vars(self.ui).values():
+                w.setMRMLScene(s)
 
     util.VTKObservationMixin = VTKObservationMixin
     util.errorDisplay = errorDisplay
     util.tryWithErrorDisplay = tryWithErrorDisplay
     util.loadUI = lambda path: _UIRoot(path)
-    util.childWidgetVariables = lambda root: load_ui_widgets(root.path)
+    util.childWidgetVariables = lambda root: root.ui
     util.startupEnvironment = lambda: {"PATH": os.environ.get("PATH", ""), "HOME": "/tmp"}
     def addVolumeFromArray(array, ijkToRAS=None, name=None, nodeClassName=None):
         import numpy as np
@@ -336,13 +384,15 @@ def install(recorder: _Recorder | None = None) -> _Recorder:
     pnw = types.ModuleType("slicer.parameterNodeWrapper")
 
     def parameterNodeWrapper(cls):
-        names = list(getattr(cls, "__annotations__", {}))
+        annotations = dict(getattr(cls, "__annotations__", {}))
+        names = list(annotations)
 
         class Wrapped:
             def __init__(self, node):
                 object.__setattr__(self, "_node", node)
                 for n in names:
                     node.params.setdefault(n, getattr(cls, n, None))
+                node.params.setdefault("_gui", {})
 
             def __getattr__(self, name):
                 if name in names:
@@ -352,16 +402,47 @@ def install(recorder: _Recorder | None = None) -> _Recorder:
             def __setattr__(self, name, value):
                 if name not in names:
                     raise AttributeError(f"{cls.__name__} has no parameter {name!r}")
+                types_ = node_types_of(annotations[name])
+                if value is not None and types_ and not any(value.IsA(t) for t in types_):
+                    # Slicer's IsInstance validator
+                    raise ValueError(f"{name}: {value.GetClassName()} is not one of {types_}")
                 self._node.params[name] = value
+                for widget in self._node.params["_gui"].get(name, []):  # parameter -> GUI
+                    widget.setCurrentNode(value)
 
             def connectGui(self, ui):
-                self._node.params["_gui"] = ui
+                # Slicer's qMRMLNodeComboBoxToNodeConnector: nodeTypes come from the annotation,
+                # the widget shows the parameter, and the parameter follows the widget.
+                bound: dict[str, list] = {}
+                for widget in vars(ui).values():
+                    name = getattr(widget, "SlicerParameterName", "")
+                    if not name:
+                        continue
+                    if name not in names:
+                        raise ValueError(f"the .ui binds {name!r}, which {cls.__name__} lacks")
+                    if widget.cls == "qMRMLNodeComboBox":
+                        widget.nodeTypes = node_types_of(annotations[name])
+                        widget.setCurrentNode(self._node.params[name])
+
+                        def changed(node, _name=name):
+                            self._node.params[_name] = node
+
+                        widget.connect("currentNodeChanged(vtkMRMLNode*)", changed)
+                        widget._param_slot = changed
+                    bound.setdefault(name, []).append(widget)
+                self._node.params["_gui"] = bound
                 return "tag"
 
             def disconnectGui(self, tag):
-                self._node.params.pop("_gui", None)
+                for widgets in self._node.params["_gui"].values():
+                    for w in widgets:
+                        slots = w._slots.get("currentNodeChanged(vtkMRMLNode*)", [])
+                        if getattr(w, "_param_slot", None) in slots:
+                            slots.remove(w._param_slot)
+                self._node.params["_gui"] = {}
 
         Wrapped.__name__ = cls.__name__
+        Wrapped.annotations = annotations
         return Wrapped
 
     pnw.parameterNodeWrapper = parameterNodeWrapper
