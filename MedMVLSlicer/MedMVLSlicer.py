@@ -1,8 +1,9 @@
 """MedM-VL: ask a medical vision-language model about the image in 3D Slicer.
 
 The model runs in a separate worker process (local or remote); this module only sends voxel
-arrays and geometry through :mod:`medmvl_core.client` (standard library + numpy). It never
-imports torch and never installs packages.
+arrays and geometry through the worker client (standard library + numpy; found by
+``MedMVLSlicerLib/clientlib.py``), over Qt's networking. It never imports torch and never
+installs packages.
 """
 
 import logging
@@ -21,26 +22,13 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-
-def _ensureClientImportable():
-    """Make ``medmvl_core.client`` importable: packaged beside this file by the extension, or,
-    for a developer install from a source checkout, from the repository root above it."""
-    try:
-        import medmvl_core.client  # noqa: F401
-        return
-    except ImportError:
-        pass
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isfile(os.path.join(root, "medmvl_core", "client", "__init__.py")):
-        sys.path.insert(0, root)
-    import medmvl_core.client  # noqa: F401  (a clear ImportError if the package is missing)
-
-
-_ensureClientImportable()
-
-from medmvl_core.client import controller as ctl  # noqa: E402
-from medmvl_core.client.controller import TASK_INFO, ControllerListener, PanelController, VolumeData  # noqa: E402
+# The client (standard library + numpy) comes from a source checkout or the extension's bundle,
+# found without touching sys.path (MedMVLSlicerLib/clientlib.py); a clear ImportError otherwise.
 from MedMVLSlicerLib import launch, mrml_geometry  # noqa: E402
+from MedMVLSlicerLib.clientlib import controller as ctl  # noqa: E402
+
+TASK_INFO, ControllerListener, PanelController, VolumeData = (
+    ctl.TASK_INFO, ctl.ControllerListener, ctl.PanelController, ctl.VolumeData)
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +92,7 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._pollTimer = None
+        self._quitSlot = None  # what aboutToQuit calls: disconnected in cleanup (module reload)
         self._token = ""  # remote worker token: memory only
 
     def setup(self) -> None:
@@ -151,7 +140,8 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
         self._pollTimer.setInterval(100)
         self._pollTimer.connect("timeout()", self.logic.controller.poll)
         self._pollTimer.start()
-        slicer.app.connect("aboutToQuit()", self.logic.shutdown)
+        self._quitSlot = self.logic.shutdown
+        slicer.app.connect("aboutToQuit()", self._quitSlot)
 
         self.initializeParameterNode()
         self.updateModeWidgets()
@@ -159,9 +149,13 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
         self.on_state(self.logic.controller.state, "")
 
     def cleanup(self) -> None:
+        """Called on module reload and application exit: stop the worker and let go of the app."""
         self.removeObservers()
         if self._pollTimer is not None:
             self._pollTimer.stop()
+        if self._quitSlot is not None:  # else a reloaded module leaves the old logic connected
+            slicer.app.disconnect("aboutToQuit()", self._quitSlot)
+            self._quitSlot = None
         if self.logic is not None:
             self.logic.shutdown()
 
@@ -364,9 +358,10 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self, listener=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        # The worker starts from Slicer's startup environment, not from Slicer's own.
+        # Qt networking, no Python threads (MedMVLSlicerLib/launch.py); the worker starts from
+        # Slicer's startup environment, not from Slicer's own.
         self.controller = PanelController(
-            listener, launcher_factory=launch.launcher_factory(self.workerEnvironment()))
+            listener, **launch.controller_options(self.workerEnvironment()))
 
     def getParameterNode(self):
         return MedMVLSlicerParameterNode(super().getParameterNode())

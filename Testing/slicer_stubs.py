@@ -187,9 +187,11 @@ class _Recorder:
         self.timers: list = []
 
 
-def install(recorder: _Recorder | None = None) -> _Recorder:
-    """Put stub slicer/qt/ctk into sys.modules (real slicer-core MRML classes inside)."""
+def install(recorder: _Recorder | None = None, module_dir: str | os.PathLike | None = None) -> _Recorder:
+    """Put stub slicer/qt/ctk into sys.modules (real slicer-core MRML classes inside) and the
+    module's folder (default: the checkout's ``MedMVLSlicer/``) first on ``sys.path``."""
     rec = recorder or _Recorder()
+    module_dir = Path(module_dir) if module_dir is not None else MODULE_DIR
     import slicer as real_slicer  # slicer-core: MRML classes, headless
     import vtk  # slicer-core's VTK stays the real one
 
@@ -260,6 +262,12 @@ def install(recorder: _Recorder | None = None) -> _Recorder:
         def connect(self, signal, slot):
             rec.app_slots.setdefault(signal, []).append(slot)
 
+        def disconnect(self, signal, slot):
+            # PythonQt's disconnect removes the connection whose callable compares equal.
+            slots = rec.app_slots.get(signal, [])
+            if slot in slots:
+                slots.remove(slot)
+
     sl.app = _App()
 
     # slicer.ScriptedLoadableModule
@@ -288,7 +296,7 @@ def install(recorder: _Recorder | None = None) -> _Recorder:
             self.layout = _Layout()
 
         def resourcePath(self, rel):
-            return str(MODULE_DIR / "Resources" / rel)
+            return str(module_dir / "Resources" / rel)
 
     class _ParameterNode:
         def __init__(self):
@@ -452,8 +460,8 @@ def install(recorder: _Recorder | None = None) -> _Recorder:
         "qt": qt, "ctk": ctk, "slicer": sl, "slicer.ScriptedLoadableModule": slm,
         "slicer.util": util, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": pnw,
     })
-    if str(MODULE_DIR) not in sys.path:
-        sys.path.insert(0, str(MODULE_DIR))
+    if str(module_dir) not in sys.path:
+        sys.path.insert(0, str(module_dir))
     return rec
 
 

@@ -1,29 +1,52 @@
-"""Starting the worker from Slicer. An extension install holds a client-only copy of
-``medmvl_core`` (client + errors); :class:`WorkerLauncher` puts its folder on the worker's
-``PYTHONPATH`` only when it holds the full package, so that copy never hides the full package
-installed in the worker's Python."""
+"""How the panel talks to its worker: the transport (Qt networking by default, threads on
+request) and the launcher, started from Slicer's startup environment.
+
+Default: :class:`QtRunner` from the client's ``qt_transport`` (requests and the answer stream in
+Qt's networking, jobs inline on the GUI thread, no Python threads in Slicer's process).
+``MEDMVL_SLICER_TRANSPORT=threads`` selects the threaded client (the viewer's), for comparison
+or as a fallback.
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
-from typing import Callable
+from typing import Any, Callable
 
-import medmvl_core
-from medmvl_core.client.launcher import WorkerLauncher, has_full_package
+from MedMVLSlicerLib.clientlib import launcher as _launcher
+from MedMVLSlicerLib.clientlib import qt_transport
 
-#: The folder holding the ``medmvl_core`` package this Python imported.
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(medmvl_core.__file__)))
+logger = logging.getLogger(__name__)
 
-
-def is_client_only_install(parent: str = PACKAGE_PARENT) -> bool:
-    """True when the imported ``medmvl_core`` is the extension's client-only copy."""
-    return not has_full_package(parent)
+WorkerLauncher = _launcher.WorkerLauncher
+TRANSPORT_ENV = "MEDMVL_SLICER_TRANSPORT"
 
 
-def launcher_factory(base_env: dict[str, str] | None = None) -> Callable[..., WorkerLauncher]:
-    """The launcher class to use; with ``base_env`` (e.g. Slicer's startup environment) the
+def launcher_factory(base_env: dict[str, str] | None = None) -> Callable[..., Any]:
+    """The threaded launcher class; with ``base_env`` (e.g. Slicer's startup environment) the
     worker starts from that environment instead of Slicer's own."""
     if base_env is None:
         return WorkerLauncher
     return functools.partial(WorkerLauncher, base_env=dict(base_env))
+
+
+def transport_name(environ: dict[str, str] | None = None) -> str:
+    """``"qt"`` (default) or ``"threads"``, from ``MEDMVL_SLICER_TRANSPORT``."""
+    value = (environ if environ is not None else os.environ).get(TRANSPORT_ENV, "qt").strip().lower()
+    if value not in ("qt", "threads"):
+        logger.warning("%s=%r: use 'qt' or 'threads'; using 'qt'", TRANSPORT_ENV, value)
+        return "qt"
+    return value
+
+
+def controller_options(base_env: dict[str, str] | None = None, qt: Any = None,
+                       name: str | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``PanelController`` for the chosen transport: ``runner``,
+    ``client_factory``, ``launcher_factory``. ``qt``: Slicer's ``qt`` module (None: found)."""
+    name = name or transport_name()
+    if name == "threads":
+        return {"launcher_factory": launcher_factory(base_env)}
+    runner = qt_transport.QtRunner(qt)
+    return {"runner": runner, "client_factory": runner.client_factory,
+            "launcher_factory": runner.launcher_factory(base_env)}

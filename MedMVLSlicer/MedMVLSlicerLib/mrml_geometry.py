@@ -2,7 +2,7 @@
 ROI node -> voxel box, voxel box -> new ROI node.
 
 Only VTK and numpy are imported, so this runs inside Slicer and headless against the
-``slicer-core`` MRML classes. The arithmetic lives in :mod:`medmvl_core.client.roi_geometry`.
+``slicer-core`` MRML classes. The arithmetic lives in the client's ``roi_geometry``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-from medmvl_core.client import roi_geometry as rg
-from medmvl_core.errors import RoiError
+from MedMVLSlicerLib.clientlib import RoiError
+from MedMVLSlicerLib.clientlib import roi_geometry as rg
 
 logger = logging.getLogger(__name__)
 

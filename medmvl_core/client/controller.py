@@ -1,10 +1,13 @@
 """The panel controller shared by the Slicer module and the standalone viewer.
 
 One controller, two thin view bindings: the view hands it voxel arrays and geometry
-(:class:`VolumeData`) and calls :meth:`PanelController.run_task`; every network call runs on a
-background thread, and results come back as events on a queue that the view drains on its GUI
-thread with :meth:`PanelController.poll` (a ``QTimer`` in both bindings). Listener methods are
-only ever called from ``poll``, so views may touch Qt / MRML there. Standard library + numpy.
+(:class:`VolumeData`) and calls :meth:`PanelController.run_task`; every network call runs as a
+job of the controller's ``runner`` (default :class:`ThreadRunner`: a background thread; the
+Slicer module uses :class:`~medmvl_core.client.qt_transport.QtRunner`: inline, with Qt
+networking, no Python threads), and results come back as events on a queue that the view drains
+on its GUI thread with :meth:`PanelController.poll` (a ``QTimer`` in both bindings). Listener
+methods are only ever called from ``poll``, so views may touch Qt / MRML there. Standard
+library + numpy.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import queue
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -134,12 +138,26 @@ def task_prompt_check(task: str, question: str | None, box: Sequence[int] | None
                                      code="missing_box")
 
 
+class ThreadRunner:
+    """Runs the controller's jobs on daemon threads (``job`` returns an unstarted
+    ``threading.Thread``) and pauses with ``time.sleep``. Another runner (``QtRunner``) gives
+    objects with the same ``start`` / ``is_alive``."""
+
+    def job(self, target: Callable[[], None], name: str) -> Any:
+        return threading.Thread(target=target, name=name, daemon=True)
+
+    def pause(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
 class PanelController:
     """State, history and background work of the MedM-VL panel (see the module docstring)."""
 
     def __init__(self, listener: ControllerListener | None = None,
                  launcher_factory: Callable[..., WorkerLauncher] = WorkerLauncher,
-                 client_factory: Callable[..., WorkerClient] = WorkerClient):
+                 client_factory: Callable[..., WorkerClient] = WorkerClient,
+                 runner: Any = None):
+        self.runner = runner or ThreadRunner()
         self.listener = listener or ControllerListener()
         self._launcher_factory = launcher_factory
         self._client_factory = client_factory
@@ -150,7 +168,7 @@ class PanelController:
         self.histories: dict[str, list[ChatEntry]] = {}
         self.max_new_tokens = 256
         self._events: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self._thread: Any = None  # the running job (a Thread, or the runner's equivalent)
         self._uploads: dict[str, tuple[str, str, str | None]] = {}  # key -> (fingerprint, vid, sid)
         self._session: str | None = None
         self._cancel = threading.Event()
@@ -244,7 +262,7 @@ class PanelController:
                 logger.exception("%s failed", name)
                 self._fail(exc)
 
-        self._thread = threading.Thread(target=body, name=f"medmvl-{name}", daemon=True)
+        self._thread = self.runner.job(body, f"medmvl-{name}")
         self._thread.start()
 
     def _fail(self, exc: Exception, key: str | None = None) -> None:
@@ -351,15 +369,17 @@ class PanelController:
         self._emit("progress", f"downloading {repo_id}", 0.0)
 
         def job() -> None:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env)
-            self._download = proc
-            tail: list[str] = []
-            assert proc.stdout is not None
-            for line in _split_progress(proc.stdout):
-                tail = (tail + [line])[-5:]
-                pct = re.findall(r"(\d{1,3})%", line)
-                self._emit("progress", line[-120:], int(pct[-1]) / 100.0 if pct else None)
+            # Output goes to a temporary file read as it grows (never a pipe that could fill up
+            # while nobody reads it), so the same loop serves threads and the inline Qt runner.
+            with tempfile.TemporaryFile() as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, env=env)
+                self._download = proc
+                tail: list[str] = []
+                for line in _split_progress(out, proc.poll, self.runner.pause):
+                    tail = (tail + [line])[-5:]
+                    pct = re.findall(r"(\d{1,3})%", line)
+                    self._emit("progress", line[-120:], int(pct[-1]) / 100.0 if pct else None)
             if proc.wait() != 0:
                 raise errors.WorkerError(f"download of {repo_id} failed:\n" + "\n".join(tail),
                                          code="download_failed")
@@ -384,8 +404,7 @@ class PanelController:
             # background so the panel never waits on the network. Not while it is answering: that
             # answer finishes (or is cancelled) first and the worker's idle eviction frees it.
             if old is not None and client is not None and old != self._session:
-                threading.Thread(target=self._forget_session, args=(client, old),
-                                 name="medmvl-forget", daemon=True).start()
+                self.runner.job(lambda: self._forget_session(client, old), "medmvl-forget").start()
 
     @staticmethod
     def _forget_session(client: WorkerClient, session_id: str) -> None:
@@ -501,21 +520,28 @@ class PanelController:
                 except errors.WorkerError as exc:  # the answer may just have ended
                     logger.info("cancel: %s", exc)
 
-            threading.Thread(target=job, name="medmvl-cancel", daemon=True).start()
+            self.runner.job(job, "medmvl-cancel").start()
 
 
-def _split_progress(stream) -> Iterator[str]:
-    """Lines of a subprocess output, also split on carriage returns (tqdm redraws)."""
-    buf = b""
+def _split_progress(out, finished: Callable[[], Any], pause: Callable[[float], None],
+                    ) -> Iterator[str]:
+    """Lines written to the file ``out`` by a running subprocess, also split on carriage returns
+    (tqdm redraws), until ``finished()`` returns not None and the file is read to its end."""
+    buf, pos = b"", 0
     while True:
-        chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
-        if not chunk:
-            break
+        done = finished() is not None  # checked before reading: nothing written after is lost
+        out.seek(pos)
+        chunk = out.read()
+        pos += len(chunk)
         buf += chunk
         parts = re.split(rb"[\r\n]", buf)
         buf = parts.pop()
         for p in parts:
             if p.strip():
                 yield p.decode("utf-8", "replace").strip()
+        if done:
+            break
+        if not chunk:
+            pause(0.1)
     if buf.strip():
         yield buf.decode("utf-8", "replace").strip()
