@@ -9,6 +9,7 @@ installs packages.
 import logging
 import os
 import sys
+import unittest
 from typing import Union
 
 import qt
@@ -494,7 +495,11 @@ class MedMVLSlicerTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_RoiRoundTrip()
         self.setUp()
-        self.test_Inference()
+        try:
+            self.test_Inference()
+        except unittest.SkipTest as exc:  # Reload and Test calls methods directly: say it skipped
+            logger.warning("MedM-VL inference test SKIPPED: %s", exc)
+            self.delayDisplay(f"Inference test SKIPPED: {exc}")
 
     def _volume(self):
         import numpy as np
@@ -518,9 +523,8 @@ class MedMVLSlicerTest(ScriptedLoadableModuleTest):
     def test_Inference(self):
         checkpoint, url = os.environ.get("MEDMVL_TEST_CHECKPOINT"), os.environ.get("MEDMVL_TEST_URL")
         if not checkpoint and not url:
-            self.delayDisplay("No worker configured (MEDMVL_TEST_CHECKPOINT / MEDMVL_TEST_URL): "
-                              "inference test skipped")
-            return
+            self.skipTest("no worker configured: set MEDMVL_TEST_CHECKPOINT (+ MEDMVL_TEST_PYTHON) "
+                          "or MEDMVL_TEST_URL (+ MEDMVL_TEST_TOKEN); see docs/slicer-install.md")
         logic = MedMVLSlicerLogic()
         try:
             if url:

@@ -42,9 +42,16 @@ _loop_exec = _core["_ZN10QEventLoop4execE6QFlagsINS_17ProcessEventsFlagEE"]
 _loop_exec.restype, _loop_exec.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]
 
 
+#: ``HARNESS_RELEASE_GIL=1``: plain PySide waits (the GIL released), for a baseline in the bench.
+RELEASE = os.environ.get("HARNESS_RELEASE_GIL") == "1"
+
+
 def exec_holding_gil(loop) -> None:
     """``QEventLoop::exec()`` without releasing the GIL (replaces ``qt_transport._exec``)."""
-    _loop_exec(shiboken6.getCppPointer(loop)[0], 0)
+    if RELEASE:
+        loop.exec()
+    else:
+        _loop_exec(shiboken6.getCppPointer(loop)[0], 0)
 
 
 class Probe:
@@ -77,7 +84,7 @@ def run_holding_gil(app, body) -> dict:
         app.quit()
 
     QtCore.QTimer.singleShot(0, start)
-    _app_exec()
+    app.exec() if RELEASE else _app_exec()
     return result
 
 
@@ -244,7 +251,8 @@ def scenario_qt_panel(app, url, token) -> dict:
 def main() -> None:
     scenario, url, token = sys.argv[1], sys.argv[2], sys.argv[3]
     app = QtCore.QCoreApplication([])
-    qt_transport._exec = exec_holding_gil  # every nested wait keeps the GIL too
+    if not RELEASE:
+        qt_transport._exec = exec_holding_gil  # every nested wait keeps the GIL too
     fn = {"idle": scenario_idle, "qt": scenario_qt, "threads": scenario_threads,
           "qt_panel": scenario_qt_panel, "launch": scenario_launch}[scenario]
     print(json.dumps(fn(app, url, token)), flush=True)

@@ -185,6 +185,7 @@ class _Recorder:
         self.dialog_dir = ""
         self.dialog_file = ""
         self.timers: list = []
+        self.displayed: list[str] = []
 
 
 def install(recorder: _Recorder | None = None, module_dir: str | os.PathLike | None = None) -> _Recorder:
@@ -315,7 +316,7 @@ def install(recorder: _Recorder | None = None, module_dir: str | os.PathLike | N
 
     class ScriptedLoadableModuleTest(unittest.TestCase):
         def delayDisplay(self, message, msec=0):
-            pass
+            rec.displayed.append(message)
 
     slm.ScriptedLoadableModule = ScriptedLoadableModule
     slm.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget

@@ -9,6 +9,7 @@ import importlib
 import subprocess
 import sys
 import types
+import unittest
 from pathlib import Path
 
 import numpy as np
@@ -256,6 +257,9 @@ def test_the_in_slicer_self_test_runs(env, monkeypatch):
     test.test_RoiRoundTrip()  # geometry round trip on a real MRML scene
     assert sys.modules["slicer"].mrmlScene.GetFirstNodeByName("MedMVLTestROI") is not None
     test.runTest()  # and the whole test as Slicer runs it (inference skipped: no worker set)
+    assert any(m.startswith("Inference test SKIPPED: no worker configured") for m in rec.displayed)
+    with pytest.raises(unittest.SkipTest, match="MEDMVL_TEST_CHECKPOINT"):  # unittest/ctest: a skip
+        test.test_Inference()
 
 
 def test_state_and_memory_shown(env):
