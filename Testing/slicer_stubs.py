@@ -78,6 +78,9 @@ class FakeWidget:
     def findData(self, data):
         return next((i for i, (_, d) in enumerate(self._items) if d == data), -1)
 
+    def findText(self, text):
+        return next((i for i, (t, _) in enumerate(self._items) if t == text), -1)
+
     def setCurrentIndex(self, i):
         self.currentIndex = i
         self.emit("currentIndexChanged(int)", i)
@@ -186,6 +189,7 @@ class _Recorder:
         self.dialog_file = ""
         self.timers: list = []
         self.displayed: list[str] = []
+        self.selected: list[str] = []
 
 
 def install(recorder: _Recorder | None = None, module_dir: str | os.PathLike | None = None) -> _Recorder:
@@ -268,6 +272,13 @@ def install(recorder: _Recorder | None = None, module_dir: str | os.PathLike | N
             slots = rec.app_slots.get(signal, [])
             if slot in slots:
                 slots.remove(slot)
+
+        def processEvents(self):
+            # Real Qt events (the Qt transport's replies and timers), when an application exists.
+            from qtpy import QtCore
+
+            if QtCore.QCoreApplication.instance() is not None:
+                QtCore.QCoreApplication.processEvents()
 
     sl.app = _App()
 
@@ -383,6 +394,63 @@ def install(recorder: _Recorder | None = None, module_dir: str | os.PathLike | N
     util.addVolumeFromArray = addVolumeFromArray
     util.arrayFromVolume = real_slicer.util.arrayFromVolume
     util.arrayFromVolumeModified = real_slicer.util.arrayFromVolumeModified
+
+    def loadVolume(path, properties=None):
+        # Slicer reads with ITK and stores IJK->RAS; here SimpleITK (LPS) -> RAS by hand.
+        import numpy as np
+        import SimpleITK as sitk
+
+        image = sitk.ReadImage(str(path))
+        name = Path(path).name.split(".")[0]
+        node = addVolumeFromArray(sitk.GetArrayFromImage(image), name=name)
+        ijk_to_lps = np.eye(4)
+        ijk_to_lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
+        ijk_to_lps[:3, 3] = image.GetOrigin()
+        ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps
+        m = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                m.SetElement(r, c, float(ijk_to_ras[r, c]))
+        node.SetIJKToRASMatrix(m)
+        return node
+
+    def getNodesByClass(cls):
+        return [scene.GetNthNodeByClass(i, cls) for i in range(scene.GetNumberOfNodesByClass(cls))]
+
+    def saveScene(path, properties=None):
+        # The stub writes the MRML XML only (no .mrb bundle, no bulk data): node names survive.
+        scene.SetURL(str(path))
+        return bool(scene.Commit())
+
+    def loadScene(path, properties=None):
+        scene.Clear(0)
+        scene.SetURL(str(path))
+        scene.Import()
+        return True
+
+    util.loadVolume, util.getNodesByClass = loadVolume, getNodesByClass
+    util.saveScene, util.loadScene = saveScene, loadScene
+    util.selectModule = lambda name: rec.selected.append(name)
+    util.showStatusMessage = lambda text, msec=0: rec.displayed.append(text)
+    util.exit = lambda code=0: None
+
+    class _ModuleRepresentation:
+        """``slicer.modules.medmvlslicer``: its widget is made (and set up) on first use."""
+
+        widget = None
+
+        def widgetRepresentation(self):
+            return self
+
+        def self(self):
+            if _ModuleRepresentation.widget is None:
+                import MedMVLSlicer
+
+                _ModuleRepresentation.widget = MedMVLSlicer.MedMVLSlicerWidget()
+                _ModuleRepresentation.widget.setup()
+            return _ModuleRepresentation.widget
+
+    sl.modules = types.SimpleNamespace(medmvlslicer=_ModuleRepresentation())
 
     # slicer.i18n
     i18n = types.ModuleType("slicer.i18n")
