@@ -24,7 +24,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import os
 import socket
 import time
 import types
@@ -114,7 +113,7 @@ def qt_sleep(seconds: float, qt: types.SimpleNamespace | None = None) -> None:
     ns = qt or qt_namespace()
     loop, timer = ns.QEventLoop(), ns.QTimer()
     timer.setSingleShot(True)
-    _connect(timer, "timeout()", loop.quit)
+    _connect(timer, "timeout()", lambda: loop.quit())
     timer.start(max(0, int(seconds * 1000)))
     _exec(loop)
     timer.stop()
@@ -135,11 +134,12 @@ class QtResponse:
         reply = self._conn._reply
         if reply is None:
             return default
-        value = reply.rawHeader(self._conn._ns.QByteArray(name.encode("latin-1")))
+        value = reply.rawHeader(name.encode("latin-1"))
         text = _to_bytes(value).decode("latin-1")
         return text if text else default
 
     def read(self, amt: int | None = None) -> bytes:
+        """The whole body (``amt`` is accepted for the interface and ignored)."""
         c = self._conn
         c._wait_until(lambda: c._finished)
         c._raise_if_broken()
@@ -210,13 +210,16 @@ class QtConnection:
                 headers: dict[str, str] | None = None) -> None:
         ns = self._ns
         req = ns.QNetworkRequest(ns.QUrl(self._base + url))
+        # Python bytes go straight into QByteArray parameters: every binding converts them with
+        # their length (PythonQt: PyBytes_AS_STRING + PyBytes_GET_SIZE). QByteArray(bytes) could
+        # pick PythonQt's const char* constructor and stop at the first zero byte of a volume.
         for k, v in (headers or {}).items():
-            req.setRawHeader(ns.QByteArray(k.encode("latin-1")), ns.QByteArray(v.encode("latin-1")))
-        verb = ns.QByteArray(method.encode("ascii"))
+            req.setRawHeader(k.encode("latin-1"), v.encode("latin-1"))
+        verb = method.encode("ascii")
         if body is None:
             self._reply = self._manager.sendCustomRequest(req, verb)
         else:
-            self._reply = self._manager.sendCustomRequest(req, verb, ns.QByteArray(body))
+            self._reply = self._manager.sendCustomRequest(req, verb, bytes(body))
         _connect(self._reply, "readyRead()", self._on_ready_read)
         _connect(self._reply, "metaDataChanged()", self._on_meta)
         _connect(self._reply, "finished()", self._on_finished)
@@ -390,8 +393,3 @@ class QtRunner:
                 kwargs.setdefault("base_env", dict(base_env))
             return QtWorkerLauncher(qt=self.qt, **kwargs)
         return make
-
-
-def env_wants_threads() -> bool:
-    """``MEDMVL_SLICER_TRANSPORT=threads`` selects the threaded client in Slicer (a fallback)."""
-    return os.environ.get("MEDMVL_SLICER_TRANSPORT", "qt").strip().lower() == "threads"
