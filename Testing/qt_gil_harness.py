@@ -9,8 +9,8 @@ main thread, and other Python threads get the GIL only while such a callback run
 
 Scenarios: ``idle`` (how far a Python thread gets in 1 s, held vs released), ``qt`` (the Qt
 transport: client calls, streaming, cancel, errors, the panel controller with ``QtRunner``),
-``launch`` (a real worker started by
-QtWorkerLauncher; pass the checkpoint folder as URL), ``threads`` / ``qt_panel`` (connect and one answer through the panel controller, threaded or
+``selftest`` (the in-Slicer self-test on the
+stubs against a real worker), ``threads`` / ``qt_panel`` (connect and one answer through the panel controller, threaded or
 with ``QtRunner``, the GUI woken only by the panel's 100 ms poll timer; times for the bench).
 """
 
@@ -210,27 +210,24 @@ def _panel_answer_time(c: "ctl.PanelController", limit_s: float) -> dict:
 url_token: list[str] = []
 
 
-def scenario_launch(app, checkpoint, _token) -> dict:
-    """A real ``medmvl serve`` on ``checkpoint`` started by QtWorkerLauncher (its waits hold the
-    GIL here too), then a streamed report and a find through QtWorkerClient."""
+def scenario_selftest(app, _url, _token) -> dict:
+    """The in-Slicer self-test (MedMVLSlicer/Testing/Python/MedMVLSlicerSelfTest.py) on the
+    stubs, inside the GIL-holding loop: the panel's Start (QtWorkerLauncher's waits), ask,
+    describe, find and stop against a real worker (``MEDMVL_TEST_PYTHON`` must be set)."""
+    import runpy
+
+    import slicer_stubs
+
+    rec = slicer_stubs.install()
+    selftest = Path(__file__).resolve().parents[1] / "MedMVLSlicer" / "Testing" / "Python" / "MedMVLSlicerSelfTest.py"
+
     def body():
-        launcher = qt_transport.QtWorkerLauncher(python=sys.executable, checkpoint=checkpoint,
-                                                 device="cpu", start_timeout=240)
-        try:
-            client = launcher.start()
-            arr = np.full((32, 64, 64), -1000, np.int16)
-            arr[10:20, 20:40, 20:40] = 60
-            sid = client.create_session(client.upload_volume(arr, (1.0, 1.0, 2.0), (0, 0, 0)))
-            pieces: list[str] = []
-            ans = client.ask(sid, task="report", on_token=pieces.append, max_new_tokens=24)
-            found = client.ask(sid, task="find", question="the nodule", max_new_tokens=24)
-            return {"client": type(client).__name__, "status": client.health()["status"],
-                    "model": client.health().get("model", ""), "num_tokens": ans.num_tokens,
-                    "streamed": "".join(pieces), "text": ans.text, "find_task": found.task,
-                    "find_boxes": found.boxes}
-        finally:
-            launcher.close()
-            assert not launcher.running()
+        result = runpy.run_path(str(selftest), run_name="medmvl_selftest")["runSelfTest"]()
+        widget = sys.modules["slicer"].modules.medmvlslicer.self()
+        return {"run": result.testsRun, "skipped": len(result.skipped),
+                "problems": [text[-3000:] for _, text in result.failures + result.errors],
+                "status": rec.displayed[-1], "runner": type(widget.logic.controller.runner).__name__,
+                "chat": widget.ui.chatTextEdit.toPlainText()}
 
     return run_holding_gil(app, body)
 
@@ -254,7 +251,7 @@ def main() -> None:
     if not RELEASE:
         qt_transport._exec = exec_holding_gil  # every nested wait keeps the GIL too
     fn = {"idle": scenario_idle, "qt": scenario_qt, "threads": scenario_threads,
-          "qt_panel": scenario_qt_panel, "launch": scenario_launch}[scenario]
+          "qt_panel": scenario_qt_panel, "selftest": scenario_selftest}[scenario]
     print(json.dumps(fn(app, url, token)), flush=True)
     os._exit(0)  # daemon threads may still wait for the GIL
 

@@ -364,3 +364,15 @@ def test_stub_connect_gui_hides_rgb_with_a_scalar_only_annotation(env):
     assert ui.inputSelector.nodeTypes == ("vtkMRMLScalarVolumeNode",)
     ui.inputSelector.setCurrentNode(rgb)
     assert ui.inputSelector.currentNode() is None and ui.inputSelector.listedNodes() == []
+
+
+def test_module_reload_leaves_only_the_new_logic_on_about_to_quit(env):
+    """Slicer's reload calls cleanup() on the old widget, then sets up a new one: aboutToQuit
+    must then stop the new logic's worker only (the old logic is not kept alive by the app)."""
+    mod, rec = env
+    old = _widget(mod)
+    assert rec.app_slots["aboutToQuit()"] == [old.logic.shutdown]
+    old.cleanup()
+    new = _widget(mod)
+    assert rec.app_slots["aboutToQuit()"] == [new.logic.shutdown]
+    assert old.logic.shutdown not in rec.app_slots["aboutToQuit()"]

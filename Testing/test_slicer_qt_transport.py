@@ -1,7 +1,7 @@
 """The Slicer panel's transport (``medmvl_core.client.qt_transport``): Qt networking, no Python
 threads, tested in an event loop whose main thread holds the GIL between events
-(``qt_gil_harness.py``) against a worker stand-in in its own process (``fake_worker_server.py``),
-and against a real worker on the demo model."""
+(``qt_gil_harness.py``) against a worker stand-in in its own process (``fake_worker_server.py``).
+The same loop drives the in-Slicer self-test against a real worker: test_slicer_selftest.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("qtpy.QtNetwork", reason="the viewer extra (qtpy + PySide6) is needed")
@@ -83,13 +82,3 @@ def test_qt_panel_connects_and_answers_from_the_poll_timer(fake_worker):
     got = _harness("qt_panel", fake_worker)
     assert got["state"] == "ready" and got["answered_s"] > 0
     assert got["answer"] == " ".join(f"w{i}" for i in range(20)) + " "
-
-
-@needs_harness
-def test_qt_launcher_and_client_drive_a_real_demo_worker_while_the_gil_is_held():
-    """A real ``medmvl serve`` on the shipped demo model, started by QtWorkerLauncher (its waits
-    process events) and asked through QtWorkerClient: health, upload, streamed report, find."""
-    got = _harness("launch", str(REPO / "Resources" / "demo_model"))
-    assert got["client"] == "QtWorkerClient" and got["status"] == "ready"
-    assert got["num_tokens"] > 0 and got["streamed"].strip() == got["text"].strip() != ""
-    assert got["find_task"] == "find" and isinstance(got["find_boxes"], list)

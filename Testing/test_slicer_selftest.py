@@ -6,6 +6,7 @@ is listed in docs/slicer-install.md."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -43,8 +44,18 @@ def test_unconfigured_self_test_says_skipped_not_passed():
     assert "STATUS MedM-VL self-test SKIPPED: MEDMVL_TEST_PYTHON is not set" in out.stdout
 
 
-def test_self_test_drives_the_panel_against_the_demo_worker():
-    out = _run(MEDMVL_TEST_PYTHON=sys.executable)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the GIL-holding harness is Linux-only")
+def test_self_test_drives_the_panel_against_the_demo_worker_while_the_gil_is_held():
+    """Start, ask, describe, find, save/load, stop through the panel, against a real worker on
+    the demo model, in an event loop whose main thread keeps the GIL between events."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDMVL_TEST_")}
+    env.update(MEDMVL_TEST_PYTHON=sys.executable, QT_QPA_PLATFORM="offscreen",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(TESTING)]))
+    out = subprocess.run([sys.executable, str(TESTING / "qt_gil_harness.py"), "selftest", "-", "-"],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=str(REPO))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "RESULT 0 0 0 1" in out.stdout, out.stdout + out.stderr[-5000:]
-    assert "STATUS MedM-VL self-test PASSED" in out.stdout
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "error" not in got, got["error"]
+    assert got["problems"] == [] and (got["run"], got["skipped"]) == (1, 0), got
+    assert got["status"] == "MedM-VL self-test PASSED" and got["runner"] == "QtRunner"
+    assert "You: Find: the " in got["chat"] and "MedM-VL: " in got["chat"]

@@ -12,7 +12,8 @@ The module uses only the client (standard library + numpy). In order:
 
 Otherwise :class:`ClientNotFoundError` says what to do. The names below (``controller``,
 ``errors``, ``roi_geometry``, ``launcher``, ``qt_transport``, ``RoiError``, ``SOURCE``) are the
-same whichever copy was found; the module and its Lib import them from here.
+same whichever copy was found; the module and its Lib import them from here (other client
+modules through :func:`client_module`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ def find_client(module_dir: str = MODULE_DIR) -> tuple[str, str]:
         "extension (it bundles the client as 'medmvl_client'), or add the 'MedMVLSlicer' folder "
         "of a complete source checkout (the one beside 'medmvl_core') in Application Settings > "
         f"Modules > Additional module paths. This module is in {module_dir}.")
+
+
+def client_module(name: str) -> ModuleType:
+    """Another module of the client found here, e.g. ``client_module("records")``: the module and
+    its Lib never import ``medmvl_core.client.X`` by name (the extension has ``medmvl_client.X``)."""
+    return importlib.import_module(f"{PACKAGE}.{name}")
 
 
 PACKAGE, SOURCE = find_client()
