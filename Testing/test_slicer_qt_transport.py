@@ -82,3 +82,94 @@ def test_qt_panel_connects_and_answers_from_the_poll_timer(fake_worker):
     got = _harness("qt_panel", fake_worker)
     assert got["state"] == "ready" and got["answered_s"] > 0
     assert got["answer"] == " ".join(f"w{i}" for i in range(20)) + " "
+
+
+# ---------------------------------------------------------------------- in-process (PySide waits)
+@pytest.fixture()
+def qapp():
+    from qtpy import QtCore
+
+    return QtCore.QCoreApplication.instance() or QtCore.QCoreApplication([])
+
+
+def test_a_worker_that_never_answers_is_a_timeout(qapp):
+    import socket
+
+    from medmvl_core.client import errors, qt_transport
+
+    with socket.socket() as silent:  # accepts connections (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        client = qt_transport.QtWorkerClient(f"http://127.0.0.1:{silent.getsockname()[1]}", TOKEN,
+                                             timeout=0.5, retries=0)
+        with pytest.raises(errors.WorkerTimeoutError, match="did not answer GET /health in time"):
+            client.health()
+
+
+def test_a_worker_killed_mid_answer_is_a_lost_connection(qapp):
+    from medmvl_core.client import errors, qt_transport
+
+    proc = subprocess.Popen([sys.executable, str(TESTING / "fake_worker_server.py"), TOKEN, "50", "0.05"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        client = qt_transport.QtWorkerClient(f"http://127.0.0.1:{int(proc.stdout.readline())}", TOKEN)
+        pieces: list[str] = []
+
+        def on_token(piece):
+            pieces.append(piece)
+            if len(pieces) == 2:
+                proc.kill()  # the worker dies while the answer streams
+
+        with pytest.raises(errors.WorkerConnectionLostError, match="restart it and ask again"):
+            client.ask("s-v1", question="?", on_token=on_token)
+        assert pieces[:2] == ["w0 ", "w1 "]
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_waits_end_when_the_application_quits(qapp):
+    """QCoreApplication::exit during a wait: the job unwinds with a clear error instead of
+    spinning (every later QEventLoop::exec returns at once)."""
+    from qtpy import QtCore
+
+    from medmvl_core.client import errors, qt_transport
+
+    seen: list[str] = []
+
+    def body():
+        try:
+            for _ in range(3):
+                qt_transport.qt_sleep(2.0)
+            seen.append("slept through")
+        except errors.CancelledError as exc:
+            seen.append(str(exc))
+
+    QtCore.QTimer.singleShot(0, body)
+    QtCore.QTimer.singleShot(100, qapp.quit)
+    qapp.exec()
+    assert seen == ["the application is quitting; the request was abandoned"]
+
+
+def test_inline_runner_download_reports_progress(qapp, tmp_path):
+    """The controller's download on the Qt runner: output read from a file as it grows, pausing
+    in local event loops, the same progress events as with threads."""
+    import stat
+
+    from medmvl_core.client import controller as ctl
+    from medmvl_core.client import qt_transport
+
+    events: list[tuple] = []
+
+    class Listener(ctl.ControllerListener):
+        def on_progress(self, text, fraction):
+            events.append((text, fraction))
+
+    py = tmp_path / "python"
+    py.write_text('#!/bin/sh\nprintf "model:  25%%|##\\r"; sleep 0.3; printf "model: 100%%|####\\n"\n')
+    py.chmod(py.stat().st_mode | stat.S_IEXEC)
+    c = ctl.PanelController(Listener(), runner=qt_transport.QtRunner())
+    c.download(str(py), "x/y", str(tmp_path / "m"))  # returns when done (inline)
+    assert not c.busy()
+    c.poll()
+    assert [f for _, f in events if f is not None] == [0.0, 0.25, 1.0, 1.0]

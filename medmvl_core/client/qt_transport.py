@@ -83,8 +83,15 @@ def _connect(obj: Any, signature: str, slot: Callable) -> None:
         obj.connect(signature, slot)
 
 
-def _exec(loop: Any) -> None:
-    (getattr(loop, "exec_", None) or loop.exec)()
+def _exec(loop: Any) -> int:
+    """Run a local event loop; -1 when it could not run because the application is quitting
+    (``QCoreApplication::exit`` makes every later ``QEventLoop::exec`` return -1 at once)."""
+    rc = (getattr(loop, "exec_", None) or loop.exec)()
+    return rc if isinstance(rc, int) else 0
+
+
+def _quitting() -> errors.CancelledError:
+    return errors.CancelledError("the application is quitting; the request was abandoned")
 
 
 def _to_bytes(data: Any) -> bytes:
@@ -115,8 +122,10 @@ def qt_sleep(seconds: float, qt: types.SimpleNamespace | None = None) -> None:
     timer.setSingleShot(True)
     _connect(timer, "timeout()", lambda: loop.quit())
     timer.start(max(0, int(seconds * 1000)))
-    _exec(loop)
+    rc = _exec(loop)
     timer.stop()
+    if rc == -1:  # else callers polling with qt_sleep would spin until their deadline
+        raise _quitting()
 
 
 # ---------------------------------------------------------------------- http.client look-alikes
@@ -191,6 +200,10 @@ class QtConnection:
             attr = _enum(self._ns.QNetworkRequest, "Attribute", "HttpStatusCodeAttribute")
             self._status = _int(self._reply.attribute(attr))
 
+    def _on_meta_changed(self) -> None:
+        self._on_meta()
+        self._wake()
+
     def _on_finished(self) -> None:
         reply = self._reply
         if reply is not None:
@@ -221,7 +234,7 @@ class QtConnection:
         else:
             self._reply = self._manager.sendCustomRequest(req, verb, bytes(body))
         _connect(self._reply, "readyRead()", self._on_ready_read)
-        _connect(self._reply, "metaDataChanged()", self._on_meta)
+        _connect(self._reply, "metaDataChanged()", self._on_meta_changed)
         _connect(self._reply, "finished()", self._on_finished)
 
     def getresponse(self) -> QtResponse:
@@ -262,10 +275,13 @@ class QtConnection:
             self._loop = loop
             timer.start(max(1, int(self.timeout * 1000)))
             try:
-                _exec(loop)
+                rc = _exec(loop)
             finally:
                 self._loop = None
                 timer.stop()
+            if rc == -1 and not ready():
+                self.close()
+                raise _quitting()
             if expired and not ready():
                 raise socket.timeout(f"no data for {self.timeout:.0f} s")
 
