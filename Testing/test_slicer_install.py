@@ -156,3 +156,54 @@ def test_a_source_checkout_launcher_puts_the_full_package_first(monkeypatch):
     assert env["EXTRA"] == "1" and env["PATH"] == "/usr/bin" and "HOME" not in env
     monkeypatch.setenv("MEDMVL_LAUNCH_PROBE", "x")  # default base: this process's environment
     assert WorkerLauncher(checkpoint="ckpt").worker_env()["MEDMVL_LAUNCH_PROBE"] == "x"
+
+
+PROBE = """cmake_minimum_required(VERSION 3.16)
+project(MedMVLProbe NONE)
+# Slicer's macros replaced by recorders: this configures MedMVLSlicer/CMakeLists.txt for real
+# (bundling included) without a Slicer build tree.
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR lib/qt-scripted-modules)
+set(BUILD_TESTING ON)
+set(PYTHON_EXECUTABLE "@PY@")
+set(LOG ${CMAKE_BINARY_DIR}/probe.txt)
+file(WRITE ${LOG} "")
+macro(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(M "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  file(APPEND ${LOG} "module ${M_NAME} ${M_SCRIPTS}\\n")
+endmacro()
+macro(ctkMacroCompilePythonScript)
+  cmake_parse_arguments(C "NO_INSTALL_SUBDIR" "TARGET_NAME;SOURCE_DIR;DESTINATION_DIR;INSTALL_DIR" "SCRIPTS;RESOURCES" ${ARGN})
+  foreach(s ${C_SCRIPTS})
+    if(NOT EXISTS ${C_SOURCE_DIR}/${s})
+      message(FATAL_ERROR "missing ${C_SOURCE_DIR}/${s}")
+    endif()
+  endforeach()
+  file(APPEND ${LOG} "compile ${C_TARGET_NAME} ${C_SCRIPTS}\\n")
+endmacro()
+macro(slicer_add_python_unittest)
+  cmake_parse_arguments(U "" "SCRIPT" "" ${ARGN})
+  file(APPEND ${LOG} "test ${U_SCRIPT}\\n")
+endmacro()
+add_subdirectory("@MODULE@" MedMVLSlicer)
+"""
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_module_cmakelists_configures_and_bundles_with_recorded_slicer_macros(tmp_path):
+    src, build = tmp_path / "src", tmp_path / "build"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text(PROBE.replace("@PY@", sys.executable)
+                                        .replace("@MODULE@", MODULE.as_posix()))
+    out = subprocess.run(["cmake", "-S", str(src), "-B", str(build)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    log = (build / "probe.txt").read_text().splitlines()
+    module = next(line for line in log if line.startswith("module "))
+    assert module.split()[1] == "MedMVLSlicer" and "MedMVLSlicerLib/clientlib.py" in module
+    compiled = next(line for line in log if line.startswith("compile ")).split()
+    assert compiled[1] == "MedMVLSlicerMedMVLClient"
+    assert {"medmvl_client/controller.py", "medmvl_client/qt_transport.py",
+            "medmvl_client/_core_errors.py", "medmvl_client/_version.py"} <= set(compiled[2].split(";"))
+    assert [line for line in log if line.startswith("test ")] == [
+        "test MedMVLSlicer.py", "test MedMVLSlicerSelfTest.py"]
