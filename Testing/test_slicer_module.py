@@ -376,3 +376,23 @@ def test_module_reload_leaves_only_the_new_logic_on_about_to_quit(env):
     new = _widget(mod)
     assert rec.app_slots["aboutToQuit()"] == [new.logic.shutdown]
     assert old.logic.shutdown not in rec.app_slots["aboutToQuit()"]
+
+
+def test_transport_choice(env, monkeypatch, caplog):
+    mod, rec = env
+    launch = sys.modules["MedMVLSlicerLib.launch"]
+    qt_transport = launch.qt_transport
+    assert type(mod.MedMVLSlicerLogic().controller.runner).__name__ == "QtRunner"  # the default
+    monkeypatch.setenv("MEDMVL_SLICER_TRANSPORT", "threads")
+    assert type(mod.MedMVLSlicerLogic().controller.runner).__name__ == "ThreadRunner"
+    monkeypatch.setenv("MEDMVL_SLICER_TRANSPORT", "carrier-pigeon")
+    assert launch.transport_name() == "qt" and "use 'qt' or 'threads'" in caplog.text
+    monkeypatch.delenv("MEDMVL_SLICER_TRANSPORT")
+
+    def no_network(qt=None):
+        raise qt_transport.errors.WorkerError("no QtNetwork", code="no_qt")
+
+    monkeypatch.setattr(qt_transport, "qt_namespace", no_network)
+    opts = launch.controller_options({"PATH": "/usr/bin"})
+    assert "runner" not in opts and "Qt networking is unavailable" in caplog.text
+    assert opts["launcher_factory"](checkpoint="ck").base_env == {"PATH": "/usr/bin"}

@@ -45,8 +45,12 @@ def controller_options(base_env: dict[str, str] | None = None, qt: Any = None,
     """Keyword arguments of ``PanelController`` for the chosen transport: ``runner``,
     ``client_factory``, ``launcher_factory``. ``qt``: Slicer's ``qt`` module (None: found)."""
     name = name or transport_name()
-    if name == "threads":
-        return {"launcher_factory": launcher_factory(base_env)}
-    runner = qt_transport.QtRunner(qt)
-    return {"runner": runner, "client_factory": runner.client_factory,
-            "launcher_factory": runner.launcher_factory(base_env)}
+    if name == "qt":
+        try:
+            runner = qt_transport.QtRunner(qt)
+        except Exception as exc:  # no QtNetwork in this Qt binding: the threaded client still works
+            logger.warning("MedM-VL: Qt networking is unavailable (%s); using the threaded client", exc)
+        else:
+            return {"runner": runner, "client_factory": runner.client_factory,
+                    "launcher_factory": runner.launcher_factory(base_env)}
+    return {"launcher_factory": launcher_factory(base_env)}
