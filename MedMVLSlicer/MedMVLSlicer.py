@@ -39,7 +39,7 @@ _ensureClientImportable()
 
 from medmvl_core.client import controller as ctl  # noqa: E402
 from medmvl_core.client.controller import TASK_INFO, ControllerListener, PanelController, VolumeData  # noqa: E402
-from MedMVLSlicerLib import launch, mrml_geometry  # noqa: E402
+from MedMVLSlicerLib import launch, mrml_geometry, scene_records  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,10 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
                                      else "")
 
     def onInputChanged(self, _node=None) -> None:
+        try:  # a conversation saved with the scene comes back into the panel
+            self.logic.restoreConversation(self.ui.inputSelector.currentNode())
+        except ValueError as exc:  # damaged / newer record: say so, keep the panel usable
+            self.ui.statusLabel.text = str(exc)
         self.renderChat()
 
     def onRoiChanged(self, node=None) -> None:
@@ -279,7 +283,8 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
 
     def onSaveFileButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to save the conversation."), waitCursor=True):
-            path = qt.QFileDialog.getSaveFileName(None, _("Save conversation"), "", "Text (*.txt)")
+            path = qt.QFileDialog.getSaveFileName(None, _("Save conversation"), "",
+                                                  "Text (*.txt);;Markdown (*.md)")
             if path:
                 self.logic.saveTranscriptToFile(self.ui.inputSelector.currentNode(), path)
 
@@ -322,8 +327,8 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
 
     def on_answer(self, key: str, answer) -> None:
         node = slicer.mrmlScene.GetNodeByID(key)
-        if node is not None and answer.boxes:
-            rois = self.logic.createRoisForAnswer(node, answer)
+        if node is not None:
+            rois = self.logic.storeConversation(node)  # the record + ROI nodes go into the scene
             if rois:
                 self.ui.roiSelector.setCurrentNode(rois[0])
         self.renderChat()
@@ -355,6 +360,7 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self, listener=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self._regionRois: dict = {}  # volume node ID -> ROI node the last question was about
         # The worker starts from Slicer's startup environment, not from Slicer's own.
         self.controller = PanelController(
             listener, launcher_factory=launch.launcher_factory(self.workerEnvironment()))
@@ -441,14 +447,42 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
         if TASK_INFO.get(task, ("", False, False))[2] and roiNode is None:
             raise ValueError(_("This task needs a region: select or place an ROI first."))
         self.controller.run_task(self.volumeData(volumeNode), task, question, box)
+        self._regionRois[volumeNode.GetID()] = roiNode
 
     # ---------------------------------------------------------------- history
     def transcript(self, volumeNode) -> str:
-        return self.controller.transcript(volumeNode.GetID()) if volumeNode is not None else ""
+        """The conversation, headed by the model's identity and intended use."""
+        if volumeNode is None:
+            return ""
+        text = self.controller.transcript(volumeNode.GetID())
+        conv = self.controller.conversations.get(volumeNode.GetID())
+        models = conv.models() if conv is not None else []
+        if not models and self.controller.health:
+            models = [self.controller.model_identity()]
+        head = "".join(f"Model: {m.label()}\n" for m in models)
+        return (head + "\n" + text) if head and text else text
+
+    def storeConversation(self, volumeNode) -> list:
+        """Write the volume's records into the scene; returns the new ROI nodes of found boxes."""
+        conv = self.controller.conversations.get(volumeNode.GetID())
+        if conv is None:
+            return []
+        _, rois = scene_records.store(slicer.mrmlScene, volumeNode, conv,
+                                      self._regionRois.pop(volumeNode.GetID(), None))
+        return rois
+
+    def restoreConversation(self, volumeNode) -> None:
+        """Show the conversation stored in the scene for the volume (if the panel has none)."""
+        if volumeNode is None or self.controller.history(volumeNode.GetID()):
+            return
+        conv = scene_records.load(volumeNode)
+        if conv is not None:
+            self.controller.restore(volumeNode.GetID(), conv)
 
     def clearHistory(self, volumeNode) -> None:
         if volumeNode is not None:
             self.controller.clear_history(volumeNode.GetID())
+            scene_records.forget(slicer.mrmlScene, volumeNode)
 
     def saveTranscriptToTextNode(self, volumeNode):
         if volumeNode is None:
@@ -459,8 +493,11 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
         return node
 
     def saveTranscriptToFile(self, volumeNode, path: str) -> None:
+        conv = self.controller.conversations.get(volumeNode.GetID()) if volumeNode is not None else None
+        text = conv.to_markdown() if conv is not None and path.endswith(".md") else (
+            conv.to_text() if conv is not None else self.transcript(volumeNode) + "\n")
         with open(path, "w", encoding="utf-8") as fh:
-            fh.write(self.transcript(volumeNode) + "\n")
+            fh.write(text)
 
 
 #
