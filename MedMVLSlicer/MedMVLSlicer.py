@@ -284,7 +284,7 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
     def onSaveFileButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to save the conversation."), waitCursor=True):
             path = qt.QFileDialog.getSaveFileName(None, _("Save conversation"), "",
-                                                  "Text (*.txt);;Markdown (*.md)")
+                                                  "Text (*.txt);;Markdown (*.md);;DICOM SR (*.dcm)")
             if path:
                 self.logic.saveTranscriptToFile(self.ui.inputSelector.currentNode(), path)
 
@@ -492,8 +492,21 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
         node.SetText(self.transcript(volumeNode))
         return node
 
+    @staticmethod
+    def exportStructuredReport(volumeNode, conv, path: str) -> None:
+        """DICOM Comprehensive 3D SR referencing the volume's DICOM series (highdicom needed)."""
+        from medmvl_core.export import sr
+        if conv is None or not conv.turns:
+            raise ValueError(_("Ask the model something first: there is no conversation to export."))
+        uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+        files = [slicer.dicomDatabase.fileForInstance(u) for u in uids] if uids else []
+        import pydicom
+        sr.write_sr(conv, [pydicom.dcmread(f, stop_before_pixels=True) for f in files if f], path)
+
     def saveTranscriptToFile(self, volumeNode, path: str) -> None:
         conv = self.controller.conversations.get(volumeNode.GetID()) if volumeNode is not None else None
+        if path.lower().endswith(".dcm"):
+            return self.exportStructuredReport(volumeNode, conv, path)
         text = conv.to_markdown() if conv is not None and path.endswith(".md") else (
             conv.to_text() if conv is not None else self.transcript(volumeNode) + "\n")
         with open(path, "w", encoding="utf-8") as fh:
