@@ -39,7 +39,7 @@ _ensureClientImportable()
 
 from medmvl_core.client import controller as ctl  # noqa: E402
 from medmvl_core.client.controller import TASK_INFO, ControllerListener, PanelController, VolumeData  # noqa: E402
-from MedMVLSlicerLib import launch, mrml_geometry, scene_records  # noqa: E402
+from MedMVLSlicerLib import launch, mrml_geometry, scene_records, segment_region  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -448,6 +448,16 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("This task needs a region: select or place an ROI first."))
         self.controller.run_task(self.volumeData(volumeNode), task, question, box)
         self._regionRois[volumeNode.GetID()] = roiNode
+
+    def runTaskOnSegment(self, volumeNode, task: str, question, segmentationNode, segmentId: str) -> None:
+        """Ask about a segment: its bounding box on the volume is the region (the mask is not
+        sent; see docs/saving-results.md)."""
+        region = segment_region.segment_region(segmentationNode, segmentId, volumeNode)
+        if region.clipped:
+            logger.warning("the segment extends beyond the volume; its region is clipped")
+        name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        self.controller.run_task(self.volumeData(volumeNode), task, question, region.box,
+                                 region_source="segment", region_label=name)
 
     # ---------------------------------------------------------------- history
     def transcript(self, volumeNode) -> str:

@@ -26,6 +26,7 @@ from MedMVLSlicerLib import scene_records as sr  # noqa: E402
 
 from medmvl_core.client import records as rec  # noqa: E402
 from medmvl_core.client.model_identity import ModelIdentity  # noqa: E402
+from medmvl_core.errors import RoiError  # noqa: E402
 
 
 def _scene():
@@ -154,3 +155,56 @@ def test_unreadable_or_newer_records_give_a_clear_message():
     assert sr.load(vol) is None and scene.GetNodeByID(text_node.GetID()) is None
     with pytest.raises(ValueError, match="select an image"):
         sr.store(scene, None, rec.Conversation())
+
+
+# ---------------------------------------------------------------- segments as regions
+def _segment(scene, extent, spacing=(0.8, 0.8, 2.5), origin=(0.0, 0.0, 0.0), fill=1):
+    from MedMVLSlicerLib import segment_region  # noqa: F401  (imported for the test below)
+
+    seg = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(seg)
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(*extent)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    image.GetPointData().GetScalars().Fill(fill)
+    image.SetSpacing(*spacing)
+    image.SetOrigin(*origin)
+    segment = slicer.vtkSegment()
+    segment.SetName("liver")
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), image)
+    seg.GetSegmentation().AddSegment(segment, "liver")
+    return seg
+
+
+def test_segment_region_on_the_volume_grid_and_errors():
+    from MedMVLSlicerLib import segment_region
+
+    scene, _ = _scene()
+    vol = _volume(scene)
+    m = mg.volume_ijk_to_world(vol)
+    # The segment on the volume's own grid: voxels i 2..8, j 5..10, k 3..6 of the volume.
+    seg = _segment(scene, (2, 8, 5, 10, 3, 6), spacing=(1.0, 1.0, 1.0))
+    image = seg.GetSegmentation().GetSegment("liver").GetRepresentation("Binary labelmap")
+    image.SetDirectionMatrix(_dir_matrix(m))
+    image.SetSpacing(0.8, 0.8, 2.5)
+    image.SetOrigin(*m[:3, 3])
+    region = segment_region.segment_region(seg, "liver", vol)
+    assert region.box == (3, 5, 2, 7, 11, 9) and not region.clipped and region.voxels == 7 * 6 * 4
+    # The same box as an ROI drawn around those voxels.
+    roi = mg.voxel_box_to_roi_node(scene, vol, region.box, "drawn")
+    assert mg.roi_node_to_voxel_box(roi, vol) == region.box
+    with pytest.raises(RoiError, match="'liver' is empty"):
+        segment_region.segment_region(_segment(scene, (0, 3, 0, 3, 0, 3), fill=0), "liver", vol)
+    with pytest.raises(RoiError, match="lies outside the image"):
+        segment_region.segment_region(_segment(scene, (0, 3, 0, 3, 0, 3), origin=(900.0, 0.0, 0.0)), "liver", vol)
+    with pytest.raises(RoiError, match="not in"):
+        segment_region.segment_region(seg, "spleen", vol)
+
+
+def _dir_matrix(ijk_to_ras):
+    d = vtk.vtkMatrix4x4()
+    axes = ijk_to_ras[:3, :3] / np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    for r in range(3):
+        for c in range(3):
+            d.SetElement(r, c, float(axes[r, c]))
+    return d
