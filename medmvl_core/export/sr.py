@@ -60,7 +60,8 @@ def _hd():
 def read_source_headers(path: str | os.PathLike, series_uid: str | None = None) -> list:
     """Headers (no pixels) of the image series the viewer read from ``path`` (a DICOM file or
     folder): ``series_uid`` or, as the reader does, the series with the most files."""
-    _, pydicom = _hd()
+    import pydicom  # a base dependency: headers need no highdicom
+
     p = Path(path)
     files = [p] if p.is_file() else sorted(e for e in p.rglob("*") if e.is_file())
     groups: dict[str, list] = {}
