@@ -85,9 +85,14 @@ def drag_to_box(start_cr: tuple[float, float], end_cr: tuple[float, float], axis
 def choose_preset(array: np.ndarray, modality: str) -> str:
     """The window preset an image opens in: a chest CT (much aerated lung inside the body) in
     "Lung", a head CT (skull around brain-density tissue, little lung-density air) in "Brain",
-    other CT in "Soft tissue", anything else (MR, X-ray, photos) in "Auto"."""
+    other CT in "Soft tissue", anything else (MR, X-ray, photos) in "Auto". An image without a
+    modality (NIfTI, NRRD) counts as CT when its values reach down to air in HU."""
     a = np.asarray(array)
-    if modality != "CT" or a.ndim != 3 or a.shape[0] < 2:
+    if a.ndim != 3 or a.shape[0] < 2:
+        return "Auto"
+    # NIfTI / NRRD carry no modality: values down to air (-1000) are Hounsfield units.
+    looks_ct = modality == "CT" or (modality in ("", "unknown") and float(a.min()) < -500)
+    if not looks_ct:
         return "Auto"
     v = a[:, ::2, ::2].astype(np.float32)  # a quarter of the voxels is plenty for fractions
     inside = v > -950  # outside air excluded
