@@ -146,7 +146,7 @@ def test_found_box_is_in_every_view_it_crosses_and_reads_like_a_person_would(win
     chat = win.chat.toPlainText()
     assert chat.startswith("Model: fake-model — intended use not stated")
     # 5 slices x 3 mm, 10 rows x 0.9 mm, 14 columns x 0.9 mm
-    assert ("Found the nodule: slices 4–8, rows 10–19, columns 12–25 (12.6 × 9.0 × 15.0 mm), "
+    assert ("MedM-VL: Here.\n  the nodule: slices 4–8, rows 10–19, columns 12–25 (12.6 × 9.0 × 15.0 mm), "
             "shown in the views") in chat
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from medmvl_core.viewer.display import WL_PRESETS, auto_window, choose_preset
 from medmvl_core.viewer.slice_view import SliceView, ViewState
 
 logger = logging.getLogger(__name__)
+# A 3D box as the model writes it: [z1, y1, x1, z2, y2, x2], normalised.
+_BOX_TEXT = re.compile(r"\[\s*-?[\d.]+(?:\s*,\s*-?[\d.]+){5}\s*\]")
 
 
 def _hbox(*items: QtWidgets.QWidget | tuple) -> QtWidgets.QHBoxLayout:
@@ -116,7 +119,8 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
 
         splitter = QtWidgets.QSplitter()
         splitter.addWidget(left)
-        splitter.addWidget(self._build_panel())
+        self.panel = self._build_panel()
+        splitter.addWidget(self.panel)
         splitter.setStretchFactor(0, 3)
         splitter.setStretchFactor(1, 2)
         self.setCentralWidget(splitter)
@@ -478,9 +482,12 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
         for e in self.controller.history(key):
             entry = f"{names.get(e.role, e.role)}: {e.text}"
             if e.role == "assistant":
-                if n_answer < len(turns):
-                    for b in turns[n_answer].boxes:
-                        entry += "\n  Found " + records.describe_box(b, self._spacing(), shown=True)
+                boxes = turns[n_answer].boxes if n_answer < len(turns) else []
+                if boxes:  # boxes in words, not as the model's normalised numbers
+                    rest = _BOX_TEXT.sub("", e.text).strip(" ,.;\n")
+                    entry = f"MedM-VL: {rest or f'found {len(boxes)} box' + ('es' if len(boxes) > 1 else '')}"
+                    for b in boxes:
+                        entry += "\n  " + records.describe_box(b, self._spacing(), shown=True)
                 n_answer += 1
             lines.append(entry)
         return "\n\n".join(lines)
@@ -509,8 +516,10 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
     def on_answer(self, key: str, answer) -> None:
         if self.volume is not None and key == self.volume.key:
             label = self.controller.last_question.get(key, answer.task)[:30]
-            self.view.clear_found_boxes()  # every returned box, shown in each view it crosses
-            for box in ctl.unique_voxel_boxes(answer.boxes):
+            boxes = ctl.unique_voxel_boxes(answer.boxes)
+            if boxes:  # an answer without boxes keeps the last ones on screen
+                self.view.clear_found_boxes()
+            for box in boxes:  # every returned box, shown in each view it crosses
                 self.view.add_found_box(box, label)
             self.render_chat()
 
