@@ -484,7 +484,7 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
             if e.role == "assistant":
                 boxes = turns[n_answer].boxes if n_answer < len(turns) else []
                 if boxes:  # boxes in words, not as the model's normalised numbers
-                    rest = _BOX_TEXT.sub("", e.text).strip(" ,.;\n")
+                    rest = _BOX_TEXT.sub("", e.text).strip(" ,;\n")
                     entry = f"MedM-VL: {rest or f'found {len(boxes)} box' + ('es' if len(boxes) > 1 else '')}"
                     for b in boxes:
                         entry += "\n  " + records.describe_box(b, self._spacing(), shown=True)
