@@ -38,6 +38,7 @@ def _ensureClientImportable():
 _ensureClientImportable()
 
 from medmvl_core.client import controller as ctl  # noqa: E402
+from medmvl_core.client import records  # noqa: E402
 from medmvl_core.client.controller import TASK_INFO, ControllerListener, PanelController, VolumeData  # noqa: E402
 from MedMVLSlicerLib import launch, mrml_geometry, scene_records, segment_region  # noqa: E402
 
@@ -464,13 +465,12 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
         """The conversation, headed by the model's identity and intended use."""
         if volumeNode is None:
             return ""
-        text = self.controller.transcript(volumeNode.GetID())
-        conv = self.controller.conversations.get(volumeNode.GetID())
-        models = conv.models() if conv is not None else []
-        if not models and self.controller.health:
-            models = [self.controller.model_identity()]
-        head = "".join(f"Model: {m.label()}\n" for m in models)
-        return (head + "\n" + text) if head and text else text
+        key = volumeNode.GetID()
+        if not self.controller.history(key):
+            return ""
+        fallback = self.controller.model_identity() if self.controller.health else None
+        return records.chat_text(self.controller.history(key), self.controller.conversations.get(key),
+                                 fallback)
 
     def storeConversation(self, volumeNode) -> list:
         """Write the volume's records into the scene; returns the new ROI nodes of found boxes."""

@@ -198,6 +198,8 @@ def test_find_streams_into_chat_and_creates_a_named_roi(env, tmp_path):
     w.logic.controller.wait(10)
     chat = w.ui.chatTextEdit.toPlainText()
     assert "You: Find: the nodule" in chat and "MedM-VL: Nodule at [0.1, 0.2]" in chat
+    # the box in words: voxel ranges and mm (spacing 0.7 x 0.7 x 2.0)
+    assert "the nodule: slices 1–3, rows 2–7, columns 3–8 (4.2 × 4.2 × 6.0 mm), shown in the views" in chat
     roi = w.ui.roiSelector.currentNode()
     assert roi is not None and roi.GetName().startswith("MedM-VL the nodule")
     assert tuple(w.logic.roiVoxelBox(roi, vol)) == tuple(box)
@@ -216,6 +218,11 @@ def test_find_streams_into_chat_and_creates_a_named_roi(env, tmp_path):
     record = vol.GetNodeReference("MedMVLConversation")
     assert record is not None and '"answer": "Nodule at [0.1, 0.2]"' in record.GetText()
     assert record.GetNthNodeReference("MedMVLBox", 0).GetID() == roi.GetID()
+    # an SR needs a DICOM source: this volume was not loaded from DICOM
+    pytest.importorskip("highdicom")
+    with pytest.raises(ValueError, match="not read from DICOM"):
+        w.logic.saveTranscriptToFile(vol, str(tmp_path / "sr.dcm"))
+    assert not (tmp_path / "sr.dcm").exists()
     rec.dialog_file = str(tmp_path / "chat.txt")
     w.ui.saveFileButton.click()
     saved = (tmp_path / "chat.txt").read_text()

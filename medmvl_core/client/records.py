@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -217,6 +218,43 @@ def describe_box(box: BoxRecord, spacing: Sequence[float] = (1.0, 1.0, 1.0),
     else:
         text = f"{name}: {v}"
     return text + (", shown in the views" if shown else "")
+
+
+# A 3D box as a model writes it: [z1, y1, x1, z2, y2, x2], normalised to 0-1.
+_BOX_TEXT = re.compile(r"\[\s*-?[\d.]+(?:\s*,\s*-?[\d.]+){5}\s*\]")
+
+
+def readable_answer(text: str, boxes: Sequence[BoxRecord], spacing: Sequence[float],
+                    shown: bool = True) -> str:
+    """An answer for people: when it found boxes, the model's normalised numbers are replaced
+    by one line per box (label, voxel ranges, size in mm)."""
+    if not boxes:
+        return text
+    rest = _BOX_TEXT.sub("", text).strip(" ,;\n")
+    head = rest or f"found {len(boxes)} box" + ("es" if len(boxes) > 1 else "")
+    return head + "".join("\n  " + describe_box(b, spacing, shown=shown) for b in boxes)
+
+
+def chat_text(entries: Sequence[Any], conv: "Conversation | None",
+              fallback_model: ModelIdentity | None = None) -> str:
+    """The chat as the panel and the viewer show it: a ``Model: ...`` line per answering model
+    (or ``fallback_model`` before the first answer), then each entry (objects with ``role`` and
+    ``text``: the controller's history); the n-th answer gets the n-th turn's boxes in words."""
+    turns = conv.turns if conv is not None else []
+    models = conv.models() if conv is not None and conv.turns else []
+    if not models and fallback_model is not None:
+        models = [fallback_model]
+    spacing = conv.volume.spacing() if conv is not None else (1.0, 1.0, 1.0)
+    lines = [f"Model: {m.label()}" for m in models]
+    names = {"user": "You", "assistant": "MedM-VL", "error": "Error"}
+    n_answer = 0
+    for e in entries:
+        text = e.text
+        if e.role == "assistant":
+            text = readable_answer(text, turns[n_answer].boxes if n_answer < len(turns) else [], spacing)
+            n_answer += 1
+        lines.append(f"{names.get(e.role, e.role)}: {text}")
+    return "\n\n".join(lines)
 
 
 def box_corners_lps(voxel: Sequence[int], ijk_to_lps: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ SCHEME = "99MEDMVL"
 _CORNER_ORDER = [(0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (1, 1, 1), (0, 1, 1)]
 
 
-class SRUnavailableError(MedMVLError):
+class SRUnavailableError(MedMVLError, ValueError):
     """An SR cannot be written for this conversation (no DICOM source, mismatched geometry)."""
 
     code = "sr_unavailable"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from medmvl_core.viewer.display import WL_PRESETS, auto_window, choose_preset
 from medmvl_core.viewer.slice_view import SliceView, ViewState
 
 logger = logging.getLogger(__name__)
-# A 3D box as the model writes it: [z1, y1, x1, z2, y2, x2], normalised.
-_BOX_TEXT = re.compile(r"\[\s*-?[\d.]+(?:\s*,\s*-?[\d.]+){5}\s*\]")
 
 
 def _hbox(*items: QtWidgets.QWidget | tuple) -> QtWidgets.QHBoxLayout:
@@ -471,26 +468,9 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
         """The chat as shown: the answering model and its intended use, then each turn, found
         boxes as label, voxel ranges and size in mm."""
         key = self.volume.key
-        conv = self.controller.conversations.get(key)
-        turns = conv.turns if conv is not None else []
-        models = conv.models() if conv is not None else []
-        if not models and self.controller.health:
-            models = [self.controller.model_identity()]
-        lines = [f"Model: {m.label()}" for m in models]
-        names = {"user": "You", "assistant": "MedM-VL", "error": "Error"}
-        n_answer = 0
-        for e in self.controller.history(key):
-            entry = f"{names.get(e.role, e.role)}: {e.text}"
-            if e.role == "assistant":
-                boxes = turns[n_answer].boxes if n_answer < len(turns) else []
-                if boxes:  # boxes in words, not as the model's normalised numbers
-                    rest = _BOX_TEXT.sub("", e.text).strip(" ,;\n")
-                    entry = f"MedM-VL: {rest or f'found {len(boxes)} box' + ('es' if len(boxes) > 1 else '')}"
-                    for b in boxes:
-                        entry += "\n  " + records.describe_box(b, self._spacing(), shown=True)
-                n_answer += 1
-            lines.append(entry)
-        return "\n\n".join(lines)
+        fallback = self.controller.model_identity() if self.controller.health else None
+        return records.chat_text(self.controller.history(key), self.controller.conversations.get(key),
+                                 fallback)
 
     # ------------------------------------------------------------------ controller events
     def on_state(self, state: str, detail: str) -> None:
