@@ -139,3 +139,23 @@ def test_sr_refuses_non_dicom_and_mismatched_sources(series, tmp_path):
         sr.write_sr(rec.Conversation(volume=conv.volume), datasets, tmp_path / "a.dcm")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
     assert sr.read_source_headers(tmp_path) == []
+
+
+def test_export_command_writes_md_and_sr_and_explains_errors(series, tmp_path, capsys):
+    from medmvl_core.cli import main
+
+    datasets = sr.read_source_headers(series)
+    src = tmp_path / "answers.json"
+    src.write_text(_conversation(series, datasets).to_json())
+    assert main(["export", str(src), "-o", str(tmp_path / "a.md")]) == 0
+    assert (tmp_path / "a.md").read_text().startswith("## MedM-VL answers — AI-generated, not reviewed")
+    assert main(["export", str(src), "--dicom", str(series), "-o", str(tmp_path / "a.dcm")]) == 0
+    assert pydicom.dcmread(tmp_path / "a.dcm").Modality == "SR"
+    capsys.readouterr()
+    assert main(["export", str(src), "-o", str(tmp_path / "b.dcm")]) == 1
+    assert "give it with --dicom" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"format": "medmvl.conversation", "version": 3}')
+    assert main(["export", str(tmp_path / "bad.json"), "-o", str(tmp_path / "b.md")]) == 1
+    assert "newer MedM-VL" in capsys.readouterr().err
+    assert main(["export", str(src), "--dicom", str(tmp_path / "a.md"), "-o", str(tmp_path / "b.dcm")]) == 1
+    assert "not read from DICOM" in capsys.readouterr().err and not (tmp_path / "b.dcm").exists()

@@ -488,6 +488,8 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
 
     def on_health(self, health: dict) -> None:
         self.memoryLabel.setText(ctl.format_memory(health.get("memory")))
+        self.stateLabel.setToolTip(ctl.ModelIdentity.from_health(health).label())
+        self.render_chat()  # the model line heads the chat before the first question
 
     def on_token(self, key: str, piece: str) -> None:
         if self.volume is not None and key == self.volume.key:
