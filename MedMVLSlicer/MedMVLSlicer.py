@@ -167,6 +167,9 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        # Node IDs are reused by the next scene: chats live on in its text nodes, not in memory.
+        self.logic.controller.histories.clear()
+        self.logic.controller.conversations.clear()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
