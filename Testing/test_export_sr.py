@@ -148,7 +148,7 @@ def test_export_command_writes_md_and_sr_and_explains_errors(series, tmp_path, c
     src = tmp_path / "answers.json"
     src.write_text(_conversation(series, datasets).to_json())
     assert main(["export", str(src), "-o", str(tmp_path / "a.md")]) == 0
-    assert (tmp_path / "a.md").read_text().startswith("## MedM-VL answers — AI-generated, not reviewed")
+    assert (tmp_path / "a.md").read_text(encoding="utf-8").startswith("## MedM-VL answers — AI-generated, not reviewed")
     assert main(["export", str(src), "--dicom", str(series), "-o", str(tmp_path / "a.dcm")]) == 0
     assert pydicom.dcmread(tmp_path / "a.dcm").Modality == "SR"
     capsys.readouterr()

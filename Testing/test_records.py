@@ -91,6 +91,9 @@ def test_markdown_names_model_use_and_ai_flag():
     assert "MedM-VL demo (phantoms) (sha256 0123456789ab) — trained on synthetic phantoms only" in md
     assert "**Find**: nodule" in md and "nodule: slices 10–13" in md
     assert "Region: drawn region: slices 0–1, rows 0–2, columns 0–3" in md
+    # the model's normalised numbers give way to the box in words; no empty time
+    assert "2026-12-06T20:00:02Z): found 1 box" in md and "[0.1, 0.2" not in md
+    assert "**Answer** (MedM-VL demo (phantoms)): A cyst." in md
     text = _conversation().to_text()
     assert "**" not in text and "AI-generated, not reviewed" in text
 

@@ -151,6 +151,12 @@ def test_unreadable_or_newer_records_give_a_clear_message():
     text_node.SetText("Findings: typed by hand")
     with pytest.raises(rec.RecordFormatError, match="not valid JSON"):
         sr.load(vol)
+    # a degenerate found box (outside the volume) is kept in the record without an ROI node
+    bad = rec.Conversation(turns=[rec.Turn(task="find", question="x", answer="?", model=ModelIdentity(name="m"),
+                                           boxes=[rec.BoxRecord(voxel=[50, 50, 50, 60, 60, 60])])])
+    sr.forget(scene, vol)
+    _, new = sr.store(scene, vol, bad)
+    assert new == [] and sr.load(vol).turns[0].boxes[0].roi_id == ""
     sr.forget(scene, vol)
     assert sr.load(vol) is None and scene.GetNodeByID(text_node.GetID()) is None
     with pytest.raises(ValueError, match="select an image"):

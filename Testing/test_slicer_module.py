@@ -225,7 +225,7 @@ def test_find_streams_into_chat_and_creates_a_named_roi(env, tmp_path):
     assert not (tmp_path / "sr.dcm").exists()
     rec.dialog_file = str(tmp_path / "chat.txt")
     w.ui.saveFileButton.click()
-    saved = (tmp_path / "chat.txt").read_text()
+    saved = (tmp_path / "chat.txt").read_text(encoding="utf-8")
     assert saved.startswith("MedM-VL answers — AI-generated, not reviewed")
     assert "Model: fake-model" in saved and "Answer (fake-model" in saved
     w.ui.clearButton.click()

@@ -181,7 +181,7 @@ def test_save_reopen_and_export(win, tmp_path):
     chat = win.chat.toPlainText()
     win.export_conversation(tmp_path / "c.json", "json")
     win.export_conversation(tmp_path / "c.md", "md")
-    md = (tmp_path / "c.md").read_text()
+    md = (tmp_path / "c.md").read_text(encoding="utf-8")
     assert md.startswith("## MedM-VL answers — AI-generated, not reviewed") and "Box: the nodule: slices 4–8" in md
     # SR from a NIfTI image: explained, nothing written
     assert not win._guarded(win.export_conversation, tmp_path / "c.dcm", "dcm")

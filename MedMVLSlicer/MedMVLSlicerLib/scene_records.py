@@ -22,6 +22,7 @@ import logging
 
 from medmvl_core.client import records
 from medmvl_core.client.records import Conversation, RecordFormatError
+from medmvl_core.errors import RoiError
 
 from MedMVLSlicerLib import mrml_geometry
 
@@ -86,7 +87,11 @@ def store(scene, volume_node, conv: Conversation, region_roi=None) -> tuple[obje
             node = region_roi
         elif node is None and box.source == "found" and len(box.voxel) == 6:
             name = scene.GenerateUniqueName(f"MedM-VL {(box.label or 'box').strip()[:40]}")
-            node = mrml_geometry.voxel_box_to_roi_node(scene, volume_node, box.voxel, name)
+            try:
+                node = mrml_geometry.voxel_box_to_roi_node(scene, volume_node, box.voxel, name)
+            except RoiError as exc:  # a degenerate box: the record keeps it, no ROI is drawn
+                logger.warning("no ROI for box %s: %s", box.voxel, exc)
+                continue
             new_rois.append(node)
         if node is None:
             continue

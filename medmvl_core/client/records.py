@@ -27,6 +27,8 @@ from medmvl_core.errors import MedMVLError
 FORMAT = "medmvl.conversation"
 VERSION = 1
 AI_FLAG = "AI-generated, not reviewed"
+# A 3D box as a model writes it: [z1, y1, x1, z2, y2, x2], normalised to 0-1.
+_BOX_TEXT = re.compile(r"\[\s*-?[\d.]+(?:\s*,\s*-?[\d.]+){5}\s*\]")
 TASK_LABELS = {"ask": "Ask", "report": "Report", "describe": "Describe region",
                "find": "Find", "crop_ask": "Ask about region"}
 
@@ -184,8 +186,9 @@ class Conversation:
             if t.region is not None:
                 lines.append(f"Region: {describe_box(t.region, self.volume.spacing())}  ")
             status = "" if t.status == "answered" else f" ({t.status})"
-            lines.append(f"**Answer**{status} ({t.model.name}, {t.answered_at or t.asked_at}): "
-                         f"{t.answer}  ")
+            who = ", ".join(x for x in (t.model.name, t.answered_at or t.asked_at) if x)
+            answer = _without_box_numbers(t.answer, len(t.boxes)) if t.boxes else t.answer
+            lines.append(f"**Answer**{status} ({who}): {answer}  ")
             for b in t.boxes:
                 lines.append(f"Box: {describe_box(b, self.volume.spacing())}  ")
             lines.append("")
@@ -220,8 +223,9 @@ def describe_box(box: BoxRecord, spacing: Sequence[float] = (1.0, 1.0, 1.0),
     return text + (", shown in the views" if shown else "")
 
 
-# A 3D box as a model writes it: [z1, y1, x1, z2, y2, x2], normalised to 0-1.
-_BOX_TEXT = re.compile(r"\[\s*-?[\d.]+(?:\s*,\s*-?[\d.]+){5}\s*\]")
+def _without_box_numbers(text: str, n_boxes: int) -> str:
+    rest = _BOX_TEXT.sub("", text).strip(" ,;\n")
+    return rest or f"found {n_boxes} box" + ("es" if n_boxes > 1 else "")
 
 
 def readable_answer(text: str, boxes: Sequence[BoxRecord], spacing: Sequence[float],
@@ -230,8 +234,7 @@ def readable_answer(text: str, boxes: Sequence[BoxRecord], spacing: Sequence[flo
     by one line per box (label, voxel ranges, size in mm)."""
     if not boxes:
         return text
-    rest = _BOX_TEXT.sub("", text).strip(" ,;\n")
-    head = rest or f"found {len(boxes)} box" + ("es" if len(boxes) > 1 else "")
+    head = _without_box_numbers(text, len(boxes))
     return head + "".join("\n  " + describe_box(b, spacing, shown=shown) for b in boxes)
 
 
