@@ -325,6 +325,8 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
 
     def on_health(self, health: dict) -> None:
         self.ui.memoryLabel.text = ctl.format_memory(health.get("memory"))
+        # which model answers and what it is for (also the first line of every conversation)
+        self.ui.workerStatusLabel.toolTip = self.logic.controller.model_identity().label()
 
     def on_token(self, key: str, piece: str) -> None:
         self.renderChat()

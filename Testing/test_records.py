@@ -201,3 +201,13 @@ def test_worker_health_reports_model_info(tmp_path):
     h = client.get("/v1/health", headers={"Authorization": "Bearer " + "t" * 20}).json()
     assert "not for clinical use" in h["model_info"]["intended_use"]
     assert ModelIdentity.from_health(h).name == "MedM-VL demo (phantoms)"
+
+
+def test_records_and_exports_import_no_torch_or_highdicom():
+    import subprocess
+
+    code = ("import sys; import medmvl_core.client.records, medmvl_core.client.model_identity, "
+            "medmvl_core.client.segments, medmvl_core.export.sr, medmvl_core.viewer.files; "
+            "print([m for m in ('torch', 'transformers', 'highdicom') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
