@@ -425,8 +425,10 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
             modality = "XR"
         else:
             modality = "CT" if float(array.min()) < -500 else "MR"
+        uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()  # loaded from DICOM
         return VolumeData(key=volumeNode.GetID(), array=array,
-                          ijk_to_ras=mrml_geometry.volume_ijk_to_world(volumeNode), modality=modality)
+                          ijk_to_ras=mrml_geometry.volume_ijk_to_world(volumeNode), modality=modality,
+                          dicom={"sop_instance_uids": uids} if uids else {})
 
     @staticmethod
     def roiVoxelBox(roiNode, volumeNode):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -103,6 +104,7 @@ def make(out_dir: Path, timeout: float = 300.0) -> list[Path]:
     finally:
         win.close()
         win.controller.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:
