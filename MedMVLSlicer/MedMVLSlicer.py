@@ -25,9 +25,11 @@ from slicer.util import VTKObservationMixin
 
 # The client (standard library + numpy) comes from a source checkout or the extension's bundle,
 # found without touching sys.path (MedMVLSlicerLib/clientlib.py); a clear ImportError otherwise.
-from MedMVLSlicerLib import launch, mrml_geometry  # noqa: E402
+from MedMVLSlicerLib import launch, mrml_geometry, scene_records, segment_region  # noqa: E402
+from MedMVLSlicerLib.clientlib import client_module  # noqa: E402
 from MedMVLSlicerLib.clientlib import controller as ctl  # noqa: E402
 
+records = client_module("records")
 TASK_INFO, ControllerListener, PanelController, VolumeData = (
     ctl.TASK_INFO, ctl.ControllerListener, ctl.PanelController, ctl.VolumeData)
 
@@ -170,6 +172,9 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
+        # Node IDs are reused by the next scene: chats live on in its text nodes, not in memory.
+        self.logic.controller.histories.clear()
+        self.logic.controller.conversations.clear()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -224,6 +229,10 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
                                      else "")
 
     def onInputChanged(self, _node=None) -> None:
+        try:  # a conversation saved with the scene comes back into the panel
+            self.logic.restoreConversation(self.ui.inputSelector.currentNode())
+        except ValueError as exc:  # damaged / newer record: say so, keep the panel usable
+            self.ui.statusLabel.text = str(exc)
         self.renderChat()
 
     def onRoiChanged(self, node=None) -> None:
@@ -283,7 +292,8 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
 
     def onSaveFileButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to save the conversation."), waitCursor=True):
-            path = qt.QFileDialog.getSaveFileName(None, _("Save conversation"), "", "Text (*.txt)")
+            path = qt.QFileDialog.getSaveFileName(None, _("Save conversation"), "",
+                                                  "Text (*.txt);;Markdown (*.md);;DICOM SR (*.dcm)")
             if path:
                 self.logic.saveTranscriptToFile(self.ui.inputSelector.currentNode(), path)
 
@@ -320,14 +330,16 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
 
     def on_health(self, health: dict) -> None:
         self.ui.memoryLabel.text = ctl.format_memory(health.get("memory"))
+        # which model answers and what it is for (also the first line of every conversation)
+        self.ui.workerStatusLabel.toolTip = self.logic.controller.model_identity().label()
 
     def on_token(self, key: str, piece: str) -> None:
         self.renderChat()
 
     def on_answer(self, key: str, answer) -> None:
         node = slicer.mrmlScene.GetNodeByID(key)
-        if node is not None and answer.boxes:
-            rois = self.logic.createRoisForAnswer(node, answer)
+        if node is not None:
+            rois = self.logic.storeConversation(node)  # the record + ROI nodes go into the scene
             if rois:
                 self.ui.roiSelector.setCurrentNode(rois[0])
         self.renderChat()
@@ -359,6 +371,7 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self, listener=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self._regionRois: dict = {}  # volume node ID -> ROI node the last question was about
         # Qt networking, no Python threads (MedMVLSlicerLib/launch.py); the worker starts from
         # Slicer's startup environment, not from Slicer's own.
         self.controller = PanelController(
@@ -429,8 +442,10 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
             modality = "XR"
         else:
             modality = "CT" if float(array.min()) < -500 else "MR"
+        uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()  # loaded from DICOM
         return VolumeData(key=volumeNode.GetID(), array=array,
-                          ijk_to_ras=mrml_geometry.volume_ijk_to_world(volumeNode), modality=modality)
+                          ijk_to_ras=mrml_geometry.volume_ijk_to_world(volumeNode), modality=modality,
+                          dicom={"sop_instance_uids": uids} if uids else {})
 
     @staticmethod
     def roiVoxelBox(roiNode, volumeNode):
@@ -457,14 +472,51 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
         if TASK_INFO.get(task, ("", False, False))[2] and roiNode is None:
             raise ValueError(_("This task needs a region: select or place an ROI first."))
         self.controller.run_task(self.volumeData(volumeNode), task, question, box)
+        self._regionRois[volumeNode.GetID()] = roiNode
+
+    def runTaskOnSegment(self, volumeNode, task: str, question, segmentationNode, segmentId: str) -> None:
+        """Ask about a segment: its bounding box on the volume is the region (the mask is not
+        sent; see docs/saving-results.md)."""
+        region = segment_region.segment_region(segmentationNode, segmentId, volumeNode)
+        if region.clipped:
+            logger.warning("the segment extends beyond the volume; its region is clipped")
+        name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+        self.controller.run_task(self.volumeData(volumeNode), task, question, region.box,
+                                 region_source="segment", region_label=name)
 
     # ---------------------------------------------------------------- history
     def transcript(self, volumeNode) -> str:
-        return self.controller.transcript(volumeNode.GetID()) if volumeNode is not None else ""
+        """The conversation, headed by the model's identity and intended use."""
+        if volumeNode is None:
+            return ""
+        key = volumeNode.GetID()
+        if not self.controller.history(key):
+            return ""
+        fallback = self.controller.model_identity() if self.controller.health else None
+        return records.chat_text(self.controller.history(key), self.controller.conversations.get(key),
+                                 fallback)
+
+    def storeConversation(self, volumeNode) -> list:
+        """Write the volume's records into the scene; returns the new ROI nodes of found boxes."""
+        conv = self.controller.conversations.get(volumeNode.GetID())
+        if conv is None:
+            return []
+        _, rois = scene_records.store(slicer.mrmlScene, volumeNode, conv,
+                                      self._regionRois.pop(volumeNode.GetID(), None))
+        return rois
+
+    def restoreConversation(self, volumeNode) -> None:
+        """Show the conversation stored in the scene for the volume (if the panel has none)."""
+        if volumeNode is None or self.controller.history(volumeNode.GetID()):
+            return
+        conv = scene_records.load(volumeNode)
+        if conv is not None:
+            self.controller.restore(volumeNode.GetID(), conv)
 
     def clearHistory(self, volumeNode) -> None:
         if volumeNode is not None:
             self.controller.clear_history(volumeNode.GetID())
+            scene_records.forget(slicer.mrmlScene, volumeNode)
 
     def saveTranscriptToTextNode(self, volumeNode):
         if volumeNode is None:
@@ -474,9 +526,32 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
         node.SetText(self.transcript(volumeNode))
         return node
 
+    @staticmethod
+    def exportStructuredReport(volumeNode, conv, path: str) -> None:
+        """DICOM Comprehensive 3D SR referencing the volume's DICOM series (highdicom needed)."""
+        try:  # needs highdicom and the full package (a source checkout), not the bundled client
+            from medmvl_core.export import sr
+        except ImportError as exc:
+            raise ValueError(_(
+                "DICOM SR export needs highdicom and the MedM-VL source checkout in Slicer's Python "
+                f"({exc}). Install highdicom with slicer.util.pip_install('highdicom') and add the module "
+                "from a checkout, or save as JSON and run 'medmvl export answers.json --dicom SERIES_DIR -o sr.dcm' in the "
+                "worker's environment.")) from exc
+        if conv is None or not conv.turns:
+            raise ValueError(_("Ask the model something first: there is no conversation to export."))
+        uids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+        files = [slicer.dicomDatabase.fileForInstance(u) for u in uids] if uids else []
+        import pydicom
+        sr.write_sr(conv, [pydicom.dcmread(f, stop_before_pixels=True) for f in files if f], path)
+
     def saveTranscriptToFile(self, volumeNode, path: str) -> None:
+        conv = self.controller.conversations.get(volumeNode.GetID()) if volumeNode is not None else None
+        if path.lower().endswith(".dcm"):
+            return self.exportStructuredReport(volumeNode, conv, path)
+        text = conv.to_markdown() if conv is not None and path.endswith(".md") else (
+            conv.to_text() if conv is not None else self.transcript(volumeNode) + "\n")
         with open(path, "w", encoding="utf-8") as fh:
-            fh.write(self.transcript(volumeNode) + "\n")
+            fh.write(text)
 
 
 #

@@ -200,6 +200,8 @@ def test_find_streams_into_chat_and_creates_a_named_roi(env, tmp_path):
     w.logic.controller.wait(10)
     chat = w.ui.chatTextEdit.toPlainText()
     assert "You: Find: the nodule" in chat and "MedM-VL: Nodule at [0.1, 0.2]" in chat
+    # the box in words: voxel ranges and mm (spacing 0.7 x 0.7 x 2.0)
+    assert "the nodule: slices 1–3, rows 2–7, columns 3–8 (4.2 × 4.2 × 6.0 mm), shown in the views" in chat
     roi = w.ui.roiSelector.currentNode()
     assert roi is not None and roi.GetName().startswith("MedM-VL the nodule")
     assert tuple(w.logic.roiVoxelBox(roi, vol)) == tuple(box)
@@ -211,14 +213,55 @@ def test_find_streams_into_chat_and_creates_a_named_roi(env, tmp_path):
     w.ui.copyButton.click()
     assert rec.clipboard == chat
     w.ui.saveTextNodeButton.click()
-    text_node = scene.GetFirstNodeByClass("vtkMRMLTextNode")
+    text_node = scene.GetFirstNodeByName("MedM-VL conversation ct")
     assert text_node is not None and text_node.GetText() == chat
+    assert chat.startswith("Model: fake-model — intended use not stated")
+    # The answer's record is in the scene, referenced from the volume, with its ROI.
+    record = vol.GetNodeReference("MedMVLConversation")
+    assert record is not None and '"answer": "Nodule at [0.1, 0.2]"' in record.GetText()
+    assert record.GetNthNodeReference("MedMVLBox", 0).GetID() == roi.GetID()
+    # an SR needs a DICOM source: this volume was not loaded from DICOM
+    pytest.importorskip("highdicom")
+    with pytest.raises(ValueError, match="not read from DICOM"):
+        w.logic.saveTranscriptToFile(vol, str(tmp_path / "sr.dcm"))
+    assert not (tmp_path / "sr.dcm").exists()
     rec.dialog_file = str(tmp_path / "chat.txt")
     w.ui.saveFileButton.click()
-    assert (tmp_path / "chat.txt").read_text().strip() == chat
+    saved = (tmp_path / "chat.txt").read_text(encoding="utf-8")
+    assert saved.startswith("MedM-VL answers — AI-generated, not reviewed")
+    assert "Model: fake-model" in saved and "Answer (fake-model" in saved
     w.ui.clearButton.click()
     assert w.ui.chatTextEdit.toPlainText() == ""
+    assert vol.GetNodeReference("MedMVLConversation") is None
     w.logic.shutdown()
+
+
+def test_selecting_a_volume_restores_its_stored_conversation(env):
+    mod, rec = env
+    from MedMVLSlicerLib import scene_records
+
+    from medmvl_core.client import records
+    from medmvl_core.client.model_identity import ModelIdentity
+
+    scene = sys.modules["slicer"].mrmlScene
+    vol = _rgb_volume(scene)
+    ident = ModelIdentity(name="MedM-VL demo (phantoms)", intended_use="trained on synthetic phantoms only")
+    conv = records.Conversation(turns=[records.Turn(task="ask", question="Is there a cyst?",
+                                                    answer="No.", model=ident)])
+    scene_records.store(scene, vol, conv)  # as a loaded .mrb leaves it
+    w = _widget(mod)
+    w.ui.inputSelector.setCurrentNode(vol)
+    w.onInputChanged()
+    chat = w.ui.chatTextEdit.toPlainText()
+    assert chat.startswith("Model: MedM-VL demo (phantoms) — trained on synthetic phantoms only")
+    assert "You: Is there a cyst?\n\nMedM-VL: No." in chat
+    # A record from a newer module: a message in the panel, not a stack trace.
+    vol2 = _rgb_volume(scene)
+    node, _ = scene_records.store(scene, vol2, records.Conversation())
+    node.SetText('{"format": "medmvl.conversation", "version": 42}')
+    w.ui.inputSelector.setCurrentNode(vol2)
+    w.onInputChanged()
+    assert "newer MedM-VL" in w.ui.statusLabel.text and w.ui.chatTextEdit.toPlainText() == ""
 
 
 def test_describe_region_sends_the_roi_voxel_box(env):

@@ -29,9 +29,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from medmvl_core import __version__
-from medmvl_core.client import errors
+from medmvl_core.client import errors, records
 from medmvl_core.client.client import TASKS, Answer, WorkerClient
 from medmvl_core.client.launcher import WorkerLauncher
+from medmvl_core.client.model_identity import ModelIdentity
 from medmvl_core.client.roi_geometry import lps_from_ijk_to_ras
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class VolumeData:
     array: np.ndarray
     ijk_to_ras: np.ndarray
     modality: str = "CT"
+    #: the source series' UIDs when the input was DICOM (kept in the records, never uploaded)
+    dicom: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -176,6 +179,9 @@ class PanelController:
         self._partial: dict[str, str] = {}
         #: volume key -> the question (or task label) last asked: names found boxes/ROIs.
         self.last_question: dict[str, str] = {}
+        #: volume key -> the conversation's records (model identity, settings, times, boxes)
+        self.conversations: dict[str, records.Conversation] = {}
+        self._pending: dict[str, dict] = {}
         self._atexit = False
 
     # ------------------------------------------------------------------ events
@@ -216,6 +222,7 @@ class PanelController:
             self._partial.pop(key, None)
             self.histories.setdefault(key, []).append(
                 ChatEntry("assistant", ans.text, ans.task, list(ans.boxes)))
+            self._record(key, ans)
             lst.on_answer(key, ans)
         elif kind == "error":
             key, message = args
@@ -391,11 +398,42 @@ class PanelController:
     def history(self, key: str) -> list[ChatEntry]:
         return list(self.histories.get(key, []))
 
+    def model_identity(self) -> ModelIdentity:
+        """The connected model's name, revision/hash and intended use (from health)."""
+        return ModelIdentity.from_health(self.health)
+
+    def _record(self, key: str, ans: Answer) -> None:
+        p = self._pending.pop(key, None)
+        conv = self.conversations.get(key)
+        if p is None or conv is None:
+            return
+        status = "cancelled" if ans.finish_reason == "cancelled" else "answered"
+        conv.turns.append(records.Turn(
+            task=p["task"], question=p["question"], answer=ans.text, model=self.model_identity(),
+            generation={"max_new_tokens": p["max_new_tokens"], "do_sample": False,
+                        "finish_reason": ans.finish_reason, "num_tokens": ans.num_tokens},
+            asked_at=p["asked_at"], answered_at=records.now_iso(), region=p["region"],
+            boxes=records.found_boxes(ans.boxes, p["label"]), status=status))
+
+    def restore(self, key: str, conversation: records.Conversation) -> None:
+        """Show a stored conversation (e.g. from a loaded scene) as the volume's history.
+        The worker does not see restored turns: the next question starts a new session."""
+        self.conversations[key] = conversation
+        entries: list[ChatEntry] = []
+        for t in conversation.turns:
+            box = t.region.voxel if t.region is not None else None
+            entries.append(ChatEntry("user", _shown_question(t.task, t.question, box), t.task))
+            entries.append(ChatEntry("assistant", t.answer, t.task,
+                                     [{"voxel": b.voxel, "model": b.model,
+                                       "physical_lps": b.physical_lps} for b in t.boxes]))
+        self.histories[key] = entries
+
     def clear_history(self, key: str) -> None:
         """Forget the volume's conversation here and on the worker: the next question starts a
         new worker session (the uploaded volume is kept), so the model no longer sees the
         cleared turns and they stop taking room in its context."""
         self.histories.pop(key, None)
+        self.conversations.pop(key, None)
         cached = self._uploads.get(key)
         if cached is not None:
             self._uploads[key] = (cached[0], cached[1], None)
@@ -423,19 +461,30 @@ class PanelController:
         return self._partial.get(key, "")
 
     def run_task(self, volume: VolumeData, task: str, question: str | None = None,
-                 box: Sequence[int] | None = None) -> None:
-        """Ask the worker about ``volume`` in the background; events stream to the listener."""
+                 box: Sequence[int] | None = None, region_source: str = "drawn",
+                 region_label: str = "") -> None:
+        """Ask the worker about ``volume`` in the background; events stream to the listener.
+        ``region_source`` / ``region_label`` name the box in the records ("drawn" ROI or
+        "segment" and its name)."""
         if self.client is None:
             raise errors.WorkerUnavailableError("no worker: start a local worker or connect to "
                                                 "a remote one first")
         task_prompt_check(task, question, box)
         label = TASK_INFO[task][0]
         q = (question or "").strip()
-        shown = q if task == "ask" else (f"{label}: {q}" if q else label)
-        if box is not None:
-            shown += f"  [box {list(int(v) for v in box)}]"
-        self.histories.setdefault(volume.key, []).append(ChatEntry("user", shown, task))
+        self.histories.setdefault(volume.key, []).append(
+            ChatEntry("user", _shown_question(task, q, box), task))
         self.last_question[volume.key] = question.strip() if question and question.strip() else label
+        conv = self.conversations.setdefault(volume.key, records.Conversation())
+        conv.volume = records.VolumeRef(
+            key=volume.key, shape=[int(s) for s in volume.array.shape],
+            ijk_to_lps=(np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(volume.ijk_to_ras, float)).tolist(),
+            modality=volume.modality, dicom=dict(volume.dicom or {}))
+        self._pending[volume.key] = {
+            "task": task, "question": q, "asked_at": records.now_iso(),
+            "max_new_tokens": self.max_new_tokens, "label": self.last_question[volume.key],
+            "region": None if box is None else records.BoxRecord(
+                voxel=[int(v) for v in box], source=region_source, label=region_label)}
         self._cancel.clear()
         self._set_state(BUSY, f"{label}…")
         client = self.client
@@ -521,6 +570,15 @@ class PanelController:
                     logger.info("cancel: %s", exc)
 
             self.runner.job(job, "medmvl-cancel").start()
+
+
+def _shown_question(task: str, question: str, box: Sequence[int] | None) -> str:
+    """The user's line in the transcript: the question, the task's label, the region."""
+    label = TASK_INFO.get(task, (task,))[0]
+    shown = question if task == "ask" else (f"{label}: {question}" if question else label)
+    if box is not None:
+        shown += f"  [box {list(int(v) for v in box)}]"
+    return shown
 
 
 def _split_progress(out, finished: Callable[[], Any], pause: Callable[[float], None],

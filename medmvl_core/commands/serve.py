@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch)
 
     def loader():
+        from medmvl_core.client.model_identity import read_model_identity
+        # name, hash and intended use for /v1/health (hashing runs here, off the request path)
+        settings.model_info = read_model_identity(args.checkpoint).to_dict()
         return load_engine(args.checkpoint, args.device, args.dtype, args.quantize,
                            warmup_batch=args.max_batch,
                            cache_bytes=int(args.cache_mb * (1 << 20)),

@@ -36,7 +36,12 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # qtpy missing or no Qt binding
         raise ConfigError(f"the viewer needs Qt ({exc}); install it with "
                           "pip install 'medmvl-slicer[viewer]'") from exc
+    from medmvl_core.viewer.qt_check import platform_problem
     from medmvl_core.viewer.window import ViewerWindow
+
+    problem = platform_problem()
+    if problem:  # Qt would abort with "reinstalling the application may fix this problem"
+        raise ConfigError(problem)
 
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
     win = ViewerWindow()

@@ -1,5 +1,7 @@
-"""The viewer's main window: a slice view and the MedM-VL panel, bound to the shared
-:class:`~medmvl_core.client.controller.PanelController` (results drained by a QTimer)."""
+"""The viewer's main window: axial / coronal / sagittal views with a shared crosshair and the
+MedM-VL panel, bound to the shared :class:`~medmvl_core.client.controller.PanelController`
+(results drained by a QTimer). Conversations save as JSON, export as Markdown or DICOM SR
+(:mod:`medmvl_core.viewer.files`); a label map's label can be the region."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import numpy as np
 from qtpy import QtCore, QtWidgets
 
 from medmvl_core.client import controller as ctl
+from medmvl_core.client import records
 from medmvl_core.client.roi_geometry import ijk_to_ras_from_lps
-from medmvl_core.viewer.display import WL_PRESETS, auto_window
-from medmvl_core.viewer.slice_view import SliceView
+from medmvl_core.viewer.display import WL_PRESETS, auto_window, choose_preset
+from medmvl_core.viewer.slice_view import SliceView, ViewState
+from medmvl_core.viewer.window_actions import FileActions
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +32,7 @@ def _hbox(*items: QtWidgets.QWidget | tuple) -> QtWidgets.QHBoxLayout:
     return row
 
 
-class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
+class ViewerWindow(QtWidgets.QMainWindow, FileActions, ctl.ControllerListener):
     """``medmvl viewer``: open an image, draw a box, ask the model."""
 
     def __init__(self, controller: ctl.PanelController | None = None):
@@ -37,6 +41,9 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
         self.controller = controller or ctl.PanelController()
         self.controller.listener = self
         self.volume: ctl.VolumeData | None = None
+        self.source_path: str | None = None  # the file or DICOM folder shown (for SR export)
+        self.labelmap = None  # medmvl_core.viewer.labelmaps.LabelMap
+        self._region: tuple[str, str] = ("drawn", "")  # how the user box was made
         self._build()
         self._timer = QtCore.QTimer(self)
         self._timer.setInterval(50)
@@ -50,10 +57,22 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
         menu = self.menuBar().addMenu("&File")
         menu.addAction("Open image file…", self.open_file_dialog)
         menu.addAction("Open DICOM folder…", self.open_folder_dialog)
+        menu.addAction("Open label map / DICOM SEG…", self.open_labelmap_dialog)
+        menu.addSeparator()
+        menu.addAction("Save conversation (JSON)…", lambda: self.export_dialog("json"))
+        menu.addAction("Open conversation (JSON)…", self.open_conversation_dialog)
+        menu.addAction("Export as Markdown…", lambda: self.export_dialog("md"))
+        menu.addAction("Export as DICOM SR…", lambda: self.export_dialog("dcm"))
+        menu.addSeparator()
         menu.addAction("Quit", self.close)
 
-        self.view = SliceView()
-        self.view.on_box_drawn = self._on_box_drawn
+        self.viewState = ViewState()
+        self.view = SliceView(axis=0, state=self.viewState)
+        self.coronalView = SliceView(axis=1, state=self.viewState)
+        self.sagittalView = SliceView(axis=2, state=self.viewState)
+        for v in self.views():
+            v.on_box_drawn = self._on_box_drawn
+            v.on_position_changed = self._on_position
         self.sliceSlider = QtWidgets.QSlider(QtCore.Qt.Horizontal)
         self.sliceSlider.valueChanged.connect(self.view.set_slice)
         self.view.on_slice_changed = self.sliceSlider.setValue
@@ -72,14 +91,34 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
             bar.addWidget(QtWidgets.QLabel(label))
             bar.addWidget(w, 1 if w is self.sliceSlider else 0)
         bar.addWidget(self.clearBoxButton)
+        self.labelCombo = QtWidgets.QComboBox()
+        self.labelCombo.setToolTip("A label of the loaded label map (File > Open label map)")
+        self.labelButton = QtWidgets.QPushButton("Use label as region")
+        self.labelButton.clicked.connect(lambda: self._guarded(self.use_label, self.labelCombo.currentData()))
+        self.labelRow = QtWidgets.QWidget()
+        lr = QtWidgets.QHBoxLayout(self.labelRow)
+        lr.setContentsMargins(0, 0, 0, 0)
+        lr.addWidget(QtWidgets.QLabel("Label"))
+        lr.addWidget(self.labelCombo, 1)
+        lr.addWidget(self.labelButton)
+        self.labelRow.setVisible(False)
+        grid = QtWidgets.QGridLayout()
+        grid.setSpacing(3)
+        grid.addWidget(self.view, 0, 0, 2, 1)
+        grid.addWidget(self.coronalView, 0, 1)
+        grid.addWidget(self.sagittalView, 1, 1)
+        grid.setColumnStretch(0, 3)
+        grid.setColumnStretch(1, 2)
         left = QtWidgets.QWidget()
         lv = QtWidgets.QVBoxLayout(left)
-        lv.addWidget(self.view, 1)
+        lv.addLayout(grid, 1)
         lv.addLayout(bar)
+        lv.addWidget(self.labelRow)
 
         splitter = QtWidgets.QSplitter()
         splitter.addWidget(left)
-        splitter.addWidget(self._build_panel())
+        self.panel = self._build_panel()
+        splitter.addWidget(self.panel)
         splitter.setStretchFactor(0, 3)
         splitter.setStretchFactor(1, 2)
         self.setCentralWidget(splitter)
@@ -184,8 +223,14 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
         from medmvl_core.imaging import read_image
 
         vol = read_image(str(path))
+        dicom: dict = {}
+        if vol.source.startswith("dicom"):  # keep the series' UIDs for an SR export (never uploaded)
+            from medmvl_core.export.sr import dicom_refs, read_source_headers
+            dicom = dicom_refs(read_source_headers(path))
         self.set_volume(str(Path(path).resolve()), vol.array, vol.spacing, vol.origin,
                         vol.direction, vol.modality)
+        self.volume.dicom = dicom
+        self.source_path = str(path) if dicom else None
 
     def set_volume(self, key: str, array: np.ndarray, spacing=(1.0, 1.0, 1.0),
                    origin=(0.0, 0.0, 0.0), direction=None, modality: str = "CT") -> None:
@@ -194,16 +239,34 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
         self.volume = ctl.VolumeData(key=key, array=np.asarray(array),
                                      ijk_to_ras=ijk_to_ras_from_lps(spacing, origin, direction),
                                      modality=modality or "CT")
-        self.view.set_volume(self.volume.array, spacing)
+        # Superior up in the coronal and sagittal views when k runs towards the head (LPS z).
+        self.view.set_volume(self.volume.array, spacing, flip_rows=bool(direction[2, 2] >= 0))
         self.sliceSlider.setRange(0, max(0, self.view.num_slices - 1))
         self.sliceSlider.setValue(self.view.k)
+        three_d = self.volume.array.ndim == 3 and self.volume.array.shape[0] > 1
+        self.coronalView.setVisible(three_d)
+        self.sagittalView.setVisible(three_d)
         is_rgb = self.volume.array.ndim == 4
         self.wlCombo.setEnabled(not is_rgb)
-        if not is_rgb and modality == "CT" and self.wlCombo.currentText() == "Auto":
-            self.wlCombo.setCurrentText("Lung" if self.volume.array.shape[0] > 1 else "Auto")
-        self._apply_window(self.wlCombo.currentText())
+        preset = "Auto" if is_rgb else choose_preset(self.volume.array, modality or "")
+        if self.wlCombo.currentText() == preset:
+            self._apply_window(preset)
+        else:
+            self.wlCombo.setCurrentText(preset)  # applies it
+        self.labelmap = None
+        self.labelRow.setVisible(False)
+        self._region = ("drawn", "")
         self.setWindowTitle(f"MedM-VL viewer — {Path(key).name}")
         self.render_chat()
+
+    def views(self) -> list[SliceView]:
+        """The axial, coronal and sagittal views."""
+        return [self.view, self.coronalView, self.sagittalView]
+
+    def _on_position(self, pos) -> None:
+        self.sliceSlider.blockSignals(True)
+        self.sliceSlider.setValue(int(pos[0]))
+        self.sliceSlider.blockSignals(False)
 
     def _apply_window(self, name: str) -> None:
         preset = WL_PRESETS.get(name)
@@ -211,11 +274,21 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
             preset = auto_window(self.volume.array)
         self.view.set_window(*(preset or (None, None)))
 
-    def _on_box_drawn(self, box) -> None:
+    def _on_box_drawn(self, box, source: str = "drawn", label: str = "") -> None:
         if box is None:
             self.view.set_user_box(None)
-        self.statusLabel.setText(f"box (k1, j1, i1, k2, j2, i2) = {list(box)}" if box else "no box")
+        self._region = (source, label)
+        if box and self.volume is not None:
+            text = records.describe_box(records.BoxRecord(voxel=list(box), source=source, label=label),
+                                        self._spacing())
+            self.statusLabel.setText(f"box set — {text}")
+        else:
+            self.statusLabel.setText("no box")
         self._update_task()
+
+    def _spacing(self) -> tuple[float, float, float]:
+        m = np.asarray(self.volume.ijk_to_ras, float) if self.volume is not None else np.eye(4)
+        return tuple(float(v) for v in np.linalg.norm(m[:3, :3], axis=0))  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ actions
     def _guarded(self, fn, *args) -> bool:
@@ -268,7 +341,8 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
         _label, needs_q, needs_box = ctl.TASK_INFO[task]
         ok = self._guarded(self.controller.run_task, self.volume, task,
                            self.questionEdit.text() if needs_q else None,
-                           self.view.user_box() if needs_box else None)
+                           self.view.user_box() if needs_box else None,
+                           self._region[0], self._region[1])
         self.render_chat()
         return ok
 
@@ -276,9 +350,14 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
         QtWidgets.QApplication.clipboard().setText(self.chat.toPlainText())
 
     def save_chat_dialog(self) -> None:
-        path, _ = QtWidgets.QFileDialog.getSaveFileName(self, "Save conversation", "", "Text (*.txt)")
+        path, _ = QtWidgets.QFileDialog.getSaveFileName(
+            self, "Save conversation", "", "Text (*.txt);;Markdown (*.md);;Conversation (*.json);;DICOM SR (*.dcm)")
         if path:
-            self.save_chat(path)
+            kind = Path(path).suffix.lower().lstrip(".") or "txt"
+            if kind in ("md", "json", "dcm"):
+                self._guarded(self.export_conversation, path, kind)
+            else:
+                self.save_chat(path)
 
     def save_chat(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.chat.toPlainText() + "\n", encoding="utf-8")
@@ -308,12 +387,20 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
         if self.volume is None:
             self.chat.setPlainText("")
             return
-        text = self.controller.transcript(self.volume.key)
+        text = self.transcript()
         partial = self.controller.partial(self.volume.key)
         if partial:
             text += ("\n\n" if text else "") + "MedM-VL: " + partial
         self.chat.setPlainText(text)
         self.chat.verticalScrollBar().setValue(self.chat.verticalScrollBar().maximum())
+
+    def transcript(self) -> str:
+        """The chat as shown: the answering model and its intended use, then each turn, found
+        boxes as label, voxel ranges and size in mm."""
+        key = self.volume.key
+        fallback = self.controller.model_identity() if self.controller.health else None
+        return records.chat_text(self.controller.history(key), self.controller.conversations.get(key),
+                                 fallback)
 
     # ------------------------------------------------------------------ controller events
     def on_state(self, state: str, detail: str) -> None:
@@ -331,6 +418,8 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
 
     def on_health(self, health: dict) -> None:
         self.memoryLabel.setText(ctl.format_memory(health.get("memory")))
+        self.stateLabel.setToolTip(ctl.ModelIdentity.from_health(health).label())
+        self.render_chat()  # the model line heads the chat before the first question
 
     def on_token(self, key: str, piece: str) -> None:
         if self.volume is not None and key == self.volume.key:
@@ -339,8 +428,10 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
     def on_answer(self, key: str, answer) -> None:
         if self.volume is not None and key == self.volume.key:
             label = self.controller.last_question.get(key, answer.task)[:30]
-            self.view.clear_found_boxes()
-            for box in ctl.unique_voxel_boxes(answer.boxes):
+            boxes = ctl.unique_voxel_boxes(answer.boxes)
+            if boxes:  # an answer without boxes keeps the last ones on screen
+                self.view.clear_found_boxes()
+            for box in boxes:  # every returned box, shown in each view it crosses
                 self.view.add_found_box(box, label)
             self.render_chat()
 

@@ -134,6 +134,7 @@ def create_app(state: WorkerState) -> FastAPI:
     @app.get("/v1/health")
     async def health():
         return {"status": state.status, "model": state.settings.model_name,
+                "model_info": state.settings.model_info,
                 "device": state.device, "memory": _memory(state), "version": __version__,
                 "api": API_VERSION, "error": state.error, "queue_waiting": state.queue.waiting,
                 "busy": state.queue.running is not None,

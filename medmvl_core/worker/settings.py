@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medmvl_core.errors import ConfigError
@@ -32,6 +32,8 @@ class WorkerSettings:
     max_sessions: int = 256
     max_batch: int = 4
     model_name: str = ""
+    #: name, revision, content hash, intended use (``client.model_identity``), for health
+    model_info: dict = field(default_factory=dict)
 
 
 def is_loopback(host: str) -> bool:
