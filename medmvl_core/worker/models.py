@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
@@ -26,7 +26,7 @@ class MessageIn(_In):
     exclusive, inside the image (checked against the session's volume)."""
 
     task: str = Field("ask", max_length=32)
-    question: str | None = Field(None, max_length=100_000)
+    question: str | None = Field(None, max_length=100_000)  # pydantic refuses lone surrogates
     box: list[Finite] | None = Field(None, max_length=6)
     max_new_tokens: int = Field(256, ge=1, le=1 << 20)
     do_sample: bool = False
@@ -35,17 +35,6 @@ class MessageIn(_In):
     top_k: int = Field(0, ge=0, le=1 << 24)
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     timeout_s: Finite | None = Field(None, gt=0, le=86400)
-
-    @field_validator("question")
-    @classmethod
-    def _encodable(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError("the question contains an unpaired surrogate (not valid "
-                                 "Unicode); send UTF-8 text") from None
-        return v
 
 
 class ErrorBody(BaseModel):
