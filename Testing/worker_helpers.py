@@ -9,7 +9,6 @@ import select
 import socket
 import stat
 import sys
-import time
 from pathlib import Path
 
 TESTING_DIR = Path(__file__).resolve().parent
