@@ -159,7 +159,7 @@ class WorkerServer:
         return self._server
 
     def _on_exit(self) -> None:
-        """In the event-loop thread: end running answers with ``shutting_down``."""
+        """From the signal handler or the parent watchdog: end running answers (``shutting_down``)."""
         self.state.begin_shutdown()
 
     def request_exit(self) -> None:

@@ -148,11 +148,11 @@ class WorkerState:
     # ------------------------------------------------------------------ shutdown
     def begin_shutdown(self) -> None:
         """Refuse new questions and end every running or queued answer with a final
-        ``shutting_down`` error event (called on SIGTERM / parent death, in the event loop)."""
+        ``shutting_down`` error event (called on SIGTERM or parent death; thread-safe)."""
         self.shutting_down = True
         self.status = "shutting_down"
-        with self.lock:
-            jobs = list(self.active.values())
+        # no lock: this may run in a signal handler that interrupted a holder of ``self.lock``
+        jobs = list(self.active.values())
         for job in jobs:
             if not job.done.is_set():
                 job.cancel.set()
