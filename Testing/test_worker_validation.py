@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import socket
 import time
 
 import numpy as np
@@ -194,3 +195,31 @@ def test_off_host_binding_without_tls_warns(caplog):
         quiet.sock.close()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "without TLS" in warnings[0] and "0.0.0.0" in warnings[0]
+
+
+def test_uploads_received_at_once_are_bounded(worker, client):
+    st = worker.state.settings
+    saved = (st.body_timeout_s, st.upload_buffer_bytes)
+    st.body_timeout_s, st.upload_buffer_bytes = 20.0, 6000        # one 4096-byte body at a time
+    arr = np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE)
+    meta = {"dtype": "int16", "shape": list(SHAPE), "spacing": [1, 1, 1], "origin": [0, 0, 0],
+            "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}
+    body = arr.tobytes()
+    head = (f"POST /v1/volumes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/octet-stream\r\nX-MedMVL-Meta: {json.dumps(meta)}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", worker.port), timeout=20)
+    try:
+        sock.sendall(head + body[:100])                   # one upload in flight, half sent
+        deadline = time.monotonic() + 10
+        while worker.state.upload_bytes_in_flight < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(errors.QueueFullError) as info:
+            client.upload_volume(np.zeros(SHAPE, np.int16))
+        assert info.value.code == "uploads_busy" and info.value.retry_after == 2
+        sock.sendall(body[100:])                           # the first one completes normally
+        assert sock.recv(4096).split(b" ")[1] == b"200"
+    finally:
+        sock.close()
+        st.body_timeout_s, st.upload_buffer_bytes = saved
+    client.upload_volume(np.zeros(SHAPE, np.int16))        # and the next one is accepted

@@ -126,6 +126,7 @@ _BY_CODE: dict[str, type[WorkerError]] = {
     "shutting_down": WorkerShuttingDownError,
     "too_large": PayloadTooLargeError,
     "queue_full": QueueFullError,
+    "uploads_busy": QueueFullError,
     "loading": NotReadyError,
     "cancelled": CancelledError,
     "timeout": WorkerTimeoutError,

@@ -32,7 +32,7 @@ ERROR_STATUS: dict[str, int] = {
     "too_large": 413,
     "unsupported_media_type": 415,
     "invalid_request": 422,
-    "queue_full": 429,
+    "queue_full": 429, "uploads_busy": 429,
     "cancelled": 499,
     "internal": 500,
     "loading": 503, "out_of_memory": 503, "shutting_down": 503,
@@ -40,7 +40,7 @@ ERROR_STATUS: dict[str, int] = {
 }
 
 #: Seconds a client should wait before retrying, sent as ``Retry-After`` with these codes.
-RETRY_AFTER_S: dict[str, int] = {"queue_full": 2, "loading": 5}
+RETRY_AFTER_S: dict[str, int] = {"queue_full": 2, "uploads_busy": 2, "loading": 5}
 
 #: Largest JSON request body the worker reads (sessions, messages, cancel); uploads have their own.
 MAX_JSON_BODY_BYTES = 64 * 1024

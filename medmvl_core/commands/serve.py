@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sessions", type=int, default=256,
                         help="open conversations; past it the least recently used idle one is "
                              "closed (it answers 410 session_evicted)")
+    parser.add_argument("--upload-buffer-mb", type=float, default=2048.0,
+                        help="upload bodies received at the same time, in total (one upload is "
+                             "always admitted; more get HTTP 429)")
     parser.add_argument("--body-timeout", type=float, default=30.0,
                         help="seconds a request body may stall before HTTP 408")
     parser.add_argument("--ssl-certfile", default=None,
@@ -80,8 +83,10 @@ def run(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         request_timeout_s=args.request_timeout, model_name=Path(args.checkpoint).name,
         max_batch=args.max_batch, volume_store_bytes=int(args.volume_store_mb * (1 << 20)),
-        max_sessions=args.max_sessions, body_timeout_s=args.body_timeout)
+        max_sessions=args.max_sessions, body_timeout_s=args.body_timeout,
+        upload_buffer_bytes=int(args.upload_buffer_mb * (1 << 20)))
     for name, value in (("--max-sessions", args.max_sessions), ("--body-timeout", args.body_timeout),
+                        ("--upload-buffer-mb", args.upload_buffer_mb),
                         ("--max-upload-mb", args.max_upload_mb),
                         ("--volume-store-mb", args.volume_store_mb)):
         if not value > 0:

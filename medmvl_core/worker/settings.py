@@ -23,7 +23,9 @@ class WorkerSettings:
     ``volume_evicted``); max_sessions: open conversations (past it the least recently used idle
     one is dropped and answers ``session_evicted``); max_batch: questions decoded together in one
     batch; max_json_bytes: largest JSON request body; body_timeout_s: longest wait for the next
-    piece of a request body (a half-sent body is answered 408 and closed).
+    piece of a request body (a half-sent body is answered 408 and closed); upload_buffer_bytes:
+    bytes of upload bodies received at the same time (one upload is always admitted; another
+    that would pass it gets 429 ``uploads_busy``).
     """
 
     token: str
@@ -37,6 +39,7 @@ class WorkerSettings:
     max_batch: int = 4
     max_json_bytes: int = 64 * 1024
     body_timeout_s: float = 30.0
+    upload_buffer_bytes: int = 2 << 30
     model_name: str = ""
 
 

@@ -51,6 +51,7 @@ class WorkerState:
         self.lock = threading.Lock()
         self.evicted: OrderedDict[str, str] = OrderedDict()  # session id -> code
         self.shutting_down = False
+        self.upload_bytes_in_flight = 0  # changed in the event loop only
 
     def _run_batch(self, jobs: list[Job]) -> list[Any]:
         """Answer several queued questions together through ``Engine.answer_batch``."""

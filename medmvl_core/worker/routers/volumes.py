@@ -61,8 +61,16 @@ async def upload(request: Request, state: WorkerState = Depends(get_state),
     if declared is not None and int(declared) != size:
         raise RequestError(f"body has {declared} bytes but dtype {meta['dtype']} x shape "
                            f"{meta['shape']} needs {size}", code="shape_mismatch")
-    buf = await read_into_buffer(request, size)
-    vid, created = await asyncio.to_thread(state.volumes.add, buf, meta)
+    busy = state.upload_bytes_in_flight
+    if busy and busy + size > state.settings.upload_buffer_bytes:
+        raise MedMVLError(f"{busy} bytes of other uploads are being received; retry shortly",
+                          code="uploads_busy")
+    state.upload_bytes_in_flight += size  # bounds the memory of bodies read at the same time
+    try:
+        buf = await read_into_buffer(request, size)
+        vid, created = await asyncio.to_thread(state.volumes.add, buf, meta)
+    finally:
+        state.upload_bytes_in_flight -= size
     logger.info("volume %s %s (%s %s)", vid[:8], "stored" if created else "already present",
                 meta["dtype"], meta["shape"])
     return {"volume_id": vid, "created": created}
