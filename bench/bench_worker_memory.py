@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         rows["ask_after_delete"] = {"status": status, "answer": last}
     finally:
         launcher.close()
-    print(json.dumps({"machine": "see the caller", "rows": rows}, indent=1))
+    machine = f"{platform.machine()} {os.cpu_count()} CPUs, {platform.system()}, CPU only"
+    print(json.dumps({"machine": machine, "upload_mb": args.upload_mb, "rows": rows}, indent=1))
     return 0
 
 
