@@ -47,7 +47,8 @@ def _chunked(pieces):
 
 def _measure(pid: int, fn):
     """Run ``fn()``; return (its result, growth of the peak RSS in MB, RSS after in MB)."""
-    assert reset_peak(pid)
+    if not reset_peak(pid):
+        pytest.skip("this kernel does not let us reset the peak RSS (/proc/PID/clear_refs)")
     base = rss_mb(pid)
     out = fn()
     return out, peak_mb(pid) - base, rss_mb(pid)
