@@ -11,19 +11,18 @@ import pytest
 
 from medmvl_core.client import WorkerLauncher, errors, ready_file_for
 from streaming_helpers import ask_in_background, wait_for_pieces
+from worker_helpers import toy_checkpoint as make_toy_checkpoint
+from worker_helpers import toy_python
 
 
 @pytest.fixture(scope="module")
 def toy_checkpoint(tmp_path_factory, reference_dir):
-    d = tmp_path_factory.mktemp("toyck")
-    (d / "medmvl_toy.json").write_text(json.dumps(
-        {"tokenizer_dir": str(reference_dir / "base" / "llm"), "step_delay_s": 0.05}))
-    return d
+    return make_toy_checkpoint(tmp_path_factory.mktemp("toyck"), reference_dir, step_delay_s=0.05)
 
 
 def test_kill_mid_answer_gives_a_clear_error_and_restart_works(toy_checkpoint):
-    launcher = WorkerLauncher(python=sys.executable, checkpoint=toy_checkpoint, device="cpu",
-                              start_timeout=120)
+    launcher = WorkerLauncher(python=toy_python(toy_checkpoint.parent / "bin"),
+                              checkpoint=toy_checkpoint, device="cpu", start_timeout=120)
     try:
         client = launcher.start()
         info = json.loads(ready_file_for(launcher.token_file).read_text())

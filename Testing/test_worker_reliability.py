@@ -199,8 +199,9 @@ def test_queue_bound_gives_429(worker, client):
     t1.start()
     while client.health()["queue_waiting"] < 1:
         time.sleep(0.01)
-    with pytest.raises(errors.QueueFullError):
+    with pytest.raises(errors.QueueFullError) as info:
         client.ask(sids[2], question="Describe it.", max_new_tokens=4)
+    assert info.value.retry_after == 2            # the worker's Retry-After header
     client.cancel(sids[0])
     client.cancel(sids[1])
     t0.join(10)

@@ -21,11 +21,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from medmvl_core.client import errors
-from medmvl_core.client.sse import iter_sse
+from medmvl_core.client.protocol import API_PREFIX, iter_sse, validate_geometry
 
 logger = logging.getLogger(__name__)
 
-API_PREFIX = "/v1"
 TASKS = ("ask", "report", "describe", "find", "crop_ask")
 
 
@@ -40,6 +39,37 @@ class Answer:
     finish_reason: str = "stop"
     task: str = "ask"
     prompt_question: str = ""
+
+    #: ``final`` event field -> Answer attribute (the worker's FinalEvent schema; tested).
+    FINAL_FIELDS = {"text": "text", "boxes": "boxes", "timings": "timings",
+                    "num_tokens": "num_tokens", "finish_reason": "finish_reason", "task": "task",
+                    "question": "prompt_question"}
+
+    @classmethod
+    def from_event(cls, data: dict, task: str = "ask") -> "Answer":
+        """The Answer of a ``final`` event's data."""
+        return cls(text=data.get("text", ""), boxes=data.get("boxes", []),
+                   timings=data.get("timings", {}), num_tokens=int(data.get("num_tokens", 0)),
+                   finish_reason=data.get("finish_reason", "stop"), task=data.get("task", task),
+                   prompt_question=data.get("question", ""))
+
+
+def message_payload(task: str = "ask", question: str | None = None,
+                    box: Sequence[float] | None = None, max_new_tokens: int = 256,
+                    do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                    top_k: int = 0, seed: int | None = None,
+                    timeout: float | None = None) -> dict[str, Any]:
+    """The JSON body of ``POST /v1/sessions/{id}/messages`` (the worker's MessageIn; tested
+    against its OpenAPI schema)."""
+    payload: dict[str, Any] = {"task": task, "question": question,
+                               "max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                               "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                               "seed": seed}
+    if box is not None:
+        payload["box"] = [float(v) for v in box]
+    if timeout is not None:
+        payload["timeout_s"] = float(timeout)
+    return payload
 
 
 class WorkerClient:
@@ -104,8 +134,14 @@ class WorkerClient:
                 break
             if resp.status >= 400:
                 raw = resp.read()
+                retry_after = resp.getheader("Retry-After")
                 conn.close()
-                raise self._http_error(resp.status, raw)
+                exc = self._http_error(resp.status, raw)
+                try:  # seconds the worker asks us to wait (429 queue_full, 503 loading)
+                    exc.retry_after = float(retry_after) if retry_after else None
+                except ValueError:
+                    exc.retry_after = None
+                raise exc
             return conn, resp
         raise errors.WorkerUnavailableError(
             f"cannot reach the worker at {self.url} ({last.__class__.__name__}: {last}); "
@@ -126,6 +162,8 @@ class WorkerClient:
     def _json(self, method: str, path: str, payload: Any = None, body: bytes | None = None,
               headers: dict[str, str] | None = None) -> Any:
         hdrs = dict(headers or {})
+        if isinstance(body, memoryview):
+            hdrs["Content-Length"] = str(body.nbytes)
         if payload is not None:
             body = json.dumps(payload).encode("utf-8")
             hdrs["Content-Type"] = "application/json"
@@ -174,6 +212,10 @@ class WorkerClient:
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         arr = np.ascontiguousarray(arr)
+        try:  # fail here rather than after sending the whole array
+            validate_geometry([float(v) for v in spacing], [float(v) for v in origin])
+        except errors.MedMVLError as exc:
+            raise errors.BadRequestError(str(exc), code="bad_geometry") from None
         if direction is None:
             direction = np.eye(3)
         meta = {
@@ -184,7 +226,9 @@ class WorkerClient:
             "direction": np.asarray(direction, dtype=float).reshape(-1).tolist(),
             "modality": modality,
         }
-        out = self._json("POST", "/volumes", body=arr.tobytes(), headers={
+        # a view of the array's bytes, not a copy (a 1 GB volume is not doubled in memory)
+        body = memoryview(arr.reshape(-1)).cast("B") if arr.size else b""
+        out = self._json("POST", "/volumes", body=body, headers={
             "Content-Type": "application/octet-stream", "X-MedMVL-Meta": json.dumps(meta)})
         return out["volume_id"]
 
@@ -206,7 +250,8 @@ class WorkerClient:
     def ask(self, session_id: str, task: str = "ask", question: str | None = None,
             box: Sequence[float] | None = None, on_token: Callable[[str], None] | None = None,
             max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
-            top_p: float = 1.0, seed: int | None = None, timeout: float | None = None) -> Answer:
+            top_p: float = 1.0, seed: int | None = None, timeout: float | None = None,
+            top_k: int = 0) -> Answer:
         """Ask one question and stream the answer.
 
         box: voxel box ``(k1, j1, i1, k2, j2, i2)`` (inclusive-exclusive) for describe/crop_ask.
@@ -217,13 +262,8 @@ class WorkerClient:
         if task not in TASKS:
             raise errors.BadRequestError(f"unknown task {task!r}; use one of {', '.join(TASKS)}",
                                          code="bad_task")
-        payload: dict[str, Any] = {"task": task, "question": question,
-                                   "max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                                   "temperature": temperature, "top_p": top_p, "seed": seed}
-        if box is not None:
-            payload["box"] = [float(v) for v in box]
-        if timeout is not None:
-            payload["timeout_s"] = float(timeout)
+        payload = message_payload(task, question, box, max_new_tokens, do_sample, temperature,
+                                  top_p, top_k, seed, timeout)
         read_timeout = max(self.timeout, (timeout or 0) + 5.0)
         conn, resp = self._open(
             "POST", f"/sessions/{urllib.parse.quote(session_id)}/messages",
@@ -237,12 +277,7 @@ class WorkerClient:
                     if on_token is not None:
                         on_token(data.get("text", ""))
                 elif ev.event == "final":
-                    return Answer(text=data.get("text", ""), boxes=data.get("boxes", []),
-                                  timings=data.get("timings", {}),
-                                  num_tokens=int(data.get("num_tokens", 0)),
-                                  finish_reason=data.get("finish_reason", "stop"),
-                                  task=data.get("task", task),
-                                  prompt_question=data.get("question", ""))
+                    return Answer.from_event(data, task)
                 elif ev.event == "error":
                     raise errors.error_from_response(
                         int(data.get("status", 500)), data.get("code"), data.get("message", ""))

@@ -33,6 +33,7 @@ from medmvl_core.client import errors, records
 from medmvl_core.client.client import TASKS, Answer, WorkerClient
 from medmvl_core.client.launcher import WorkerLauncher
 from medmvl_core.client.model_identity import ModelIdentity
+from medmvl_core.client.protocol import BoxError, validate_box
 from medmvl_core.client.roi_geometry import lps_from_ijk_to_ras
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class ChatEntry:
     text: str
     task: str = "ask"
     boxes: list = field(default_factory=list)
+    in_context: bool = True  # False once the worker dropped the conversation it belonged to
 
 
 class ControllerListener:
@@ -454,7 +456,9 @@ class PanelController:
     def transcript(self, key: str) -> str:
         """The volume's conversation as plain text (Copy / Save)."""
         names = {"user": "You", "assistant": "MedM-VL", "error": "Error"}
-        return "\n\n".join(f"{names.get(e.role, e.role)}: {e.text}" for e in self.history(key))
+        return "\n\n".join(f"{names.get(e.role, e.role)}: {e.text}"
+                           + ("" if e.in_context else "  (no longer in the model's context)")
+                           for e in self.history(key))
 
     def partial(self, key: str) -> str:
         """The answer streamed so far (while busy)."""
@@ -470,6 +474,11 @@ class PanelController:
             raise errors.WorkerUnavailableError("no worker: start a local worker or connect to "
                                                 "a remote one first")
         task_prompt_check(task, question, box)
+        if box is not None:  # the worker's own check, before anything is sent
+            try:
+                validate_box(box, np.shape(volume.array))
+            except BoxError as exc:
+                raise errors.BadRequestError(str(exc), code="bad_box") from None
         label = TASK_INFO[task][0]
         q = (question or "").strip()
         self.histories.setdefault(volume.key, []).append(
@@ -535,6 +544,8 @@ class PanelController:
                                  on_token=lambda piece: self._emit("token", volume.key, piece),
                                  max_new_tokens=self.max_new_tokens)
                 break
+            except errors.SessionEvictedError as exc:
+                raise self._conversation_lost(volume.key, exc) from None
             except errors.NotFoundError:
                 if attempt:  # the worker restarted or evicted the volume: upload once more
                     raise
@@ -555,6 +566,24 @@ class PanelController:
         except errors.WorkerError as exc:
             logger.info("health after answer: %s", exc)
         self._emit("state", READY, f"answered in {timings['client_total_s']:.1f} s")
+
+    def _conversation_lost(self, key: str, exc: errors.SessionEvictedError) -> errors.WorkerError:
+        """The worker closed the session (cap or volume eviction): never re-open one silently.
+        Mark the visible turns as out of the model's context, forget the session (and, for an
+        evicted volume, the upload), and return the error the panel shows."""
+        for entry in self.histories.get(key, []):
+            entry.in_context = False
+        cached = self._uploads.get(key)
+        if cached is not None:
+            if exc.code == "volume_evicted":
+                self._uploads.pop(key, None)
+            else:
+                self._uploads[key] = (cached[0], cached[1], None)
+        return errors.SessionEvictedError(
+            "The worker closed this conversation (" + ("its copy of the image was evicted"
+            if exc.code == "volume_evicted" else "too many open sessions") + "): the turns above "
+            "are no longer in the model's context. Ask again to start over with this image.",
+            code=exc.code, status=exc.status)
 
     def cancel(self) -> None:
         """Stop the running answer (the worker stops generating) or the download."""

@@ -11,13 +11,15 @@ from medmvl_core.errors import MedMVLError
 
 
 class WorkerError(MedMVLError):
-    """Base class of every client-side error. ``status`` is the HTTP status (0 when none)."""
+    """Base class of every client-side error. ``status`` is the HTTP status (0 when none);
+    ``retry_after``: seconds the worker asked to wait before retrying (``Retry-After``), or None."""
 
     code = "worker_error"
 
     def __init__(self, message: str, *, code: str | None = None, status: int = 0):
         super().__init__(message, code=code)
         self.status = status
+        self.retry_after: float | None = None
 
 
 class WorkerUnavailableError(WorkerError):
@@ -52,6 +54,20 @@ class NotFoundError(WorkerError):
     """Unknown volume or session (the worker may have restarted or evicted it)."""
 
     code = "not_found"
+
+
+class SessionEvictedError(WorkerError):
+    """The worker closed this conversation (HTTP 410): ``code`` is ``session_evicted`` (the
+    session cap) or ``volume_evicted`` (its volume left the worker's store). The model no
+    longer has the earlier turns: start a new session (upload the volume again)."""
+
+    code = "session_evicted"
+
+
+class WorkerShuttingDownError(WorkerUnavailableError):
+    """The worker is shutting down (SIGTERM, or the program that started it exited)."""
+
+    code = "shutting_down"
 
 
 class ConflictError(WorkerError):
@@ -93,7 +109,8 @@ class ServerError(WorkerError):
 
 
 class LaunchError(WorkerError):
-    """The local worker process could not be started or did not become ready."""
+    """The local worker process could not be started or did not become ready. ``code``:
+    ``launch_failed``, ``bad_argument``, ``bad_workdir`` or ``bad_python``."""
 
     code = "launch_failed"
 
@@ -104,8 +121,12 @@ _BY_CODE: dict[str, type[WorkerError]] = {
     "unknown_volume": NotFoundError,
     "unknown_session": NotFoundError,
     "session_busy": ConflictError,
+    "session_evicted": SessionEvictedError,
+    "volume_evicted": SessionEvictedError,
+    "shutting_down": WorkerShuttingDownError,
     "too_large": PayloadTooLargeError,
     "queue_full": QueueFullError,
+    "uploads_busy": QueueFullError,
     "loading": NotReadyError,
     "cancelled": CancelledError,
     "timeout": WorkerTimeoutError,
@@ -115,7 +136,7 @@ _BY_CODE: dict[str, type[WorkerError]] = {
 
 _BY_STATUS: dict[int, type[WorkerError]] = {
     400: BadRequestError, 401: AuthError, 403: AuthError, 404: NotFoundError,
-    409: ConflictError, 413: PayloadTooLargeError, 422: BadRequestError, 429: QueueFullError,
+    409: ConflictError, 410: SessionEvictedError, 413: PayloadTooLargeError, 422: BadRequestError, 429: QueueFullError,
     503: NotReadyError, 504: WorkerTimeoutError,
 }
 

@@ -51,16 +51,28 @@ class WorkerLauncher:
     extra_args: more ``medmvl serve`` arguments (e.g. ``["--max-queue", "4"]``).
     base_env: the environment the worker starts from (default: this process's ``os.environ``;
     Slicer passes its startup environment). env: variables set on top of it.
+    watch_parent: the worker shuts down when this process exits (``--parent-pid``), so a
+    killed viewer or Slicer never leaves an orphaned worker holding memory or the GPU.
+    Raises :class:`~medmvl_core.client.errors.LaunchError` for bad arguments (code
+    ``bad_argument``, ``bad_workdir``, ``bad_python``) and failed starts (``launch_failed``).
     """
 
     def __init__(self, python: str | None = None, checkpoint: str | os.PathLike = "",
                  device: str = "auto", dtype: str | None = None, quantize: str = "none",
                  extra_args: list[str] | None = None, workdir: str | os.PathLike | None = None,
                  start_timeout: float = 180.0, env: dict[str, str] | None = None,
-                 base_env: dict[str, str] | None = None):
+                 base_env: dict[str, str] | None = None, watch_parent: bool = True):
         if not checkpoint:
             raise errors.LaunchError("WorkerLauncher needs checkpoint=DIR (a model folder)",
                                      code="bad_argument")
+        if workdir is not None and not Path(workdir).is_dir():
+            raise errors.LaunchError(f"the worker folder {str(workdir)!r} does not exist; create "
+                                     "it or leave workdir unset (a temporary folder)",
+                                     code="bad_workdir")
+        if not start_timeout > 0:
+            raise errors.LaunchError(f"start_timeout must be > 0 seconds, got {start_timeout}",
+                                     code="bad_argument")
+        self.watch_parent = watch_parent
         self.python = python or sys.executable
         self.checkpoint = str(checkpoint)
         self.device, self.dtype, self.quantize = device, dtype, quantize
@@ -81,6 +93,8 @@ class WorkerLauncher:
                "--port", "0", "--token-file", str(self.token_file)]
         if self.dtype:
             cmd += ["--dtype", self.dtype]
+        if self.watch_parent:
+            cmd += ["--parent-pid", str(os.getpid())]
         return cmd + self.extra_args
 
     def worker_env(self) -> dict[str, str]:
@@ -99,18 +113,28 @@ class WorkerLauncher:
             assert self.client is not None
             return self.client
         token = secrets.token_urlsafe(32)
-        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token)
         ready = ready_file_for(self.token_file)
-        ready.unlink(missing_ok=True)
+        try:
+            fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(token)
+            ready.unlink(missing_ok=True)
+            log = open(self.log_file, "ab")
+        except OSError as exc:
+            raise errors.LaunchError(f"cannot write the worker's token and log in {self.workdir} "
+                                     f"({exc}); use a writable workdir", code="bad_workdir") from exc
         env = self.worker_env()
-        log = open(self.log_file, "ab")
         logger.info("starting worker: %s", " ".join(self.command()))
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env,
-                                        start_new_session=True)
-        log.close()
+        try:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=env,
+                                            start_new_session=True)
+        except OSError as exc:
+            raise errors.LaunchError(f"cannot run the worker's Python {self.python!r} ({exc}); "
+                                     "give the path of a Python that has medmvl installed",
+                                     code="bad_python") from exc
+        finally:
+            log.close()
         info = self._wait_ready_file(ready)
         self.client = WorkerClient(info["url"], token)
         if wait:

@@ -23,7 +23,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "missing); the port and URL are written to FILE.json")
     parser.add_argument("--max-queue", type=int, default=8,
                         help="questions that may wait for the GPU (more get HTTP 429)")
-    parser.add_argument("--max-upload-mb", type=float, default=1024.0)
+    parser.add_argument("--max-upload-mb", type=float, default=1024.0,
+                        help="largest array upload (bigger ones get HTTP 413 before being read)")
+    parser.add_argument("--volume-store-mb", type=float, default=4096.0,
+                        help="memory for uploaded arrays (LRU; sessions on an evicted volume "
+                             "answer 410 volume_evicted)")
+    parser.add_argument("--max-sessions", type=int, default=256,
+                        help="open conversations; past it the least recently used idle one is "
+                             "closed (it answers 410 session_evicted)")
+    parser.add_argument("--upload-buffer-mb", type=float, default=2048.0,
+                        help="upload bodies received at the same time, in total (one upload is "
+                             "always admitted; more get HTTP 429)")
+    parser.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds a request body may stall before HTTP 408")
+    parser.add_argument("--ssl-certfile", default=None,
+                        help="serve HTTPS with this certificate (PEM; with --ssl-keyfile)")
+    parser.add_argument("--ssl-keyfile", default=None, help="the certificate's private key (PEM)")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="shut down when this process exits (set by the launcher of the "
+                             "viewer, the Slicer module and `medmvl ask`)")
     parser.add_argument("--request-timeout", type=float, default=300.0,
                         help="seconds one answer may take, queue wait included")
     parser.add_argument("--cache-mb", type=float, default=2048.0,
@@ -64,7 +82,15 @@ def run(args: argparse.Namespace) -> int:
         token=token, max_queue=args.max_queue,
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         request_timeout_s=args.request_timeout, model_name=Path(args.checkpoint).name,
-        max_batch=args.max_batch)
+        max_batch=args.max_batch, volume_store_bytes=int(args.volume_store_mb * (1 << 20)),
+        max_sessions=args.max_sessions, body_timeout_s=args.body_timeout,
+        upload_buffer_bytes=int(args.upload_buffer_mb * (1 << 20)))
+    for name, value in (("--max-sessions", args.max_sessions), ("--body-timeout", args.body_timeout),
+                        ("--upload-buffer-mb", args.upload_buffer_mb),
+                        ("--max-upload-mb", args.max_upload_mb),
+                        ("--volume-store-mb", args.volume_store_mb)):
+        if not value > 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
 
     def loader():
         from medmvl_core.client.model_identity import read_model_identity
@@ -82,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
 
     level = "info" if logging.getLogger().level <= logging.INFO else "warning"
     server = WorkerServer(settings, host=host, port=args.port, loader=loader,
-                          ready_file=ready_file_for(token_file), log_level=level)
+                          ready_file=ready_file_for(token_file), log_level=level,
+                          ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                          parent_pid=args.parent_pid)
     print(f"medmvl worker ready on {server.url} (pid {os.getpid()}); token in {token_file}; "
           f"port file {ready_file_for(token_file)}; the model loads in the background "
           f"(GET /v1/health says when)", flush=True)

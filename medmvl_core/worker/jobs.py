@@ -9,15 +9,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from medmvl_core.client.protocol import error_event
 from medmvl_core.engine.errors import CancelledError, QueueFullError, RequestTimeoutError
 from medmvl_core.errors import MedMVLError
 
 logger = logging.getLogger(__name__)
-
-# HTTP status for each error code sent in an SSE "error" event or an error body.
-STATUS_BY_CODE = {"cancelled": 499, "timeout": 504, "out_of_memory": 503, "queue_full": 429,
-                  "session_busy": 409, "unknown_session": 404, "unknown_volume": 404,
-                  "not_found": 404, "loading": 503, "internal": 500, "too_large": 413}
 
 
 @dataclass
@@ -42,7 +38,7 @@ class Job:
             code, msg = exc.code, str(exc)
         else:
             code, msg = "internal", "internal error while answering; see the worker log"
-        self.emit("error", {"code": code, "message": msg, "status": STATUS_BY_CODE.get(code, 400)})
+        self.emit("error", error_event(code, msg))
 
 
 class GpuQueue:

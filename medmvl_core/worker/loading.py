@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,6 @@ from medmvl_core.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-TOY_MARKER = "medmvl_toy.json"
 
 
 def resolve_device(device: str) -> str:
@@ -41,8 +38,8 @@ def resolve_dtype(dtype: str | None, device: str):
 
 def load_model(checkpoint: str | Path, device: str = "auto", dtype: str | None = None,
                quantize: str = "none") -> tuple[Any, Any]:
-    """(model, processor) on the device. A folder with ``medmvl_toy.json`` builds the tiny
-    test stand-in (``medmvl_core.engine.testing``) instead of a real checkpoint."""
+    """(model, processor) on the device; ``quantize`` 8bit/4bit loads on the CPU, then puts the
+    LLM's layers on the device quantized (bitsandbytes)."""
     path = Path(checkpoint)
     if not path.is_dir():
         raise ConfigError(f"checkpoint folder {str(path)!r} does not exist")
@@ -50,24 +47,10 @@ def load_model(checkpoint: str | Path, device: str = "auto", dtype: str | None =
         raise ConfigError(f"unknown quantize {quantize!r}; use none, 8bit or 4bit")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    toy = path / TOY_MARKER
-    if toy.exists():
-        from medmvl_core.engine.testing import load_toy
-        spec = json.loads(toy.read_text())
-        tok_dir = spec.pop("tokenizer_dir")
-        if not Path(tok_dir).is_absolute():
-            tok_dir = str((path / tok_dir).resolve())
-        model, proc = load_toy(tok_dir, **{k: tuple(v) if isinstance(v, list) else v
-                                           for k, v in spec.items()})
-        return model.to(dev, torch_dtype).eval(), proc
     from medmvl_core.model import load_checkpoint
     if quantize == "none":
         model, proc = load_checkpoint(str(path), device=dev, dtype=torch_dtype)
         return model.eval(), proc
-    if "quantize" in inspect.signature(load_checkpoint).parameters:
-        model, proc = load_checkpoint(str(path), device=dev, dtype=torch_dtype, quantize=quantize)
-        return model.eval(), proc
-    # load on the CPU, then quantize the LLM's layers straight onto the device (bitsandbytes)
     from medmvl_core.engine.quantize import quantize_model
     model, proc = load_checkpoint(str(path), device="cpu", dtype=torch_dtype)
     return quantize_model(model, quantize, device=dev).eval(), proc

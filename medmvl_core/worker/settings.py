@@ -19,7 +19,13 @@ class WorkerSettings:
     max_upload_bytes: largest accepted array; max_question_chars: longest question;
     max_new_tokens: upper bound a request may ask for; request_timeout_s: default and maximum
     time one answer may take (queue wait included); volume_store_bytes: budget of uploaded
-    arrays kept in memory (LRU); max_batch: questions decoded together in one batch.
+    arrays kept in memory (LRU); sessions on a volume the store lets go end with
+    ``volume_evicted``); max_sessions: open conversations (past it the least recently used idle
+    one is dropped and answers ``session_evicted``); max_batch: questions decoded together in one
+    batch; max_json_bytes: largest JSON request body; body_timeout_s: longest wait for the next
+    piece of a request body (a half-sent body is answered 408 and closed); upload_buffer_bytes:
+    bytes of upload bodies received at the same time (one upload is always admitted; another
+    that would pass it gets 429 ``uploads_busy``).
     """
 
     token: str
@@ -31,6 +37,9 @@ class WorkerSettings:
     volume_store_bytes: int = 4 << 30
     max_sessions: int = 256
     max_batch: int = 4
+    max_json_bytes: int = 64 * 1024
+    body_timeout_s: float = 30.0
+    upload_buffer_bytes: int = 2 << 30
     model_name: str = ""
     #: name, revision, content hash, intended use (``client.model_identity``), for health
     model_info: dict = field(default_factory=dict)

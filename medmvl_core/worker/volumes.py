@@ -1,17 +1,24 @@
-"""Validation of uploaded arrays and geometry, and the in-memory volume store."""
+"""Validation of uploaded arrays and geometry, and the in-memory volume store (the owner of
+uploaded arrays' memory)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from medmvl_core.engine.cache import LRUCache
+from medmvl_core.client.protocol import validate_geometry
 from medmvl_core.engine.errors import NotFoundError, RequestError
 from medmvl_core.engine.hashing import content_hash, geometry_dict
+from medmvl_core.errors import MedMVLError
+
+logger = logging.getLogger(__name__)
 
 ALLOWED_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 
@@ -48,7 +55,7 @@ def _floats(meta: dict, key: str, n: int) -> list[float]:
         raise RequestError(f"'{key}' must be a list of {n} numbers", code="bad_geometry")
     try:
         out = [float(v) for v in vals]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RequestError(f"'{key}' must contain numbers only", code="bad_geometry") from None
     if not all(math.isfinite(v) for v in out):
         raise RequestError(f"'{key}' contains NaN or infinity", code="bad_geometry")
@@ -78,11 +85,14 @@ def parse_meta(header: str | None) -> dict:
     if len(shape) == 4 and shape[-1] not in (3, 4):
         raise RequestError("a 4-D shape must be [1, H, W, 3] (RGB)", code="bad_shape")
     spacing = _floats(meta, "spacing", 3)
-    if any(v <= 0 for v in spacing):
-        raise RequestError("spacing values must be > 0 (mm)", code="bad_geometry")
     origin = _floats(meta, "origin", 3)
+    try:
+        validate_geometry(spacing, origin)
+    except MedMVLError as exc:
+        raise RequestError(str(exc), code="bad_geometry") from None
     direction = _floats(meta, "direction", 9)
-    if abs(np.linalg.det(np.asarray(direction).reshape(3, 3))) < 1e-6:
+    if not all(abs(v) <= 1e3 for v in direction) or abs(
+            np.linalg.det(np.asarray(direction).reshape(3, 3))) < 1e-6:
         raise RequestError("direction must be an invertible 3x3 matrix (9 numbers, columns = axes)",
                            code="bad_geometry")
     modality = meta.get("modality", "CT")
@@ -93,15 +103,25 @@ def parse_meta(header: str | None) -> dict:
             "direction": direction, "modality": modality}
 
 
-def array_from_bytes(data: bytes, meta: dict) -> np.ndarray:
-    """Rebuild the array; checks byte count and finiteness. Returns a read-only array."""
+def meta_nbytes(meta: dict) -> int:
+    """Bytes the body of an upload with this meta must have (exact: Python integers, so a shape
+    whose element count overflows 64 bits is just a very large number)."""
+    return math.prod(meta["shape"]) * np.dtype(meta["dtype"]).itemsize
+
+
+def array_from_bytes(data: Any, meta: dict) -> np.ndarray:
+    """View ``data`` (bytes or any buffer: no copy) as the array; checks byte count and
+    finiteness. Returns a read-only array."""
     dt = np.dtype(meta["dtype"]).newbyteorder("<")
-    expected = int(np.prod(meta["shape"])) * dt.itemsize
-    if len(data) != expected:
-        raise RequestError(f"body has {len(data)} bytes but dtype {meta['dtype']} x shape "
+    expected = meta_nbytes(meta)
+    got = memoryview(data).nbytes
+    if got != expected:
+        raise RequestError(f"body has {got} bytes but dtype {meta['dtype']} x shape "
                            f"{meta['shape']} needs {expected}", code="shape_mismatch")
     arr = np.frombuffer(data, dtype=dt).reshape(meta["shape"])
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+    arr.flags.writeable = False
+    # slab by slab: the temporary mask stays small even for a 1 GB float volume
+    if arr.dtype.kind == "f" and not all(np.isfinite(s).all() for s in arr.reshape(arr.shape[0], -1)):
         raise RequestError("the array contains NaN or infinite values; replace them "
                            "(e.g. with the background value) before uploading", code="non_finite")
     if arr.ndim == 2:
@@ -110,38 +130,78 @@ def array_from_bytes(data: bytes, meta: dict) -> np.ndarray:
 
 
 class VolumeStore:
-    """Uploaded volumes by content id, LRU within a byte budget."""
+    """Uploaded volumes by content id, LRU within a byte budget — the one owner of their memory.
 
-    def __init__(self, budget_bytes: int):
-        self._lru: LRUCache[Any] = LRUCache(budget_bytes, lambda v: np.asarray(v.array).nbytes)
+    ``on_drop(volume_id)`` is called after a volume leaves the store (deleted or evicted), so
+    whoever referred to it (sessions) lets it go too.
+    """
 
-    def add(self, data: bytes, meta: dict) -> tuple[str, bool]:
-        """Store (idempotent); returns (id, created)."""
+    def __init__(self, budget_bytes: int, on_drop: Callable[[str], None] | None = None):
+        self.budget_bytes = int(budget_bytes)
+        self._data: OrderedDict[str, Any] = OrderedDict()
+        self._used = 0
+        self._lock = threading.Lock()
+        self._on_drop = on_drop
+
+    @staticmethod
+    def _nbytes(vol: Any) -> int:
+        return int(np.asarray(vol.array).nbytes)
+
+    def add(self, data: Any, meta: dict) -> tuple[str, bool]:
+        """Store (idempotent); returns (id, created). ``data``: the body (bytes or a buffer,
+        kept without a copy)."""
         arr = array_from_bytes(data, meta)
         vid = content_hash(arr, geometry_dict(meta["spacing"], meta["origin"], meta["direction"],
                                               meta["modality"]))
-        if self._lru.get(vid) is not None:
-            return vid, False
-        vol = make_volume(arr, meta["spacing"], meta["origin"], meta["direction"], meta["modality"])
-        if not self._lru.put(vid, vol):
+        size = int(arr.nbytes)
+        if size > self.budget_bytes:
             raise RequestError("the volume is larger than the worker's volume store; start the "
                                "worker with a larger store or downsample", code="too_large")
+        dropped = []
+        with self._lock:
+            if vid in self._data:
+                self._data.move_to_end(vid)
+                return vid, False
+            while self._used + size > self.budget_bytes and self._data:
+                old_id, old = self._data.popitem(last=False)
+                self._used -= self._nbytes(old)
+                dropped.append(old_id)
+            vol = make_volume(arr, meta["spacing"], meta["origin"], meta["direction"],
+                              meta["modality"])
+            self._data[vid] = vol
+            self._used += size
+        for old_id in dropped:
+            self._dropped(old_id)
         return vid, True
 
+    def _dropped(self, vid: str) -> None:
+        logger.info("volume %s left the store", vid[:8])
+        if self._on_drop is not None:
+            self._on_drop(vid)
+
     def get(self, vid: str) -> Any:
-        vol = self._lru.get(vid)
+        with self._lock:
+            vol = self._data.get(vid)
+            if vol is not None:
+                self._data.move_to_end(vid)
         if vol is None:
             raise NotFoundError(f"unknown volume {vid!r}: upload it first (POST /v1/volumes)",
                                 code="unknown_volume")
         return vol
 
     def delete(self, vid: str) -> None:
-        if self._lru.pop(vid) is None:
+        with self._lock:
+            vol = self._data.pop(vid, None)
+            if vol is not None:
+                self._used -= self._nbytes(vol)
+        if vol is None:
             raise NotFoundError(f"unknown volume {vid!r}", code="unknown_volume")
+        del vol
+        self._dropped(vid)
 
     @property
     def used_bytes(self) -> int:
-        return self._lru.used_bytes
+        return self._used
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return len(self._data)

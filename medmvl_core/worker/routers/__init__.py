@@ -1,0 +1,1 @@
+"""One router per resource: health, volumes, sessions, messages (wired in ``worker.app``)."""
