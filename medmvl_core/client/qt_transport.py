@@ -143,9 +143,14 @@ class QtResponse:
         reply = self._conn._reply
         if reply is None:
             return default
-        value = reply.rawHeader(name.encode("latin-1"))
-        text = _to_bytes(value).decode("latin-1")
-        return text if text else default
+        # rawHeaderPairs() rather than rawHeader(name): the bindings disagree on rawHeader's
+        # argument type (PySide6 takes str, PythonQt QByteArray); both return QByteArray pairs.
+        wanted = name.lower()
+        for key, value in reply.rawHeaderPairs():
+            if _to_bytes(key).decode("latin-1").lower() == wanted:
+                text = _to_bytes(value).decode("latin-1")
+                return text if text else default
+        return default
 
     def read(self, amt: int | None = None) -> bytes:
         """The whole body (``amt`` is accepted for the interface and ignored)."""
