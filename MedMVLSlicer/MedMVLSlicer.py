@@ -32,7 +32,13 @@ def _ensureClientImportable():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if os.path.isfile(os.path.join(root, "medmvl_core", "client", "__init__.py")):
         sys.path.insert(0, root)
-    import medmvl_core.client  # noqa: F401  (a clear ImportError if the package is missing)
+    try:
+        import medmvl_core.client  # noqa: F401
+    except ImportError as exc:  # the module folder was copied away from its repository / extension
+        raise ImportError(
+            f"MedM-VL: cannot import medmvl_core.client ({exc}). Add this repository's MedMVLSlicer/ folder "
+            "itself to Slicer's additional module paths (not a copy), or install the extension; see "
+            "docs/slicer.md#when-something-goes-wrong") from exc
 
 
 _ensureClientImportable()
@@ -63,7 +69,7 @@ class MedMVLSlicer(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Ask a medical vision-language model (MedM-VL) about the selected CT or 2D image: "
             "free questions, a report, a description of a region, or find a structure and get "
-            "its box. The model runs in a separate worker process; see the project README.")
+            "its box. The model runs in a separate worker process; see docs/slicer.md in the project.")
         self.parent.acknowledgementText = _(
             "Models: MedM-VL (Shi et al., arXiv 2504.04323). Module structure follows the 3D "
             "Slicer scripted module template.")
