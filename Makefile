@@ -41,7 +41,7 @@ test: setup
 
 # --strict: a broken link or anchor, or a page missing from mkdocs.yml's nav, fails the build.
 docs: setup
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: setup
 	$(PY) bench/run_all.py

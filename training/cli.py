@@ -22,11 +22,11 @@ from medmvl_core.errors import MedMVLError
 logger = logging.getLogger(__name__)
 
 EXAMPLES = {
-    "train": ("medmvl-train --config training/configs/tiny_lora_cpu.yaml train.output_dir=runs/first_lora",
+    "train": ("medmvl-train --config training/configs/demo_lora.yaml train.max_steps=20",
               "medmvl-train --config CONFIG.yaml --resume"),
     "encoder": ("medmvl-train encoder --config training/configs/demo_encoder.yaml train.steps=200",),
     "validate": ("medmvl-train validate --data data/train.json --image3d-dir data/volumes",),
-    "merge": ("medmvl-train merge --adapter runs/first_lora/final --out runs/first_lora/merged",),
+    "merge": ("medmvl-train merge --adapter runs/demo_lora/final --out runs/demo_lora/merged",),
 }
 DOCS = "docs/training.md"
 
