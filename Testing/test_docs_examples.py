@@ -136,6 +136,7 @@ def test_every_page_has_its_examples_checked():
     assert {"python", "bash"} <= langs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in doc_files() if runnable(p)],
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_examples_run(path, tmp_path, monkeypatch):
