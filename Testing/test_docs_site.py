@@ -197,3 +197,15 @@ def test_no_gpu_error_points_to_the_docs():
         _check_device("cuda")
     assert DEVICES in str(exc.value)
     _check_device("cpu")
+
+
+def test_first_answer_in_slicer_and_first_lora_finetune_are_reachable_from_the_readme():
+    """README -> docs/slicer.md#your-first-answer-in-slicer and -> docs/training.md#your-first-lora-finetune,
+    by links only (README links the page; the page has the section; docs/index.md links the section too)."""
+    readme = (ROOT / "README.md").read_text()
+    index = (DOCS / "index.md").read_text()
+    for page, section in (("slicer.md", "your-first-answer-in-slicer"), ("training.md", "your-first-lora-finetune")):
+        assert f"](docs/{page})" in readme
+        assert section in anchors(DOCS / page)
+        assert f"]({page}" in index
+    assert "](training.md#your-first-lora-finetune)" in index
