@@ -14,11 +14,12 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench clean help
+.PHONY: setup demo test docs bench clean help
 
 help:
 	@echo "make demo   - set up and run the demo on the embedded model"
 	@echo "make test   - set up and run the whole test suite"
+	@echo "make docs   - build the documentation site strictly into site/"
 	@echo "make bench  - run the CPU benchmarks under bench/"
 
 $(STAMP): pyproject.toml scripts/install_torch.sh
@@ -36,9 +37,14 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
+	$(MAKE) --no-print-directory docs
+
+# --strict: a broken link or anchor, or a page missing from mkdocs.yml's nav, fails the build.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: setup
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) .venv-slicer
+	rm -rf $(VENV) .venv-slicer site

@@ -58,7 +58,7 @@ class MedMVLSlicer(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Ask a medical vision-language model (MedM-VL) about the selected CT or 2D image: "
             "free questions, a report, a description of a region, or find a structure and get "
-            "its box. The model runs in a separate worker process; see the project README.")
+            "its box. The model runs in a separate worker process; see docs/slicer.md in the project.")
         self.parent.acknowledgementText = _(
             "Models: MedM-VL (Shi et al., arXiv 2504.04323). Module structure follows the 3D "
             "Slicer scripted module template.")

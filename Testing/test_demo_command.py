@@ -66,7 +66,7 @@ def test_demo_runs_through_a_worker_and_prints_truth(tiny_checkpoint, capsys):
 def test_demo_without_checkpoint_says_how_to_rebuild(tmp_path, capsys):
     assert main(["demo", "--checkpoint", str(tmp_path / "nothing")]) == 1
     err = capsys.readouterr().err
-    assert "config.json missing" in err and "Rebuilding the demo checkpoint" in err
+    assert "config.json missing" in err and "Resources/demo_model/README.md" in err  # the model card says how
 
 
 def test_demo_rejects_kind_the_checkpoint_lacks(tmp_path, capsys):

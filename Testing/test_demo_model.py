@@ -1,6 +1,6 @@
 """The shipped demo checkpoint (Resources/demo_model): format, size, and well-formed answers.
 
-The benchmark numbers of this checkpoint (README.md, "Demo model and the synthetic phantom benchmark") are measured with
+The benchmark numbers of this checkpoint (model card: Resources/demo_model/README.md) are measured with
 ``medmvl infer`` + ``medmvl eval --benchmark phantoms`` on 200 test phantoms; this test checks what
 must hold for the demo to work on any machine: it loads offline, takes phantom CT volumes, and
 answers every task in the trained format (parseable yes/no, a Findings/Impression report, a 3D box).
@@ -17,7 +17,7 @@ DEMO = Path(__file__).resolve().parents[1] / "Resources" / "demo_model"
 
 
 def test_demo_checkpoint_is_small_and_self_contained():
-    assert (DEMO / "config.json").is_file(), "Resources/demo_model is missing; see README.md, 'Rebuilding the demo checkpoint'"
+    assert (DEMO / "config.json").is_file(), "Resources/demo_model is missing; see its model card, Resources/demo_model/README.md"
     size = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
     assert size <= 20 * 2**20, size
     assert not list(DEMO.glob("*.bin")) and not list(DEMO.glob("*.pt")) and not list(DEMO.glob("*.pkl"))
@@ -107,7 +107,7 @@ def test_demo_model_reads_the_image():
     balanced, n_yes = _balanced_yes_no(after_report=False)
     print(f"balanced yes/no accuracy {balanced:.3f} ({n_yes} yes truths)")
     assert n_yes >= 15
-    assert balanced >= 0.80, balanced  # measured 0.940 (README); an image-blind model gets 0.5
+    assert balanced >= 0.80, balanced  # measured 0.940 (model card); an image-blind model gets 0.5
 
 
 def test_demo_model_answers_follow_up_questions():
@@ -115,13 +115,13 @@ def test_demo_model_answers_follow_up_questions():
     module's session does: a model trained only on first turns answers these with nonsense."""
     balanced, _ = _balanced_yes_no(after_report=True)
     print(f"balanced yes/no accuracy after the report {balanced:.3f}")
-    assert balanced >= 0.80, balanced  # measured 0.910; a first-turn-only model: 0.012 (README)
+    assert balanced >= 0.80, balanced  # measured 0.910; a first-turn-only model: 0.012 (docs/history/demo-model-log.md)
 
 
 def test_demo_model_finds_findings_on_unseen_phantoms():
     """"Where is the X?" on 30 unseen phantoms: the answer's box against the true box. The demo model
     names the label's box by a reference token (box_refs) and the encoder's box head places it; a box
-    placed to within one image token, as the LLM's own digits did, gave a mean IoU of 0.27 (README)."""
+    placed to within one image token, as the LLM's own digits did, gave a mean IoU of 0.27 (docs/history/demo-model-log.md)."""
     import torch
 
     from medmvl_core.data.phantom_dataset import format_box_3d, model_box_fn
@@ -150,4 +150,4 @@ def test_demo_model_finds_findings_on_unseen_phantoms():
             ious.append(box_iou(box, t["truth"]["box"]) if box else 0.0)
     print(f"find mean IoU {np.mean(ious):.3f} over {len(ious)} findings")
     assert len(ious) >= 15
-    assert np.mean(ious) >= 0.40, np.mean(ious)  # the issue's target; see README for the measured value
+    assert np.mean(ious) >= 0.40, np.mean(ious)  # the issue's target; see the model card for the measured value

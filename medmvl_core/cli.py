@@ -31,17 +31,36 @@ def _load_commands() -> list:
     return mods
 
 
+def command_epilog(examples: Sequence[str], docs: str | None) -> str:
+    """The text under a subcommand's options: its examples and the docs page that explains it."""
+    lines = ["examples:" if len(examples) > 1 else "example:"]
+    lines += [f"  {e}" for e in examples]
+    if docs:
+        lines += ["", f"documentation: {docs}"]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``medmvl`` parser with one subparser per module in :mod:`medmvl_core.commands`.
+
+    A command module may set ``EXAMPLES`` (command lines shown under its options) and ``DOCS``
+    (the docs page that explains it); ``--help`` of every command is checked to have both an
+    example and a one-line description (Testing/test_cli_help.py)."""
     parser = argparse.ArgumentParser(
         prog="medmvl",
         description="MedM-VL medical vision-language models: inference, serving, evaluation.",
+        epilog="example:\n  medmvl demo\n\ndocumentation: docs/index.md; each command: medmvl COMMAND --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"medmvl {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v info, -vv debug; debug may include prompts)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _load_commands():
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        examples = tuple(getattr(mod, "EXAMPLES", ()))
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP,
+                           epilog=command_epilog(examples, getattr(mod, "DOCS", None)) if examples else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser

@@ -21,16 +21,39 @@ from medmvl_core.errors import MedMVLError
 
 logger = logging.getLogger(__name__)
 
+EXAMPLES = {
+    "train": ("medmvl-train --config training/configs/demo_lora.yaml train.max_steps=20",
+              "medmvl-train --config CONFIG.yaml --resume"),
+    "encoder": ("medmvl-train encoder --config training/configs/demo_encoder.yaml train.steps=200",),
+    "validate": ("medmvl-train validate --data data/train.json --image3d-dir data/volumes",),
+    "merge": ("medmvl-train merge --adapter runs/demo_lora/final --out runs/demo_lora/merged",),
+}
+DOCS = "docs/training.md"
+
+
+def _epilog(name: str) -> str:
+    """Examples, the other subcommands (the default ``train`` lists them all) and the docs page."""
+    ex = EXAMPLES[name]
+    lines = ["examples:" if len(ex) > 1 else "example:"] + [f"  {e}" for e in ex]
+    if name == "train":
+        lines += ["", "commands (medmvl-train COMMAND -h):",
+                  "  (none)    train: pretrain or finetune a model from a YAML config (this help)"]
+        lines += [f"  {n:<9} {COMMANDS[n][0]().description.splitlines()[0]}" for n in COMMANDS if n != "train"]
+    lines += ["", f"documentation: {DOCS}"]
+    return "\n".join(lines)
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A subcommand's parser with the options every subcommand shares (``-v``)."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    name = prog.split()[1] if " " in prog else "train"
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=_epilog(name),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     return p
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    p = _parser("medmvl-train", "Train MedM-VL models (pretrain / finetune: full, LoRA, QLoRA). "
-                                "Other commands: 'medmvl-train validate -h', 'medmvl-train merge -h'.")
+    p = _parser("medmvl-train", "Train MedM-VL models from a YAML config: pretrain, finetune (full, LoRA, QLoRA).")
     p.add_argument("--config", required=True, help="YAML config (see training/configs/README.md)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=2e-5")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
@@ -56,8 +79,9 @@ def _validate_parser() -> argparse.ArgumentParser:
 
 
 def _encoder_parser() -> argparse.ArgumentParser:
-    p = _parser("medmvl-train encoder", "Pretrain a 3D vision encoder (convvit3d) on labelled boxes: dense and "
-                                        "per-token targets; writes an encoder folder for model.encoder_image3d.path.")
+    p = _parser("medmvl-train encoder", "Pretrain a 3D vision encoder (convvit3d) on labelled boxes.\n\n"
+                                        "Dense and per-token targets; writes an encoder folder for "
+                                        "model.encoder_image3d.path.")
     p.add_argument("--config", required=True, help="YAML config with kind: encoder_pretrain "
                                                     "(e.g. training/configs/demo_encoder.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=200")

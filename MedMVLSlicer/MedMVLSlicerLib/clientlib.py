@@ -86,7 +86,8 @@ def find_client(module_dir: str = MODULE_DIR) -> tuple[str, str]:
         "MedM-VL: the worker client was not found. Either build and install the MedM-VL "
         "extension (it bundles the client as 'medmvl_client'), or add the 'MedMVLSlicer' folder "
         "of a complete source checkout (the one beside 'medmvl_core') in Application Settings > "
-        f"Modules > Additional module paths. This module is in {module_dir}.")
+        f"Modules > Additional module paths. This module is in {module_dir}. "
+        "See docs/slicer-install.md and docs/slicer.md#when-something-goes-wrong.")
 
 
 def client_module(name: str) -> ModuleType:

@@ -6,6 +6,10 @@ import argparse
 
 NAME = "ask"
 HELP = "ask a question about an image or volume (starts a local worker, or uses --url)"
+EXAMPLES = ("medmvl ask --checkpoint Resources/demo_model --image phantoms/images/ct-test-00000.nii.gz "
+            "--question \"Is there a cyst in the liver?\"",
+            "medmvl ask --url http://127.0.0.1:8765 --token-file ~/.medmvl-token --image ct.nrrd --task report --json")
+DOCS = "docs/api.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,6 +6,8 @@ import argparse
 
 NAME = "convert"
 HELP = "convert a MedM-VL checkpoint folder into the self-contained medmvl format (offline)"
+EXAMPLES = ("medmvl convert ~/models/MedM-VL-CT-Chest-3B-en ~/models/ct-chest-medmvl --dtype bfloat16",)
+DOCS = "docs/models.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

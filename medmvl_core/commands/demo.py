@@ -13,9 +13,12 @@ from pathlib import Path
 
 NAME = "demo"
 HELP = "run the demo: a worker on the embedded model answers about unseen phantoms, truth alongside"
+EXAMPLES = ("medmvl demo --n 1",)
+DOCS = "docs/demo-model.md"
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "Resources" / "demo_model"
-REBUILD_HINT = "rebuild it with the commands in README.md, section 'Rebuilding the demo checkpoint' (medmvl phantoms + medmvl-train)"
+REBUILD_HINT = ("rebuild it with the commands in its model card, Resources/demo_model/README.md "
+                "(medmvl phantoms + medmvl-train; docs/demo-model.md)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -171,4 +174,4 @@ def _print_summary(totals: dict, n: int) -> None:
     print(f"Summary over {n} unseen phantoms: closed questions {c[0]}/{c[1]}, region descriptions "
           f"{r[0]}/{r[1]}, find mean IoU {sum(ious) / len(ious):.2f}" if ious else
           f"Summary over {n} unseen phantoms: closed questions {c[0]}/{c[1]}, region descriptions {r[0]}/{r[1]}")
-    print("Benchmark numbers on 200 test phantoms: see README.md, section 'Demo model and the synthetic phantom benchmark'")
+    print("Benchmark numbers on 200 test phantoms: see the model card, Resources/demo_model/README.md")

@@ -6,6 +6,8 @@ import argparse
 
 NAME = "download"
 HELP = "download a released checkpoint from the Hugging Face hub (resumable; the only network use)"
+EXAMPLES = ("medmvl download shiym2000/MedM-VL-CT-Chest-3B-en --local-dir ~/models/MedM-VL-CT-Chest-3B-en",)
+DOCS = "docs/models.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,6 +8,9 @@ import sys
 
 NAME = "eval"
 HELP = "score predictions (medmvl infer output) on m3d-*, unimed-* or phantoms benchmarks"
+EXAMPLES = ("medmvl eval --predictions pred.json --benchmark phantoms",
+            "medmvl eval --predictions out.json --benchmark m3d-vqa-closed --strict --report rep/")
+DOCS = "docs/evaluation.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,9 @@ from pathlib import Path
 
 NAME = "infer"
 HELP = "batch inference on MedM-VL inference JSON (resumable; data parallel with accelerate launch)"
+EXAMPLES = ("medmvl infer --checkpoint Resources/demo_model --data phantoms/test_tasks.json --image3d-dir phantoms "
+            "--output pred.json --batch-size 16",)
+DOCS = "docs/evaluation.md"
 
 logger = logging.getLogger(__name__)
 

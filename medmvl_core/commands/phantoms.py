@@ -7,6 +7,8 @@ import json
 
 NAME = "phantoms"
 HELP = "generate synthetic CT / radiograph phantoms with reports, questions and boxes"
+EXAMPLES = ("medmvl phantoms --out phantoms --splits test --n-test 1",)
+DOCS = "docs/demo-model.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,6 +6,8 @@ import argparse
 
 NAME = "preprocess"
 HELP = "preprocess an image or volume exactly as the model sees it (.npy out, geometry JSON on stdout)"
+EXAMPLES = ("medmvl preprocess phantoms/images/ct-test-00000.nii.gz --checkpoint Resources/demo_model --out ct.npy",)
+DOCS = "docs/images.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

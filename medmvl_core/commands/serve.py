@@ -6,6 +6,8 @@ import argparse
 
 NAME = "serve"
 HELP = "run the inference worker (HTTP API for the Slicer module, the viewer and `medmvl ask`)"
+EXAMPLES = ("medmvl serve --checkpoint Resources/demo_model --token-file ~/.medmvl-token --port 8765",)
+DOCS = "docs/api.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,6 +6,8 @@ import argparse
 
 NAME = "viewer"
 HELP = "desktop viewer: open a CT/MR volume or 2D image, draw a box, ask the model"
+EXAMPLES = ("medmvl viewer phantoms/images/ct-test-00000.nii.gz --checkpoint Resources/demo_model",)
+DOCS = "docs/viewer.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

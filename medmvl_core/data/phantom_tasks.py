@@ -42,7 +42,7 @@ def finding_sentence(f: Finding) -> str:
     The kind comes first (generator version 2; version 1 wrote "A 25 mm nodule ..."): a model writes
     left to right, and with the size first it committed to a size before naming the kind, so the
     kind followed the size guess (nodules are 20-30 mm, calcifications 15-20 mm) rather than the
-    image (a calcification is 1000 HU, a nodule 60). Measured on the demo model: see README.
+    image (a calcification is 1000 HU, a nodule 60). Measured on the demo model: see docs/history/demo-model-log.md.
     """
     if f.kind == "effusion":
         return f"A {f.grade} {f.location.split()[0]} pleural effusion is seen."
@@ -57,7 +57,7 @@ def report_text(findings: Sequence[Finding]) -> str:
     the normal organs after). As in a structured radiology report, each organ's "normal or not" is
     decided where the organ comes (in version 1 the liver's came at the first word, against the lung
     findings). The demo model names no liver cyst with either order: its encoder barely sees them
-    (see README, "Demo model").
+    (see docs/history/demo-model-log.md).
     """
     organs = (("nodule", "mass", "calcification"), ("effusion",), ("cyst",))
     normal = ("The lungs are clear.", "No pleural effusion is seen.", "The liver is normal.")
@@ -213,7 +213,7 @@ def _region_task(ph: Phantom, rng, box_fn: BoxFn, box_text: BoxTextFn) -> dict:
     right upper lobe: normal lung."; generator version 4; before, "A nodule in the left lower lobe."
     and "Normal lung."): the place is what the box's coordinates say, and the kind is then read at
     that place rather than guessed first. On the demo model it raised region accuracy from 60.5% to
-    73% (normal boxes 61% -> 77%; README, "Demo model")."""
+    73% (normal boxes 61% -> 77%; docs/history/demo-model-log.md)."""
     if ph.findings and rng.random() < 0.7:
         f = ph.findings[rng.integers(len(ph.findings))]
         what = f"a {f.grade} pleural effusion" if f.kind == "effusion" else f"a {KIND_TEXT[f.kind]}"

@@ -1,6 +1,6 @@
 """Evaluation suite: the metrics of the MedM-VL paper tables, computed offline.
 
-Exact definitions: the project's metric spec (METRICS.md), summarised in the README section "Batch inference and evaluation".
+Exact definitions: the docstrings of the modules below; user guide: docs/evaluation.md.
 
 ```python
 from medmvl_core.evaluation import evaluate, EvalOptions, benchmark_names

@@ -55,7 +55,7 @@ model could write a box by copying digit by digit — scaled to
 the patch tokens' mean length and zero-padded to ``hidden_size``. Why: a patch token here covers
 80 x 84 x 84 mm, so the tokens say "a calcification is somewhere in here" but not where within the
 token, which decides a 15-30 mm finding's box. The box head is trained by ``medmvl-train encoder``
-(its ``det_box`` loss) and ships with the encoder. Measured on the demo (README, "Demo model"):
+(its ``det_box`` loss) and ships with the encoder. Measured on the demo (docs/history/demo-model-log.md):
 the detections' boxes reach IoU 0.37-0.78 by kind, but the demo's 3-layer LLM did not learn to
 copy them within its CPU step budget (trained on find questions alone, on tokens built from the
 true boxes, it learned the copy after some 600 steps), so the demo does not use them.

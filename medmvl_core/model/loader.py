@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from medmvl_core.docs_links import CHECKPOINTS, DEVICES, see
 from medmvl_core.errors import CheckpointError, ConfigError
 from medmvl_core.model.configuration import MedMVLConfig
 from medmvl_core.model.medmvl_compat import ImportedConfig, detect_format, import_config
@@ -146,14 +147,34 @@ def load_medmvl_folder(path: Path) -> tuple[MedMVLForConditionalGeneration, Impo
     return model, imported
 
 
+def check_checkpoint_folder(path: str | Path) -> None:
+    """Raise :class:`CheckpointError` saying what is wrong when ``path`` is not a checkpoint folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint folder {path} does not exist; give a model folder such as "
+                              f"Resources/demo_model or one written by `medmvl download` ({see(CHECKPOINTS)})")
+    if not (path / "config.json").is_file():
+        hint = " (it is a file: give the folder that holds it)" if path.is_file() else ""
+        raise CheckpointError(f"{path} has no config.json, so it is not a checkpoint folder{hint}; give the folder "
+                              f"that holds config.json and the weights, e.g. Resources/demo_model, one written by "
+                              f"`medmvl download` or a training run's final/ ({see(CHECKPOINTS)})")
+
+
+def _check_device(device: str | torch.device) -> None:
+    """A CUDA device on a machine without one is a setup problem: say so instead of torch's assertion."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} was asked for but no CUDA GPU is visible to torch "
+                          f"(torch {torch.__version__}); use device 'cpu' or 'auto', or install the CUDA build "
+                          f"of torch ({see(DEVICES)})")
+
+
 def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu",
                              dtype: torch.dtype | str | None = None) -> tuple[MedMVLForConditionalGeneration, Any]:
     """Like :func:`load_checkpoint` but returns ``(model, tokenizer)``."""
     path = Path(path)
+    check_checkpoint_folder(path)
+    _check_device(device)
     cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path} has no config.json; give the checkpoint folder (from `medmvl download` "
-                              "or a training run)")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or _default_dtype(device)

@@ -19,7 +19,7 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; "
-                          "use --device cpu or auto")
+                          "use --device cpu or auto (see docs/models.md#devices-gpu-or-cpu)")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"unknown device {device!r}; use auto, cuda or cpu")
     return device
