@@ -174,8 +174,8 @@ def make_engine(model, n_new: int, compile_decode: bool = False):
 
 def _decode_note(eng, answer) -> str:
     path = answer.timings.get("decode_path", "?")
-    fast = eng._fast
-    fb = f" (fallback: {fast.fallback_reason})" if fast is not None and fast.fallback_reason else ""
+    why = eng.fast_path.fallback_reason
+    fb = f" (fallback: {why})" if why else ""
     return f"Engine path {path}{fb}"
 
 
@@ -244,15 +244,14 @@ def bench_decode(eng, n_new: int, batch: int, rows: list, device) -> None:
 def _replay_ms(eng, clock, reps: int = 50) -> float | None:
     """Milliseconds per replay of the engine's captured (or compiled) batch-1 decode step, with no
     host work between replays; None where the step is eager (CPU, fallback)."""
-    fast = eng._fast
-    slot = getattr(fast, "_slot", None)
-    if fast is None or slot is None or slot.runner is None:
+    runner = eng.fast_path.captured_step()
+    if runner is None:
         return None
     with torch.inference_mode():
-        slot.runner()
+        runner()
         t0 = clock.now()
         for _ in range(reps):
-            slot.runner()
+            runner()
         return (clock.now() - t0) / reps * 1e3
 
 
