@@ -55,9 +55,11 @@ def test_stack_caches_left_pads_and_split_cache_undoes_it():
     assert torch.equal(back.layers[0].values, a.layers[0].values)
 
 
-def test_batch_rows_equal_single_runs(tiny):
+@pytest.mark.parametrize("mode", ["static", "plain"])
+def test_batch_rows_equal_single_runs(tiny, mode):
     model, proc, images = tiny
-    eng = Engine(model, proc, decode_mode="static")
+    eng = Engine(model, proc, decode_mode=mode)
+    path = "batch4:static:static" if mode == "static" else "batch4"
     eos = proc.tokenizer.eos_token_id
     lengths = {len(eng.encode_prompt(eng.conversation([], q, "image"), "image")) for q in QUESTIONS}
     assert len(lengths) == 4                      # four prompt lengths: rows are left-padded
@@ -75,13 +77,15 @@ def test_batch_rows_equal_single_runs(tiny):
         assert got[i].token_ids == refs[i], i
         assert got[i].finish_reason == ("stop" if refs[i][-1] in (eos, stop_tok) else "length"), i
         assert "".join(streamed[i]) == got[i].text, i
-        assert got[i].timings["decode_path"] == "batch4:static:static"
-        # fresh requests: one left-padded prefill for all four in the static cache
-        assert got[i].timings["prefill_path"] == "batch4:static:static"
+        assert got[i].timings["decode_path"] == path
+        # fresh requests: one left-padded prefill for all four (in the static cache, or plain)
+        assert got[i].timings["prefill_path"] == path
         assert got[i].timings["prefill_tokens"] == len(eng.encode_prompt(eng.conversation([], QUESTIONS[i], "image"),
                                                                            "image"))
     assert got[0].token_ids == first[:4] and got[0].finish_reason == "stop"
     assert len(refs[3]) == 5 and got[3].finish_reason == "length"   # its own max_new_tokens
+    if mode == "plain":
+        return
     # another batch (a different size) reuses the engine's one decoder object
     dec = eng.fast_path.decoder
     again = eng.answer_batch([Request(volume=im, question=q, max_new_tokens=m)
