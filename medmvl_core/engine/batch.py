@@ -194,10 +194,12 @@ class BatchRunner:
         self._mark_prefill(preps, time.perf_counter() - t0, f"batch{n}")
         lengths = [len(p.ids) for p in preps]
         fast = None
-        if self.fast_path.enabled:
-            fast = self.fast_path.start([batch.row(b, m) for b, m in enumerate(lengths)], lengths,
-                                        max(p.params.max_new_tokens for p in preps))
         try:
+            if self.fast_path.enabled:   # the rows' caches move into its static cache
+                fast = self.fast_path.start([batch.row(b, m) for b, m in enumerate(lengths)], lengths,
+                                            max(p.params.max_new_tokens for p in preps))
+                if fast is not None:
+                    batch.cache = None   # the static cache holds the rows now
             with torch.inference_mode():
                 outs = run_batch_decode(preps, logits.to(self.dtype), fast.step if fast else batch.step,
                                         eos_ids, pad_id, self.hook)

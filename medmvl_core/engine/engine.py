@@ -122,6 +122,11 @@ class Engine:
     def kv_bytes_used(self) -> int:
         return self.store.kv_bytes_used()
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The budget of all sessions' KV caches together (the session store's)."""
+        return self.store.kv_cache_bytes
+
     def _use_static(self) -> bool:
         """Kept for callers written before :attr:`fast_path` (use ``fast_path.enabled``)."""
         return self.fast_path.wanted
