@@ -194,3 +194,29 @@ def test_fast_path_adapter_switches_off_on_failure_but_not_on_oom():
     t.join()
     assert result == [None]                                                      # busy: the plain path serves
     fp.release()
+
+
+def test_fresh_rows_share_their_common_opening_computed_once(toy, monkeypatch):
+    """Fresh rows that open with the same text (a system prompt) get it computed once at batch 1;
+    logits and each row's cache still equal the row prefilled alone."""
+    from medmvl_core.engine import batch as B
+
+    model, _ = toy
+    torch.manual_seed(1)
+    opening = list(range(30, 42))                                                # 12 common tokens
+    rows_ids = [opening + [-201] * 8 + [7, 8, 9], opening + [-201] * 8 + [5, 6, 7, 8, 9, 10, 11]]
+    feats = [model.encode_images(images3d=torch.rand(1, 1, 4, 8, 8)) for _ in rows_ids]
+    calls = []
+    real = B.stack_caches
+    monkeypatch.setattr(B, "stack_caches", lambda pasts, lengths: calls.append(list(lengths)) or real(pasts, lengths))
+    with torch.inference_mode():
+        logits, batch = prefill_batch(model, [PrefillRow(None, 0, ids, f) for ids, f in zip(rows_ids, feats)],
+                                      torch.device("cpu"))
+        for b, (ids, f) in enumerate(zip(rows_ids, feats)):
+            out = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                        image_embeds=f, use_cache=True)
+            assert torch.allclose(logits[b], out.logits[0, -1], atol=1e-5)
+            got = batch.row(b, len(ids))
+            assert torch.allclose(got.layers[0].keys, out.past_key_values.layers[0].keys, atol=1e-5)
+    assert calls == [[12, 12]]                        # both rows started from the one shared opening
+    assert B._shared_prefix([PrefillRow(None, 0, [1] * 7 + [2]), PrefillRow(None, 0, [1] * 7 + [3])]) == 0  # too short

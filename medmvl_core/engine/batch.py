@@ -8,7 +8,9 @@ One forward prefills every request of a batch, whatever each one has cached:
 
 The cached prefixes are left-padded to the longest one (P) and copied into one batch cache; the
 new tokens are left-padded to the longest suffix (S) so every row's last token sits at the last
-slot (its logits are the only ones computed). The 2D attention mask marks the real slots, and the
+slot (its logits are the only ones computed). When every row is fresh, the text they all open
+with (the template's system prompt) is computed once, at batch 1, and used as every row's
+cached prefix. The 2D attention mask marks the real slots, and the
 position ids count each row's real tokens, so every row sees exactly what it would see alone.
 Decoding then feeds one token per row per step (:class:`PlainBatch`), and each row's cache is
 taken back out with :func:`~medmvl_core.engine.kv.row_cache`.
@@ -87,6 +89,23 @@ def padded_embeds(model: Any, rows: Sequence[PrefillRow], device: torch.device,
     return embeds * mask[..., None].to(embeds.dtype), mask
 
 
+#: Shortest common opening (tokens) worth a forward of its own in :func:`prefill_batch`.
+MIN_SHARED_PREFIX = 8
+
+
+def _shared_prefix(rows: Sequence[PrefillRow]) -> int:
+    """Length of the text (no placeholders) that every row opens with, when all rows are fresh
+    and it is at least MIN_SHARED_PREFIX tokens; else 0. Each row keeps at least one new token."""
+    if len(rows) < 2 or any(r.past is not None and r.cached for r in rows):
+        return 0
+    first = rows[0].new_ids
+    limit = min(len(r.new_ids) for r in rows) - 1
+    n = 0
+    while n < limit and first[n] >= 0 and all(r.new_ids[n] == first[n] for r in rows):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
 def prefill_batch(model: Any, rows: Sequence[PrefillRow], device: torch.device,
                   pad_id: int = 0) -> tuple[torch.Tensor, PlainBatch]:
     """One forward over every row's new tokens (see the module docstring for the layout).
@@ -94,6 +113,12 @@ def prefill_batch(model: Any, rows: Sequence[PrefillRow], device: torch.device,
     Returns (logits at each row's last prompt token [B, vocab], the batch ready to decode).
     The rows' own caches are copied, never changed.
     """
+    shared = _shared_prefix(rows)
+    if shared:   # fresh rows open with the same text (the system prompt): compute it once
+        with torch.inference_mode():
+            x = torch.tensor([list(rows[0].new_ids[:shared])], dtype=torch.long, device=device)
+            out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True, logits_to_keep=1)
+        rows = [PrefillRow(out.past_key_values, shared, r.new_ids[shared:], r.image_embeds) for r in rows]
     cached = [r.cached if r.past is not None else 0 for r in rows]
     if max(cached) > 0:
         cache, pmask = stack_caches([r.past if c else None for r, c in zip(rows, cached)], cached)

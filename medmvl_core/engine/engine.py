@@ -7,8 +7,9 @@ sessions and caches are safe to inspect from others. Its parts:
 - :class:`~medmvl_core.engine.session.SessionStore`: conversations and their KV caches;
 - :class:`~medmvl_core.engine.features.FeatureCache`: preprocessed images and encoder outputs;
 - :class:`~medmvl_core.engine.fast_path.FastPath`: the static-KV-cache / CUDA-graph decoder;
-- :mod:`~medmvl_core.engine.decode` (token loops) and :mod:`~medmvl_core.engine.batch`
-  (batched prefill and steps on the plain path).
+- :class:`~medmvl_core.engine.single.SingleRunner` and :class:`~medmvl_core.engine.batch.BatchRunner`:
+  prefill + decode of one request / of a batch, over the token loops in
+  :mod:`~medmvl_core.engine.decode`.
 
 This module holds the request flow on top: validate, build the prompt, reuse the cached prefix,
 prefill, decode, record the turn.
@@ -26,7 +27,7 @@ import torch
 
 from medmvl_core.engine import tasks as T
 from medmvl_core.engine.batch import BatchRunner
-from medmvl_core.engine.decode import SamplingParams, TextStreamer, run_decode
+from medmvl_core.engine.decode import SamplingParams, TextStreamer
 from medmvl_core.engine.errors import (CancelledError, EngineOutOfMemoryError, RequestError,
                                        RequestTimeoutError, SessionBusyError)
 from medmvl_core.engine.fast_decode import llm_config
@@ -35,6 +36,7 @@ from medmvl_core.engine.features import FeatureCache, input_kind, supported_kind
 from medmvl_core.engine.hashing import volume_hash
 from medmvl_core.engine.records import Answer, ImageEntry, Prepared, Request  # noqa: F401 - re-exported
 from medmvl_core.engine.session import Session, SessionStore
+from medmvl_core.engine.single import SingleRunner
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class Engine:
         self.store = SessionStore(kv_cache_bytes)
         self.sessions = self.store.sessions
         self.fast_path = FastPath(model, self.device, decode_mode, compile_decode)
+        self.single = SingleRunner(model, self.device, self.dtype, self.fast_path, self._hook)
         self.batches = BatchRunner(model, self.device, self.dtype, self.fast_path, self._hook)
         self.context_limit = int(getattr(llm_config(model), "max_position_embeddings", 0) or 0)
         self.max_new_tokens_limit = max_new_tokens_limit
@@ -198,8 +201,8 @@ class Engine:
             with self._oom_guard(s):
                 p = self._prepare_request(s, req)
                 try:
-                    logits = self._prefill(p, extend=True)
-                    tokens, reason, fed = self._decode_one(p, logits)
+                    logits = self.single.prefill(p, extend=True)
+                    tokens, reason, fed = self.single.decode(p, logits, self.eos_ids)
                 finally:
                     if p.fast is not None:  # loaded by the prefill but the decode never took it
                         p.fast = None
@@ -274,8 +277,8 @@ class Engine:
             p.timings.pop(k, None)
         try:
             with self._oom_guard(p.session):
-                logits = self._prefill(p, hook=not hooked)
-                return self._finish(p, *self._decode_one(p, logits))
+                logits = self.single.prefill(p, hook=not hooked)
+                return self._finish(p, *self.single.decode(p, logits, self.eos_ids))
         except BaseException as exc:  # noqa: BLE001 - reported per request
             return exc
 
@@ -371,102 +374,6 @@ class Engine:
         return Prepared(s, req, kind, entry, q, ids, ephemeral, lcp, past, timings, t_start,
                          check, params, generator, TextStreamer(self.tokenizer, req.on_token,
                                                                  self.features.box_resolver(entry)))
-
-    def _forward(self, ids: list[int], total_len: int, past: Any,
-                 image_embeds: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
-        """One plain forward of ``ids`` after ``past``; -> (logits at the last token [1, V], cache)."""
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        mask = torch.ones(1, total_len, dtype=torch.long, device=self.device)
-        kwargs: dict[str, Any] = {"input_ids": x, "attention_mask": mask,
-                                  "past_key_values": past, "use_cache": True, "logits_to_keep": 1}
-        if image_embeds is not None:
-            kwargs["image_embeds"] = image_embeds
-        with torch.inference_mode():
-            out = self.model(**kwargs)
-        return out.logits[:, -1, :], out.past_key_values
-
-    def _prefill(self, p: Prepared, extend: bool = False, hook: bool = True) -> torch.Tensor:
-        """Prefill the prompt's uncached suffix; returns the logits at its last token.
-
-        extend=True (single answers): a follow-up's new text tokens go through the static cache's
-        ``FastDecoder.extend`` (a captured graph on CUDA) when the fast path is in use, and the
-        decoder stays loaded for the answer (``p.fast``); otherwise the plain forward.
-        """
-        if hook:
-            self._hook("prefill")
-        t0 = time.perf_counter()
-        suffix = p.ids[p.lcp:]
-        has_img = any(t < 0 for t in suffix)
-        logits = self._extend_fast(p, suffix) if extend and not has_img and p.past is not None else None
-        if logits is None:
-            logits, p.past = self._forward(suffix, len(p.ids), p.past,
-                                           p.entry.embeds if has_img else None)
-        p.timings["prefill_s"] = time.perf_counter() - t0
-        p.timings["prefill_tokens"] = len(suffix)
-        p.timings["cached_tokens"] = p.lcp
-        p.t_decode = time.perf_counter()
-        return logits
-
-    def _extend_fast(self, p: Prepared, suffix: list[int]) -> torch.Tensor | None:
-        """Load the session cache into the FastDecoder and extend it with ``suffix`` (text tokens);
-        the decoder stays locked for this answer in ``p.fast``. None when the fast path is not in
-        use, busy, or the suffix is too long for one chunk (then the plain forward prefills)."""
-        from medmvl_core.engine.fast_decode import CHUNKS, pick_bucket
-
-        if len(suffix) > max(CHUNKS):
-            return None
-        # the cache bucket holds the prefix, the padded chunk and the answer
-        fast = self.fast_path.start([p.past], [p.lcp], pick_bucket(len(suffix), CHUNKS) + p.params.max_new_tokens)
-        if fast is None:
-            return None
-        try:
-            with torch.inference_mode():
-                x = torch.tensor([suffix], dtype=torch.long, device=self.device)
-                logits = fast.extend(self.model.embed_inputs(x, None))
-        except Exception as exc:  # noqa: BLE001 - fall back to the plain prefill
-            self.fast_path.failed(exc, "static-cache prefill failed")
-            return None
-        p.fast = fast
-        p.timings["prefill_path"] = f"static:{fast.mode}"
-        return logits.to(self.dtype)
-
-    def _decode_one(self, p: Prepared, logits: torch.Tensor) -> tuple[list[int], str, int]:
-        """Decode one request from its prefill logits, on the fast path when it is in use (a
-        failing fast step continues on the plain path from the same cache)."""
-        total = len(p.ids)
-        fast, p.fast = p.fast, None  # already loaded (and locked) by the prefill's extend
-        if fast is None:
-            fast = self.fast_path.start([p.past], [total], p.params.max_new_tokens)
-        used_fast = fast is not None
-
-        def step(tok: int) -> torch.Tensor:
-            nonlocal total, fast
-            self._hook("decode")
-            total += 1
-            if fast is not None:
-                try:
-                    return fast.step(tok).to(logits.dtype)
-                except Exception as exc:  # noqa: BLE001 - continue on the plain path
-                    if is_oom(exc):
-                        raise
-                    self.fast_path.disable(f"static-cache step failed ({exc})")
-                    p.past = fast.to_dynamic(0, total - 1)
-                    fast = None
-                    self.fast_path.release()
-            lg, p.past = self._forward([tok], total, p.past, None)
-            return lg
-
-        try:
-            out = run_decode(logits, step, p.params, self.eos_ids, p.streamer, p.check,
-                             p.generator, p.on_token_id)
-            if fast is not None:
-                p.past = fast.to_dynamic(0, len(p.ids) + out[2])
-        finally:
-            if fast is not None:
-                self.fast_path.release()
-        p.timings["decode_path"] = (f"static:{self.fast_path.mode}" if fast is not None else
-                                    "static->plain" if used_fast else "plain")
-        return out
 
     def _finish(self, p: Prepared, tokens: list[int], reason: str, fed: int) -> Answer:
         """The answer's text, boxes and timings; a session's turn and KV cache are recorded."""
