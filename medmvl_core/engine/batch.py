@@ -10,8 +10,8 @@ The cached prefixes are left-padded to the longest one (P) and copied into one b
 new tokens are left-padded to the longest suffix (S) so every row's last token sits at the last
 slot (its logits are the only ones computed). When every row is fresh, the text they all open
 with (the template's system prompt) is computed once, at batch 1, and used as every row's
-cached prefix. The 2D attention mask marks the real slots, and the
-position ids count each row's real tokens, so every row sees exactly what it would see alone.
+cached prefix. The 2D attention mask marks the real slots, and the position ids count each
+row's real tokens, so every row sees exactly what it would see alone.
 Decoding then feeds one token per row per step (:class:`PlainBatch`), and each row's cache is
 taken back out with :func:`~medmvl_core.engine.kv.row_cache`.
 """
@@ -46,7 +46,7 @@ class PrefillRow:
 
 
 class PlainBatch:
-    """A batch cache being decoded: ``step(tokens [B])`` -> next logits [B, vocab] (float)."""
+    """A batch cache being decoded: ``step(tokens [B])`` -> next logits [B, vocab]."""
 
     def __init__(self, model: Any, cache: Any, mask: torch.Tensor, positions: torch.Tensor):
         self.model, self.cache = model, cache
