@@ -54,7 +54,7 @@ def test_static_path_falls_back_to_plain(toy, monkeypatch):
             raise RuntimeError("graphs unavailable on this platform")
 
     eng = Engine(model, proc, decode_mode="static")
-    monkeypatch.setattr(eng, "_fast_decoder", lambda: Broken())
+    monkeypatch.setattr(eng.fast_path, "factory", lambda model, mode: Broken())
     a = eng.answer(_vol(1), QUESTIONS[0], max_new_tokens=8)
     assert a.timings["decode_path"] == "plain"
     assert a.token_ids == Engine(model, proc, decode_mode="plain").answer(
@@ -77,9 +77,9 @@ def test_follow_up_prefill_falls_back_to_plain_when_extend_fails(toy, monkeypatc
     a = plain.answer(question=QUESTIONS[1], session=sp, max_new_tokens=6)
     b = static.answer(question=QUESTIONS[1], session=ss, max_new_tokens=6)
     assert a.token_ids == b.token_ids and "prefill_path" not in b.timings
-    assert b.timings["decode_path"] == "plain" and not static._static_ok   # the fast path is off from now on
-    assert static._fast_lock.acquire(blocking=False)                       # and its lock was released
-    static._fast_lock.release()
+    assert b.timings["decode_path"] == "plain" and not static.fast_path.enabled   # the fast path is off from now on
+    assert "extend broke" in static.fast_path.fallback_reason
+    assert not static.fast_path.busy                                               # and its lock was released
     c = static.answer(question=QUESTIONS[2], session=ss, max_new_tokens=6)
     assert c.token_ids == plain.answer(question=QUESTIONS[2], session=sp, max_new_tokens=6).token_ids
 
@@ -158,9 +158,9 @@ def test_warmup_runs_the_static_path_and_leaves_nothing_behind(toy):
     eng = Engine(model, proc, decode_mode="static")
     assert eng.warmup() > 0
     assert len(eng.images) == 0 and not eng.sessions and eng.kv_bytes_used() == 0
-    assert eng._static_ok   # the static path worked during warm-up (no fallback)
+    assert eng.fast_path.enabled and eng.fast_path.fallback_reason is None   # no fallback in warm-up
     # a follow-up was prefilled through the static cache too (on CUDA: its chunk graph is captured)
-    assert any(slot.chunks for slot in eng._fast._slots.values())
+    assert any(slot.chunks for slot in eng.fast_path.decoder._slots.values())
 
 
 def test_oom_in_a_batched_step_falls_back_to_one_by_one(toy):

@@ -55,9 +55,11 @@ def test_stack_caches_left_pads_and_split_cache_undoes_it():
     assert torch.equal(back.layers[0].values, a.layers[0].values)
 
 
-def test_batch_rows_equal_single_runs(tiny):
+@pytest.mark.parametrize("mode", ["static", "plain"])
+def test_batch_rows_equal_single_runs(tiny, mode):
     model, proc, images = tiny
-    eng = Engine(model, proc, decode_mode="static")
+    eng = Engine(model, proc, decode_mode=mode)
+    path = "batch4:static:static" if mode == "static" else "batch4"
     eos = proc.tokenizer.eos_token_id
     lengths = {len(eng.encode_prompt(eng.conversation([], q, "image"), "image")) for q in QUESTIONS}
     assert len(lengths) == 4                      # four prompt lengths: rows are left-padded
@@ -75,18 +77,20 @@ def test_batch_rows_equal_single_runs(tiny):
         assert got[i].token_ids == refs[i], i
         assert got[i].finish_reason == ("stop" if refs[i][-1] in (eos, stop_tok) else "length"), i
         assert "".join(streamed[i]) == got[i].text, i
-        assert got[i].timings["decode_path"] == "batch4:static:static"
-        # fresh requests: one left-padded prefill for all four in the static cache
-        assert got[i].timings["prefill_path"] == "batch4:static:static"
+        assert got[i].timings["decode_path"] == path
+        # fresh requests: one left-padded prefill for all four (in the static cache, or plain)
+        assert got[i].timings["prefill_path"] == path
         assert got[i].timings["prefill_tokens"] == len(eng.encode_prompt(eng.conversation([], QUESTIONS[i], "image"),
                                                                            "image"))
     assert got[0].token_ids == first[:4] and got[0].finish_reason == "stop"
     assert len(refs[3]) == 5 and got[3].finish_reason == "length"   # its own max_new_tokens
+    if mode == "plain":
+        return
     # another batch (a different size) reuses the engine's one decoder object
-    dec = eng._fast
+    dec = eng.fast_path.decoder
     again = eng.answer_batch([Request(volume=im, question=q, max_new_tokens=m)
                               for im, q, m in zip(images[1:], QUESTIONS[1:], maxes[1:])])
-    assert eng._fast is dec
+    assert eng.fast_path.decoder is dec
     assert [a.token_ids for a in again] == refs[1:]
     assert again[0].timings["decode_path"] == "batch3:static:static"
 
@@ -103,10 +107,11 @@ def test_a_row_cancelled_before_its_first_token_and_a_bad_row_fail_alone(tiny):
     assert isinstance(got[2], RequestError) and "max_new_tokens" in str(got[2])
 
 
-def test_fresh_batch_prefill_falls_back_and_a_session_with_history_prefills_alone(tiny):
+def test_fresh_batch_prefill_falls_back_and_a_session_with_history_joins_the_batch(tiny):
     model, proc, images = tiny
     refs = [_alone(Engine(model, proc, decode_mode="static"), im, QUESTIONS[0], 6) for im in images[:3]]
-    # an out-of-memory error in the batched decode: the requests are answered again one by one
+    # an out-of-memory error in the static batched decode: the batch is prefilled again on the
+    # plain path (one forward) and decoded again
     calls = {"n": 0}
 
     def hook(stage):
@@ -121,14 +126,19 @@ def test_fresh_batch_prefill_falls_back_and_a_session_with_history_prefills_alon
                             for i, im in enumerate(images[:3])])
     assert [g.token_ids for g in got] == refs
     assert ["".join(x) for x in streamed] == [g.text for g in got]      # nothing streamed twice
-    assert "prefill_path" not in got[0].timings and got[0].timings["decode_path"].startswith("batch3")
-    assert eng._fast_lock.acquire(blocking=False)
-    eng._fast_lock.release()
-    # a session with history in the batch: every request is prefilled on its own (its cache reused)
+    assert got[0].timings["prefill_path"] == "batch3" and got[0].timings["decode_path"] == "batch3:static:static"
+    assert not eng.fast_path.busy
+    # a session with history in the batch: prefilled with the others, its cached prefix reused
     eng = Engine(model, proc, decode_mode="static")
     s = eng.create_session(images[0])
     eng.answer(question=QUESTIONS[0], session=s, max_new_tokens=4)
     got = eng.answer_batch([Request(session=s, question=QUESTIONS[1], max_new_tokens=5),
                             Request(volume=images[1], question=QUESTIONS[1], max_new_tokens=5)])
-    assert got[0].timings["cached_tokens"] > 0 and "prefill_path" not in got[0].timings
+    assert got[0].timings["cached_tokens"] > 0 and got[0].timings["prefill_path"] == "batch2"
+    assert got[0].timings["prefill_tokens"] == len(eng.encode_prompt(eng.conversation(s.turns[:-1], QUESTIONS[1], "image"),
+                                                                    "image")) - got[0].timings["cached_tokens"]
     assert got[1].token_ids == _alone(eng, images[1], QUESTIONS[1], 5)
+    ref = Engine(model, proc, decode_mode="plain")          # the follow-up alone, on the plain path
+    r = ref.create_session(images[0])
+    ref.answer(question=QUESTIONS[0], session=r, max_new_tokens=4)
+    assert got[0].token_ids == ref.answer(question=QUESTIONS[1], session=r, max_new_tokens=5).token_ids

@@ -22,7 +22,10 @@ def test_bench_cpu_small_prints_the_table(tmp_path):
                           env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = {}
-    for line in proc.stdout.splitlines():
+    metrics, targets = proc.stdout.split("\n| target | value | wanted | met |")   # two tables
+    assert "| ours b8 (batch-8 aggregate) | nan | >= 1500 tokens/s | not measured |" in targets   # --batch 2
+    assert "| memory 4bit (3B model in 4-bit) |" in targets
+    for line in metrics.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if line.startswith("| ") and len(cells) == 4 and cells[0] not in ("metric",):
             table[cells[0]] = (float(cells[1]), cells[2], cells[3])
@@ -97,3 +100,37 @@ def test_a_failing_section_becomes_a_row():
     assert mod.guarded(rows, "memory 4bit", boom) is None
     assert rows[0][0] == "memory 4bit" and math.isnan(rows[0][1]) and "out of memory" in rows[0][3]
     assert mod.guarded(rows, "ok", lambda x: x + 1, 1) == 2 and len(rows) == 1
+
+
+def test_a_failing_section_and_the_time_limit_leave_one_complete_json_record(tmp_path, monkeypatch, capsys):
+    """In one run: the train section fails (forced), the others still run; the JSON record holds
+    each section's status, the rows and the targets. With --time-limit 0 every section is skipped
+    with a row that says so, and the run still ends with its record."""
+    mod = _bench_module()
+
+    def broken(*args):
+        raise RuntimeError("simulated failure in the LoRA step")
+
+    monkeypatch.setattr(mod, "bench_train", broken)
+    out = tmp_path / "run.json"
+    assert mod.main(["--device", "cpu", "--small", "--sections", "ttft,train,memory", "--modes", "none",
+                     "--new-tokens", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["complete"] and data["machine"]["model"].startswith("small")
+    status = {k: v["status"] for k, v in data["sections"].items()}
+    assert status == {"copy bandwidth": "ok", "build model": "ok", "engine": "ok", "ttft": "ok",
+                      "train": "failed", "memory none": "ok"}
+    assert "simulated failure" in data["sections"]["train"]["error"]
+    rows = {r[0]: r for r in data["rows"]}
+    assert "failed after" in rows["train"][3] and "the other sections ran" in rows["train"][3]
+    assert math.isfinite(rows["cold TTFT"][1]) and math.isfinite(rows["memory none"][1])
+    targets = {t["metric"]: t for t in data["targets"]}
+    assert targets["train LoRA MFU"]["met"] is None and targets["follow-up TTFT"]["met"] is not None
+    assert "| target | value | wanted | met |" in capsys.readouterr().out
+
+    out0 = tmp_path / "limit.json"
+    assert mod.main(["--device", "cpu", "--small", "--time-limit", "0", "--json", str(out0)]) == 0
+    data = json.loads(out0.read_text())
+    assert data["complete"] and {v["status"] for v in data["sections"].values()} == {"skipped"}
+    assert "time limit (0 s) was reached; run it alone with --sections memory" in data["sections"]["memory 4bit"]["error"]
+    assert "could not be built" in data["sections"]["decode"]["error"]

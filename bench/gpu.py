@@ -7,7 +7,12 @@ slice + attention pooling, built from the configs with random weights (no downlo
 
     python bench/gpu.py                       # CUDA, real size (< 8 min on an H100)
     python bench/gpu.py --device cpu --small  # CPU smoke run
-    python bench/gpu.py --json out.json       # also write the rows and the machine as JSON
+    python bench/gpu.py --json out.json       # also write one JSON record (see below)
+
+Every section runs on its own: one that fails becomes a row that says why and the others still
+run; sections not started within ``--time-limit`` seconds are skipped with a row that says so.
+The JSON record (rewritten after every row) holds the machine, each section's status and
+seconds, the rows, and the issue's targets with this run's values (``bench/gpu_report.py``).
 
 Conventions: copy bandwidth counts bytes read + written; decode floor = bandwidth / LLM weight
 bytes (every decode step reads every weight once); tokens/s = new tokens (x batch) / wall time of
@@ -22,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -36,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine_info import cpu_name  # noqa: E402 - needs the repository on sys.path
+from bench.gpu_report import Report, guarded, machine, print_table, print_targets  # noqa: E402,F401 - needs the repository on sys.path
 
 logger = logging.getLogger("bench.gpu")
 
@@ -174,8 +177,8 @@ def make_engine(model, n_new: int, compile_decode: bool = False):
 
 def _decode_note(eng, answer) -> str:
     path = answer.timings.get("decode_path", "?")
-    fast = eng._fast
-    fb = f" (fallback: {fast.fallback_reason})" if fast is not None and fast.fallback_reason else ""
+    why = eng.fast_path.fallback_reason
+    fb = f" (fallback: {why})" if why else ""
     return f"Engine path {path}{fb}"
 
 
@@ -244,15 +247,14 @@ def bench_decode(eng, n_new: int, batch: int, rows: list, device) -> None:
 def _replay_ms(eng, clock, reps: int = 50) -> float | None:
     """Milliseconds per replay of the engine's captured (or compiled) batch-1 decode step, with no
     host work between replays; None where the step is eager (CPU, fallback)."""
-    fast = eng._fast
-    slot = getattr(fast, "_slot", None)
-    if fast is None or slot is None or slot.runner is None:
+    runner = eng.fast_path.captured_step()
+    if runner is None:
         return None
     with torch.inference_mode():
-        slot.runner()
+        runner()
         t0 = clock.now()
         for _ in range(reps):
-            slot.runner()
+            runner()
         return (clock.now() - t0) / reps * 1e3
 
 
@@ -321,7 +323,7 @@ def bench_ttft(eng, small: bool, n_new: int, rows: list, device) -> None:
     eng.images.clear()
 
 
-def bench_memory(build, modes: list[str], n_new: int, rows: list, device) -> None:
+def bench_memory(rows: list, build, modes: list[str], n_new: int, device) -> None:
     for mode in modes:
         guarded(rows, f"memory {mode}", _memory_one, build, mode, n_new, rows, device)
         gc.collect()
@@ -399,66 +401,6 @@ def bench_train(model, small: bool, peak: float, peak_src: str, rows: list, devi
     model.eval()
 
 
-class Rows(list):
-    """The table's rows; each one is printed as it is measured (and the JSON file rewritten), so a
-    run cut short by a time limit still leaves what it measured."""
-
-    def __init__(self, info: dict, json_path: Path | None = None):
-        super().__init__()
-        self.info, self.json_path = info, json_path
-
-    def append(self, row) -> None:
-        super().append(row)
-        name, value, unit, note = row
-        print(f"row: {name} = {value:.4g} {unit} ({note})", flush=True)
-        if self.json_path is not None:
-            self.json_path.write_text(json.dumps({"machine": self.info, "rows": [list(r) for r in self]}, indent=1))
-
-
-def guarded(rows: list, name: str, fn, *args):
-    """Run one bench section; a failure becomes a table row instead of ending the run."""
-    try:
-        return fn(*args)
-    except Exception as exc:  # noqa: BLE001 - reported in the table
-        logger.exception("bench section %s failed", name)
-        rows.append((name, float("nan"), "", f"failed: {type(exc).__name__}: {str(exc)[:200]}"))
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return None
-
-
-def machine(device: torch.device) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "device": device.type}
-    import transformers
-
-    info["transformers"] = transformers.__version__
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2 ** 30, 1), cuda=torch.version.cuda,
-                    driver=_driver())
-    else:
-        info["cpu"] = cpu_name()
-    return info
-
-
-def _driver() -> str | None:
-    try:
-        import subprocess
-
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def print_table(rows: list) -> None:
-    print("| metric | value | unit | notes |")
-    print("|---|---:|---|---|")
-    for name, value, unit, note in rows:
-        print(f"| {name} | {value:.4g} | {unit} | {note} |")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -474,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode with torch.compile (reduce-overhead) instead of a plain CUDA-graph capture")
     ap.add_argument("--json", type=Path, default=None, help="also write rows + machine to this file")
     ap.add_argument("--verbose", action="store_true", help="log INFO (fast-path mode choices, fallbacks)")
+    ap.add_argument("--time-limit", type=float, default=360.0,
+                    help="seconds after which sections not yet started are skipped, each with a row "
+                         "that says so (default 360: with the section then running and the start, "
+                         "the run stays within 8 minutes)")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
     unknown = sections - {"ttft", "decode", "train", "memory", "profile"}
@@ -491,38 +437,59 @@ def main(argv: list[str] | None = None) -> int:
     n_new = args.new_tokens or (8 if args.small else 128)
     torch.manual_seed(0)
     info = machine(device)
+    info["model"] = "small (--small: targets do not apply)" if args.small else "real size (Qwen2.5-3B + SigLIP)"
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
-    rows = Rows(info, args.json)
-    bw = copy_bandwidth(device, args.small)
-    rows.append(("copy bandwidth", bw / 1e9, "GB/s", "device-to-device copy, read + write"))
-    model, spec = build_model(args.small, device, dtype)
-    llm_bytes = nbytes(model.llm)
-    rows.append(("decode floor b1", bw / llm_bytes, "tokens/s", f"{llm_bytes / 1e9:.3g} GB of LLM weights per token"))
-    eng = make_engine(model, n_new, args.compile_decode)
-    if "ttft" in sections:
-        guarded(rows, "cold TTFT", bench_ttft, eng, args.small, n_new, rows, device)
-    if "decode" in sections:
-        guarded(rows, "decode", bench_decode, eng, n_new, args.batch, rows, device)
-    if "profile" in sections:
-        guarded(rows, "profile", bench_profile, model, rows, device)
-    del eng
+    rows = Report(info, args.json, args.time_limit)
+    bw = rows.section("copy bandwidth", copy_bandwidth, device, args.small)
+    if bw is not None:
+        rows.append(("copy bandwidth", bw / 1e9, "GB/s", "device-to-device copy, read + write"))
+    built = rows.section("build model", build_model, args.small, device, dtype)
+    model = built[0] if built else None
+    wanted = [s for s in ("ttft", "decode", "profile") if s in sections]
     if not args.skip_train and "train" in sections:
-        name = info.get("gpu", "")
-        known = [v for k, v in BF16_PEAK.items() if k in name]
-        if device.type == "cuda" and known:
-            peak, src = known[0], f"{name} dense bf16 datasheet peak"
-        else:
-            peak, src = matmul_peak(device, dtype, args.small), f"measured {dtype} matmul on {device.type}"
-        guarded(rows, "train LoRA", bench_train, model, args.small, peak, src, rows, device, dtype)
-    del model
+        wanted.append("train")
+    if model is None:
+        for sec in wanted:
+            rows.skip(sec, "the model could not be built (see the 'build model' row)")
+    else:
+        llm_bytes = nbytes(model.llm)
+        if bw is not None:
+            rows.append(("decode floor b1", bw / llm_bytes, "tokens/s",
+                         f"{llm_bytes / 1e9:.3g} GB of LLM weights per token"))
+        eng = rows.section("engine", make_engine, model, n_new, args.compile_decode)
+        for sec in ("ttft", "decode", "profile"):
+            if sec in wanted and eng is None:
+                rows.skip(sec, "the engine could not be built (see the 'engine' row)")
+        if eng is not None:
+            if "ttft" in wanted:
+                rows.section("ttft", bench_ttft, eng, args.small, n_new, rows, device)
+            if "decode" in wanted:
+                rows.section("decode", bench_decode, eng, n_new, args.batch, rows, device)
+            if "profile" in wanted:
+                rows.section("profile", bench_profile, model, rows, device)
+        del eng
+        if "train" in wanted:
+            rows.section("train", _train_section, model, args.small, info, rows, device, dtype)
+    del model, built
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     modes = [m for m in args.modes.split(",") if m] if "memory" in sections else []
-    guarded(rows, "memory", bench_memory, lambda: build_model(args.small, device, dtype)[0], modes,
-            min(n_new, 32), rows, device)
+    bench_memory(rows, lambda: build_model(args.small, device, dtype)[0], modes, min(n_new, 32), device)
+    rows.write(complete=True)
     print_table(rows)
+    print_targets(rows)
     return 0
+
+
+def _train_section(model, small: bool, info: dict, rows: list, device, dtype) -> None:
+    name = info.get("gpu", "")
+    known = [v for k, v in BF16_PEAK.items() if k in name]
+    if device.type == "cuda" and known:
+        peak, src = known[0], f"{name} dense bf16 datasheet peak"
+    else:
+        peak, src = matmul_peak(device, dtype, small), f"measured {dtype} matmul on {device.type}"
+    bench_train(model, small, peak, src, rows, device, dtype)
 
 
 if __name__ == "__main__":

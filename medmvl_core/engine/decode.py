@@ -1,9 +1,10 @@
-"""The token loop: greedy or sampled choice, streaming text pieces, cancel, KV bookkeeping."""
+"""The token loops (one sequence, or a batch sharing its steps): greedy or sampled choice,
+streaming text pieces, cancel, KV bookkeeping."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -124,3 +125,78 @@ def run_decode(first_logits: torch.Tensor, step: Callable[[int], torch.Tensor],
             return tokens, "length", fed
         logits = step(tok)
         fed += 1
+
+
+def run_batch_decode(rows: Sequence[Any], first_logits: torch.Tensor,
+                     step: Callable[[torch.Tensor], torch.Tensor], eos_ids: set[int], pad_id: int,
+                     hook: Callable[[str], None] | None = None,
+                     ) -> list[tuple[list[int], str, int] | BaseException]:
+    """Generate for B sequences together, one ``step`` (one forward) per token for all of them.
+
+    rows: the requests (``params``, ``check``/``checks``, ``streamer``, ``generator``,
+    ``on_token_id``, as :class:`~medmvl_core.engine.records.Prepared`); first_logits: [B, V] at
+    each row's last prompt position; ``step(tokens [B])`` -> next logits [B, V]. A row stops on
+    its own (EOS or its max_new_tokens) and is fed ``pad_id`` from then on. The per-step work is
+    tensor operations over the batch; Python runs per row only for rows that sample, stream or
+    can be cancelled. Returns per row (new token ids, "stop" | "length", tokens fed into the
+    cache) or the exception that row failed with (cancel, timeout).
+    """
+    n = len(rows)
+    dev = first_logits.device
+    max_new = torch.tensor([int(r.params.max_new_tokens) for r in rows], device=dev)
+    eos = torch.tensor(sorted(eos_ids) or [-1], device=dev)
+    finished = torch.zeros(n, dtype=torch.bool, device=dev)
+    stopped = torch.zeros(n, dtype=torch.bool, device=dev)   # finished on EOS
+    count = torch.zeros(n, dtype=torch.long, device=dev)
+    fed = torch.zeros(n, dtype=torch.long, device=dev)
+    sampled = [b for b, r in enumerate(rows) if r.params.do_sample]
+    checked = [b for b, r in enumerate(rows) if getattr(r, "checks", True)]
+    streaming = [b for b, r in enumerate(rows) if r.streamer.on_piece is not None]
+    failed: dict[int, BaseException] = {}
+    out: list[torch.Tensor] = []
+    logits = first_logits
+    while True:
+        for b in checked:
+            if b in failed:
+                continue
+            try:
+                rows[b].check()
+            except BaseException as exc:  # noqa: BLE001 - cancel/timeout of one row
+                failed[b] = exc
+                finished[b] = True
+        tok = logits.argmax(dim=-1)
+        for b in sampled:
+            tok[b] = choose_token(logits[b:b + 1], rows[b].params, rows[b].generator)[0]
+        active = ~finished
+        tok = tok.masked_fill(finished, pad_id)
+        out.append(tok)
+        count += active
+        at_eos = active & torch.isin(tok, eos)
+        stopped |= at_eos
+        finished = finished | at_eos | (active & (count >= max_new))
+        if not out[1:]:
+            for r in rows:
+                r.on_token_id(0)   # the first token's time (time to first token)
+        if streaming:
+            host = torch.stack([tok, (active & ~at_eos).long()]).tolist()
+            for b in streaming:
+                if host[1][b]:
+                    rows[b].streamer.push(host[0][b])
+        if bool(finished.all()):
+            break
+        if hook is not None:
+            hook("decode")
+        fed += ~finished
+        logits = step(tok.masked_fill(finished, pad_id))
+    toks = torch.stack(out, 1).tolist()
+    counts, stops, feds = count.tolist(), stopped.tolist(), fed.tolist()
+    results: list[tuple[list[int], str, int] | BaseException] = []
+    for b, r in enumerate(rows):
+        if b in failed:
+            results.append(failed[b])
+            continue
+        ids = toks[b][:counts[b]]
+        if b not in streaming:
+            r.streamer.ids = list(ids[:-1] if stops[b] else ids)   # EOS is not part of the text
+        results.append((ids, "stop" if stops[b] else "length", feds[b]))
+    return results

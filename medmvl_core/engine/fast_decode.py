@@ -21,8 +21,10 @@ How it works:
 - Prefix reuse (follow-up questions) is the engine's: a session keeps its DynamicCache, the
   engine prefills only the new tokens and moves the cache in here with ``start_from``.
 - Batched decoding is :meth:`Engine.answer_batch <medmvl_core.engine.engine.Engine.answer_batch>`:
-  it loads the rows' session caches into this decoder (``start_from``) or, on the plain path,
-  stacks them with :func:`stack_caches` and splits them back with :func:`split_cache`.
+  fresh requests are prefilled together into this decoder (``prefill``), others are prefilled
+  together on the plain path (:mod:`medmvl_core.engine.batch`) and loaded here (``start_from``).
+  The KV helpers (``stack_caches``, ``split_cache``, ``dynamic_from``) live in
+  :mod:`medmvl_core.engine.kv`.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from medmvl_core.engine.kv import dynamic_from, kv_layers as _kv_layers, split_cache, stack_caches  # noqa: F401 - re-exported
 from medmvl_core.errors import MedMVLError
 
 logger = logging.getLogger(__name__)
@@ -373,6 +375,14 @@ class FastDecoder:
         new.valid[:, self._w:] = False
         self._slot = new
 
+    def captured_step(self) -> Callable[[], torch.Tensor] | None:
+        """The captured (graph) or compiled decode step of the current cache, replayable on its
+        own (benchmarks time it without host work); None where the step runs eagerly."""
+        slot = self._slot
+        if self.mode not in ("graph", "compile") or slot is None:
+            return None
+        return slot.runner
+
     # ------------------------------------------------------------------ engine helpers
     @torch.inference_mode()
     def start_from(self, pasts: Any, lengths: int | Sequence[int], max_new_tokens: int = 256) -> None:
@@ -471,48 +481,6 @@ def llm_config(model: Any) -> Any:
         return llm.config
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def dynamic_from(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    """A DynamicCache holding (keys, values) per layer, each [B, heads, L, head_dim]."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
-    return cache
-
-
-def stack_caches(pasts: Sequence[Any], lengths: Sequence[int]) -> tuple[Any, torch.Tensor]:
-    """Left-pad per-request caches (first ``lengths[b]`` positions of each) into one batch
-    DynamicCache (plain-path batched decoding). Returns (cache, attention mask [B, Lmax])."""
-    lmax = max(lengths)
-    per = [_kv_layers(p) for p in pasts]
-    stacked = []
-    for li in range(len(per[0])):
-        ks = [F.pad(per[b][li][0][:, :, :n], (0, 0, lmax - n, 0)) for b, n in enumerate(lengths)]
-        vs = [F.pad(per[b][li][1][:, :, :n], (0, 0, lmax - n, 0)) for b, n in enumerate(lengths)]
-        stacked.append((torch.cat(ks), torch.cat(vs)))
-    mask = torch.zeros(len(lengths), lmax, dtype=torch.long, device=stacked[0][0].device)
-    for b, n in enumerate(lengths):
-        mask[b, lmax - n:] = 1
-    return dynamic_from(stacked), mask
-
-
-def split_cache(batch: Any, row: int, pad: int, length: int) -> Any:
-    """Row ``row`` of a batch cache without its ``pad`` left-padding slots: ``length`` positions."""
-    return dynamic_from([(k[row:row + 1, :, pad:pad + length].clone(),
-                          v[row:row + 1, :, pad:pad + length].clone())
-                         for k, v in _kv_layers(batch)])
-
-
-def _kv_layers(past: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer, each [B, heads, L, head_dim], of a transformers cache."""
-    if hasattr(past, "layers"):
-        return [(layer.keys, layer.values) for layer in past.layers]
-    if hasattr(past, "key_cache"):
-        return list(zip(past.key_cache, past.value_cache))
-    return [(k, v) for k, v in past]
 
 
 def _has_int8_layers(module: torch.nn.Module) -> bool:

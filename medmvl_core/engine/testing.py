@@ -132,15 +132,17 @@ class ToyModel(nn.Module):
             emb = emb.masked_scatter(mask[..., None], image_embeds.to(emb.dtype))
         return emb
 
-    def forward(self, input_ids, attention_mask=None, labels=None, images=None, images3d=None,
+    def forward(self, input_ids=None, attention_mask=None, labels=None, images=None, images3d=None,
                 image_embeds=None, past_key_values=None, use_cache=None, position_ids=None,
-                **kwargs):
+                inputs_embeds=None, **kwargs):
         if self.step_delay_s:
             import time
             time.sleep(self.step_delay_s)
         if image_embeds is None and (images is not None or images3d is not None):
             image_embeds = self.encode_images(images, images3d)
-        return self.llm(inputs_embeds=self.embed_inputs(input_ids, image_embeds),
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, image_embeds)
+        return self.llm(inputs_embeds=inputs_embeds,
                         attention_mask=attention_mask, labels=labels,
                         past_key_values=past_key_values, use_cache=use_cache,
                         position_ids=position_ids, **kwargs)

@@ -62,7 +62,7 @@ def load_engine(checkpoint: str | Path, device: str = "auto", dtype: str | None 
     from medmvl_core.engine import Engine
     model, proc = load_model(checkpoint, device, dtype, quantize)
     engine = Engine(model, proc, **engine_kwargs)
-    if engine._use_static():
+    if engine.fast_path.enabled:
         # compile / capture the decode step now rather than in the first user's question
         sizes = tuple(range(1, max(1, warmup_batch) + 1))
         logger.info("warm-up took %.1f s", engine.warmup(batch_sizes=sizes))
