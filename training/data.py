@@ -182,7 +182,8 @@ def make_dataset(records: list[Record], processor: Any, cfg: RunConfig, max_leng
     return MedMVLDataset(records, processor, max_length=max_length, augment=cfg.data.augment, seed=cfg.seed,
                          skip_pixels=skip, independent_turns=cfg.data.independent_turns,
                          multi_turn_share=cfg.data.multi_turn_share, encodings=encodings,
-                         shuffle_choices=cfg.data.shuffle_choices)
+                         shuffle_choices=cfg.data.shuffle_choices, augment_flip_p=cfg.data.augment_flip_p,
+                         augment_intensity=cfg.data.augment_intensity)
 
 
 class KeyedCollator(Collator):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,7 @@ from medmvl_core.errors import ConfigError, DataError
 from training import state as st
 from training.build import build_model
 from training.callbacks import RunLogger, ThroughputMeter, peak_tflops_for_device, step_flops, write_loss_curve
-from training.config import RunConfig
+from training.config import RunConfig, plan_global_batch
 from training.data import KeyedCollator, load_train_data, make_dataset, move_batch, rank_micro_batches
 from training.encoder_cache import EncoderCache
 from training.step import TrainStepModule
@@ -67,6 +68,13 @@ class Recipe:
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
         cfg, tr = self.cfg, self.cfg.train
+        # the process count is known from the launcher's environment before accelerate starts, and the
+        # accumulation must be fixed before (accelerate divides the backward loss by it)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        accum, msg = plan_global_batch(tr, world)
+        if msg:
+            logger.warning(msg)
+        tr.grad_accum = accum
         ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)
         # without a GPU, accelerate needs cpu=True to run several processes (gloo) under torchrun
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED[tr.precision],

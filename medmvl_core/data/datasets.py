@@ -216,16 +216,26 @@ def file_digest(path: Path, extra: str = "") -> str:
     return h.hexdigest()
 
 
-def random_flip_rot90(volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """MedM-VL-style 3D train augmentation on [C, D, H, W]: rot90 in (H, W) with p=0.5 (k in 1..3),
-    then a flip of each of D, H, W with p=0.5."""
+def random_flip_rot90(volume: np.ndarray, rng: np.random.Generator, flip_p: float = 0.5,
+                      intensity: bool = False) -> np.ndarray:
+    """3D train augmentation on [C, D, H, W], in MedM-VL's order (its MONAI ``transform_train``):
+    rot90 in (H, W) with p=0.5 (k in 1..3, ``RandRotate90(prob=0.5, spatial_axes=(1, 2))``), then a
+    flip of each of D, H, W with p=``flip_p`` (MedM-VL: ``RandFlip(prob=0.10)`` per axis); with
+    ``intensity`` (MedM-VL's 3D CLIP encoders) ``x * (1 + u)``, u ~ U(-0.1, 0.1), with p=0.5
+    (``RandScaleIntensity(factors=0.1)``), then ``x + u`` with p=0.5 (``RandShiftIntensity(offsets=0.1)``)."""
     out = volume
     if rng.random() < 0.5:
         out = np.rot90(out, k=int(rng.integers(1, 4)), axes=(-2, -1))
     for ax in (-3, -2, -1):
-        if rng.random() < 0.5:
+        if rng.random() < flip_p:
             out = np.flip(out, axis=ax)
-    return np.ascontiguousarray(out)
+    out = np.ascontiguousarray(out)
+    if intensity:
+        if rng.random() < 0.5:
+            out = out * np.float32(1.0 + rng.uniform(-0.1, 0.1))
+        if rng.random() < 0.5:
+            out = out + np.float32(rng.uniform(-0.1, 0.1))
+    return out
 
 
 class TrainEncodings:
@@ -332,8 +342,10 @@ class MedMVLDataset:
     def __init__(self, records: Sequence[Record], processor: Any, *, max_length: Optional[int] = None, augment: bool = False, seed: int = 0,
                  skip_pixels: Optional[Callable[[str], bool]] = None, independent_turns: bool = False,
                  multi_turn_share: float = 0.0, encodings: Optional[TrainEncodings] = None,
-                 shuffle_choices: bool = False):
+                 shuffle_choices: bool = False, augment_flip_p: float = 0.5, augment_intensity: bool = False):
         self.records = list(records)
+        self.augment_flip_p = augment_flip_p
+        self.augment_intensity = augment_intensity
         self.shuffle_choices = shuffle_choices
         self.independent_turns = independent_turns
         self.multi_turn_share = multi_turn_share
@@ -416,7 +428,7 @@ class MedMVLDataset:
                 arr = np.asarray(arr, dtype=np.float32)
                 if self.augment and kind == "image3d":
                     rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch, i, j]))
-                    arr = random_flip_rot90(arr, rng)
+                    arr = random_flip_rot90(arr, rng, self.augment_flip_p, self.augment_intensity)
                 arrays.append(torch.from_numpy(arr))
             sample[out_key] = torch.stack(arrays)
         return sample
