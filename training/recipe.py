@@ -26,6 +26,7 @@ from training import state as st
 from training.build import build_model
 from training.callbacks import RunLogger, ThroughputMeter, peak_tflops_for_device, step_flops, write_loss_curve
 from training.config import RunConfig, plan_global_batch
+from training.distributed import enable_requested_engine, fit_fsdp_wrap_classes
 from training.data import KeyedCollator, load_train_data, make_dataset, move_batch, rank_micro_batches
 from training.encoder_cache import EncoderCache
 from training.step import TrainStepModule
@@ -80,6 +81,7 @@ class Recipe:
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED[tr.precision],
                                kwargs_handlers=[ddp_kwargs],
                                gradient_accumulation_steps=tr.grad_accum)
+        self.engine = enable_requested_engine(self.acc)
         set_seed(cfg.seed)
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +146,7 @@ class Recipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.total_steps, warmup,
                                                                                      tr.scheduler))
         self._configure_deepspeed()
+        fit_fsdp_wrap_classes(self.acc, model)
         self.step_module, self.optimizer = self.acc.prepare(TrainStepModule(model), self.optimizer)
         self.samples_seen = self.tokens_seen = 0
         if self.resume:

@@ -37,3 +37,31 @@ def write_dataset(folder: Path, kind: str = "image", n: int = 4) -> Path:
     path = folder / f"{kind}_{n}.json"
     path.write_text(json.dumps(rows, indent=1))
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(accelerate_config: Path, args: list, timeout: float = 300, env: dict | None = None):
+    """``accelerate launch --config_file CONFIG -m training.cli ARGS`` on 127.0.0.1 with a free port;
+    returns the CompletedProcess (stdout/stderr captured as text)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), "-m", "training.cli", *args]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **(env or {}))
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
+    """The logged ``key`` of every train step of a run (metrics.jsonl)."""
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if r.get("split", "train") == "train" and key in r]

@@ -1,0 +1,81 @@
+"""What accelerate needs to run FSDP and DeepSpeed ZeRO on CPU processes (gloo), and the checks
+that a launch runs the engine it asked for.
+
+accelerate (1.16) switches its FSDP and DeepSpeed plugins on only for GPU-class devices: with
+``Accelerator(cpu=True)`` (no GPU) an FSDP or DeepSpeed launch silently becomes plain data
+parallel (``MULTI_CPU``). On CPU, FSDP itself works (torch's FSDP2 ``fully_shard`` with gloo), so
+:func:`enable_requested_engine` turns the FSDP plugin accelerate built from the launch
+environment back on; DeepSpeed has a CPU accelerator of its own, started the same way. A launch
+whose engine cannot be enabled raises instead of training with another one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from medmvl_core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def requested_engine() -> str:
+    """``fsdp`` / ``deepspeed`` / ``ddp`` from the environment ``accelerate launch`` sets."""
+    if _flag("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    return "ddp"
+
+
+
+
+def enable_requested_engine(acc: Any) -> str:
+    """Make ``acc`` run the engine the launch asked for; returns its name. Call right after creating
+    the Accelerator, before ``prepare``."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    want = requested_engine()
+    have = acc.distributed_type
+    if want == "fsdp" and have != DistributedType.FSDP:
+        if have != DistributedType.MULTI_CPU:
+            raise ConfigError(f"the launch asked for FSDP but accelerate runs {have}; check the accelerate config "
+                              "(distributed_type: FSDP, num_processes > 1)")
+        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set
+        state = AcceleratorState()
+        state.fsdp_plugin = plugin
+        state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        logger.info("FSDP (version %s) on CPU processes (gloo)", plugin.fsdp_version)
+    elif want == "deepspeed" and have != DistributedType.DEEPSPEED:
+        raise ConfigError(f"the launch asked for DeepSpeed but accelerate runs {have}")
+    return want
+
+
+def fit_fsdp_wrap_classes(acc: Any, model: Any) -> None:
+    """Keep only the FSDP wrap classes the model has: one accelerate config lists the decoder layers
+    of every supported LLM (Qwen2, Llama, Phi-3) and the vision towers, and accelerate refuses a
+    class the model lacks ("Could not find the transformer layer class ...")."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.FSDP:
+        return
+    plugin = acc.state.fsdp_plugin
+    names = plugin.transformer_cls_names_to_wrap
+    if not names:
+        return
+    present = {type(m).__name__ for m in model.modules()}
+    keep = [n for n in names if n in present]
+    if not keep:
+        raise ConfigError(f"FSDP: none of the wrap classes {names} is in this model; set "
+                          f"fsdp_transformer_layer_cls_to_wrap to its layer class(es), e.g. "
+                          f"{sorted(n for n in present if n.endswith('Layer'))[:4]}")
+    if keep != list(names):
+        logger.info("FSDP wraps %s (not in this model: %s)", keep, [n for n in names if n not in keep])
+    plugin.transformer_cls_names_to_wrap = keep
