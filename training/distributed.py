@@ -11,9 +11,10 @@ whose engine cannot be enabled raises instead of training with another one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from medmvl_core.errors import ConfigError
 
@@ -54,7 +55,27 @@ def enable_requested_engine(acc: Any) -> str:
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         logger.info("FSDP (version %s) on CPU processes (gloo)", plugin.fsdp_version)
     elif want == "deepspeed" and have != DistributedType.DEEPSPEED:
-        raise ConfigError(f"the launch asked for DeepSpeed but accelerate runs {have}")
+        if have != DistributedType.MULTI_CPU:
+            raise ConfigError(f"the launch asked for DeepSpeed but accelerate runs {have}; check the accelerate "
+                              "config (distributed_type: DEEPSPEED, num_processes > 1)")
+        try:
+            import deepspeed
+        except ImportError as exc:
+            raise ConfigError("the launch asked for DeepSpeed, which is not installed: pip install "
+                              "'medmvl-slicer[deepspeed]' (or pip install deepspeed)") from exc
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables the launcher set
+        plugin.set_mixed_precision(acc.mixed_precision)
+        state = AcceleratorState()
+        state.deepspeed_plugins = plugin
+        state.distributed_type = DistributedType.DEEPSPEED
+        PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+        plugin.select(_from_accelerator_state=True)
+        acc.deepspeed_engine_wrapped = None
+        # DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) talks over the gloo group accelerate opened
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        logger.info("DeepSpeed ZeRO-%s on CPU processes (gloo)", plugin.zero_stage)
     return want
 
 
@@ -79,3 +100,27 @@ def fit_fsdp_wrap_classes(acc: Any, model: Any) -> None:
     if keep != list(names):
         logger.info("FSDP wraps %s (not in this model: %s)", keep, [n for n in names if n not in keep])
     plugin.transformer_cls_names_to_wrap = keep
+
+
+@contextlib.contextmanager
+def whole_model_init() -> Iterator[None]:
+    """Build (or load) models whole on every process while DeepSpeed ZeRO-3 is configured.
+
+    accelerate's DeepSpeed plugin registers its config with transformers whatever
+    ``zero3_init_flag`` says, and transformers then creates every model inside
+    ``deepspeed.zero.Init``: parameters partitioned at construction (empty on each rank), so
+    loading a checkpoint into them fails ("size mismatch ... torch.Size([0])") and a from-scratch
+    model gets another random init than one process would. Our recipe builds the model whole and
+    lets ``accelerator.prepare`` partition it (what ``zero3_init_flag: false`` asks for).
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    saved = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved

@@ -26,7 +26,7 @@ from training import state as st
 from training.build import build_model
 from training.callbacks import RunLogger, ThroughputMeter, peak_tflops_for_device, step_flops, write_loss_curve
 from training.config import RunConfig, plan_global_batch
-from training.distributed import enable_requested_engine, fit_fsdp_wrap_classes
+from training.distributed import enable_requested_engine, fit_fsdp_wrap_classes, whole_model_init
 from training.data import KeyedCollator, load_train_data, make_dataset, move_batch, rank_micro_batches
 from training.encoder_cache import EncoderCache
 from training.step import TrainStepModule
@@ -86,7 +86,8 @@ class Recipe:
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        model, processor = build_model(cfg)
+        with whole_model_init():  # ZeRO-3 partitions in prepare, not at construction
+            model, processor = build_model(cfg)
         if cfg.model.max_length is not None:
             processor.max_length = cfg.model.max_length
         elif processor.max_length is None:
@@ -99,7 +100,8 @@ class Recipe:
         self.n_enc = {k: sum(p.numel() for p in getattr(model, f"encoder_{k}").parameters())
                       for k in ("image", "image3d") if getattr(model, f"encoder_{k}", None) is not None}
         self.base_dir = self._base_for_adapter(model)
-        self.lora = apply_tuning(model, cfg, device=self.acc.device)
+        with whole_model_init():
+            self.lora = apply_tuning(model, cfg, device=self.acc.device)
         # (not under FSDP: a flat-parameter unit must hold one dtype)
         if self.lora is not None and tr.save_adapter_only and tr.precision in ("bf16", "fp16") and \
                 self.acc.distributed_type != DistributedType.FSDP:
@@ -178,6 +180,15 @@ class Recipe:
         ds["gradient_accumulation_steps"] = tr.grad_accum
         ds["train_batch_size"] = self.global_batch
         ds["gradient_clipping"] = tr.max_grad_norm
+        # ZeRO's "auto" sizes, as transformers' Trainer fills them from the LLM's hidden size (accelerate
+        # would look for a `config` on the prepared module, which the step module does not have)
+        hidden = int(getattr(self.model.config.llm_config, "hidden_size", 0) or 0)
+        zero = ds.get("zero_optimization", {})
+        for key, value in (("reduce_bucket_size", hidden * hidden),
+                           ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                           ("stage3_param_persistence_threshold", 10 * hidden)):
+            if zero.get(key) == "auto" and hidden:
+                zero[key] = value
         ds.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW as DeepSpeed's client optimizer
 
     def _base_for_adapter(self, model: torch.nn.Module) -> Optional[Path]:
@@ -354,14 +365,23 @@ class Recipe:
 
     def save_final(self) -> Path:
         """Write the final outputs (see training/configs/README.md) and return the loadable checkpoint."""
-        from training.merge import merge_adapter, save_adapter
-
-        acc, tr = self.acc, self.cfg.train
+        acc = self.acc
         state = acc.get_state_dict(self.step_module)  # gathers ZeRO-3 / FSDP shards on the main process
         final = self.out / "final"
         result = final
         if acc.is_main_process:
             state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+            result = self._write_final(state, final)
+        acc.wait_for_everyone()
+        return result
+
+    def _write_final(self, state: dict, final: Path) -> Path:
+        """Main process: the consolidated outputs (adapter, merged model or full checkpoint)."""
+        from training.merge import merge_adapter, save_adapter
+
+        tr = self.cfg.train
+        result = final
+        with whole_model_init():  # the merge loads the base model: whole, never ZeRO-3-partitioned
             if self.lora is not None:
                 adapter_dir = final if tr.save_adapter_only else self.out / "adapter"
                 save_adapter(adapter_dir, self.model, state, self.lora, self.base_dir, self.processor, self.cfg)
@@ -374,9 +394,8 @@ class Recipe:
             else:
                 self.model.save_pretrained(str(final), state_dict=state, safe_serialization=True)
                 self.processor.save_pretrained(str(final))
-            if self.cfg.log.loss_curve:
-                write_loss_curve(self.out)
-        acc.wait_for_everyone()
+        if self.cfg.log.loss_curve:
+            write_loss_curve(self.out)
         return result
 
     def cleanup(self) -> None:
