@@ -122,6 +122,8 @@ class DataConfig:
     augment_intensity: bool = False  # also MONAI RandScaleIntensity(0.1, p=0.5) + RandShiftIntensity(0.1, p=0.5)
     cache_encoder_outputs: bool = False
     cache_dir: Optional[str] = None
+    pixel_cache: bool = False        # preprocessed images/volumes cached on disk (.npy, keyed by file + spec)
+    pixel_cache_dir: Optional[str] = None  # default OUTPUT/pixel_cache; share it between runs and ranks
     independent_turns: bool = False  # train each turn of a multi-turn row as if asked alone (encode_train_turns)
     multi_turn_share: float = 0.0    # with independent_turns: this share of rows (per row and epoch) stays multi-turn
     shuffle_choices: bool = False    # multiple-choice options "(a) X (b) Y ..." in a new order per row and epoch

@@ -125,8 +125,14 @@ class Recipe:
         self.cache = self._encoder_cache(model)
         box_refs = getattr(model.config, "box_refs", None)
         self.data = load_train_data(cfg, data_proc, self.max_length, box_refs=box_refs)
+        self.pixel_cache = None
+        if cfg.data.pixel_cache:
+            from medmvl_core.data.streaming import PixelCache
+
+            root = cfg.resolve_path(cfg.data.pixel_cache_dir) if cfg.data.pixel_cache_dir else self.out / "pixel_cache"
+            self.pixel_cache = PixelCache(root)
         self.dataset = make_dataset(self.data.records, data_proc, cfg, self.max_length, self.cache,
-                                    self.data.encodings)
+                                    self.data.encodings, self.pixel_cache)
         self.eval_data = load_train_data(cfg, data_proc, self.max_length, "eval_datasets", box_refs) \
             if cfg.data.eval_datasets else None
         world = self.acc.num_processes
