@@ -1,0 +1,85 @@
+"""Multi-node rehearsal: training/slurm/launch.sbatch, the launch the docs give for a SLURM cluster,
+run as two "nodes" on this machine: `srun` and `scontrol` are stand-ins that start the task once
+per node (SLURM_NODEID 0 and 1) and name 127.0.0.1 as the allocation's first host, so the script's
+own rendezvous logic (torchrun --nnodes 2 --node_rank $SLURM_NODEID, one process per node, gloo)
+is what runs. Training equals one process with the same global batch; `medmvl infer` shards the
+data over the two nodes and merges in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from training.config import load_config
+from training.recipe import run
+from training.testing import CONFIGS, INPUTS, REFERENCE, REPO_ROOT, free_port, losses, write_dataset
+
+SBATCH = REPO_ROOT / "training" / "slurm" / "launch.sbatch"
+pytestmark = pytest.mark.slow
+
+FAKE_SRUN = """#!/bin/bash
+# stand-in for srun: the task once per node on this machine, as SLURM would start it on each node
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n SLURM_PROCID=$n "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+
+def _sbatch(tmp_path, args: list, timeout: float = 400, extra_env: dict | None = None):
+    fake = tmp_path / "fakebin"
+    fake.mkdir(exist_ok=True)
+    (fake / "srun").write_text(FAKE_SRUN)
+    (fake / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")  # `scontrol show hostnames LIST`
+    for f in ("srun", "scontrol"):
+        (fake / f).chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]",
+               GPUS_PER_NODE="1", MASTER_PORT=str(free_port()), PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO_ROOT), **(extra_env or {}))
+    return subprocess.run(["bash", str(SBATCH), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_two_node_training_equals_one_process(tmp_path):
+    data = write_dataset(tmp_path / "data", "image", n=4)
+    cfg = CONFIGS / "tiny_2d_lora_cpu.yaml"
+    common = [f"data.datasets.0.path={data}", f"data.datasets.0.image_dir={INPUTS}", "data.datasets.0.ratio=1",
+              "train.micro_batch_size=1", "train.max_steps=2", "log.progress_bar=false", "log.every=1",
+              "log.loss_curve=false", "log.tensorboard=false"]
+    proc = _sbatch(tmp_path, ["-m", "training.cli", "--config", str(cfg), *common,
+                              f"train.output_dir={tmp_path / 'two'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 node(s) x 1 process(es), rendezvous 127.0.0.1" in proc.stderr
+    one = tmp_path / "one"
+    run(load_config(cfg, common + ["train.grad_accum=2", f"train.output_dir={one}"]))
+    two_l, one_l = losses(tmp_path / "two"), losses(one)
+    assert len(two_l) == 2 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(two_l, one_l)), (two_l, one_l)
+    assert (tmp_path / "two" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_two_node_infer_shards_and_merges(tmp_path):
+    out = tmp_path / "out.json"
+    proc = _sbatch(tmp_path, ["-m", "medmvl_core.cli", "-v", "infer", "--checkpoint", str(REFERENCE / "ct_chest_tiny"),
+                              "--data", str(INPUTS / "ct_inference.json"), "--image3d-dir", str(INPUTS),
+                              "--output", str(out), "--max-new-tokens", "12", "--device", "cpu"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 process(es)" in proc.stderr
+    assert "rank 0: 1 samples" in proc.stderr and "rank 1: 1 samples" in proc.stderr
+    golden = json.loads((REFERENCE / "ct_chest_tiny" / "golden.json").read_text())
+    expected = [(s["id"], s["generated_text"][0]) for s in golden["inference_samples"]]
+    res = json.loads(out.read_text(encoding="utf-8"))
+    assert [(r["id"], r["conversations"][-1]["value"]) for r in res] == expected
+
+
+def test_launch_script_refuses_to_run_outside_slurm(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(SBATCH), "-m", "training.cli"], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode != 0 and "SLURM_NNODES is not set" in proc.stderr
