@@ -11,40 +11,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from training.config import load_config
 from training.recipe import run
-from training.testing import CONFIGS, INPUTS, REFERENCE, REPO_ROOT, free_port, losses, write_dataset
+from training.testing import CONFIGS, INPUTS, REFERENCE, SBATCH, losses, sbatch_locally, write_dataset
 
-SBATCH = REPO_ROOT / "training" / "slurm" / "launch.sbatch"
 pytestmark = pytest.mark.slow
 
-FAKE_SRUN = """#!/bin/bash
-# stand-in for srun: the task once per node on this machine, as SLURM would start it on each node
-while [[ "$1" == --* ]]; do shift; done
-pids=()
-for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n SLURM_PROCID=$n "$@" & pids+=($!); done
-rc=0
-for p in "${pids[@]}"; do wait "$p" || rc=$?; done
-exit $rc
-"""
 
-
-def _sbatch(tmp_path, args: list, timeout: float = 400, extra_env: dict | None = None):
-    fake = tmp_path / "fakebin"
-    fake.mkdir(exist_ok=True)
-    (fake / "srun").write_text(FAKE_SRUN)
-    (fake / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")  # `scontrol show hostnames LIST`
-    for f in ("srun", "scontrol"):
-        (fake / f).chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]",
-               GPUS_PER_NODE="1", MASTER_PORT=str(free_port()), PYTHON=sys.executable, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO_ROOT), **(extra_env or {}))
-    return subprocess.run(["bash", str(SBATCH), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def _sbatch(tmp_path, args: list):
+    return sbatch_locally(tmp_path, args)
 
 
 def test_two_node_training_equals_one_process(tmp_path):

@@ -155,6 +155,7 @@ class TrainConfig:
     merge_at_end: bool = False
     stop_after: int = 0         # > 0: stop (after a checkpoint) once this invocation ran so many steps; --resume continues
     num_workers: int = 0        # DataLoader worker processes
+    dist_timeout_s: int = 1800  # a collective waiting this long for another process fails (no endless hang)
     save_final: bool = True     # false: no final/ (throughput benchmarks)
 
 
@@ -435,6 +436,8 @@ def config_problems(cfg: RunConfig) -> list[str]:
         p.append(f"train.global_batch: must be >= 0 (0 = not stated), got {tr.global_batch}")
     elif tr.adapt_grad_accum and tr.global_batch == 0:
         p.append("train.adapt_grad_accum: needs train.global_batch (the global batch to keep)")
+    if tr.dist_timeout_s < 1:
+        p.append(f"train.dist_timeout_s: must be >= 1 second, got {tr.dist_timeout_s}")
     if tr.stop_after < 0 or tr.num_workers < 0:
         p.append("train.stop_after / train.num_workers: must be >= 0")
     if tr.save_every < 0 or tr.eval_every < 0:

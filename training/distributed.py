@@ -16,7 +16,7 @@ import logging
 import os
 from typing import Any, Iterator
 
-from medmvl_core.errors import ConfigError
+from medmvl_core.errors import ConfigError, MedMVLError
 
 logger = logging.getLogger(__name__)
 
@@ -124,3 +124,30 @@ def whole_model_init() -> Iterator[None]:
         yield
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+class PeerLostError(MedMVLError):
+    """Another process of a multi-process run stopped; this one stops too (resume from a checkpoint)."""
+
+
+_PEER_SIGNS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "gloo", "nccl",
+               "processgroup", "socket", "peer")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process died or hung."""
+    import torch
+
+    if isinstance(exc, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(s in text for s in _PEER_SIGNS)
+
+
+def peer_lost(exc: BaseException, rank: int, world: int, step: int, last_checkpoint: Any) -> PeerLostError:
+    """The error a surviving process raises: what happened, where the run stands, what to do."""
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    where = f"the last checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+    return PeerLostError(f"process {rank} of {world}: another process of this run stopped or stopped answering "
+                         f"during step {step + 1} ({first}); this process stops too. {where}; run the same launch "
+                         "command with --resume to continue from it")

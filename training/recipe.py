@@ -9,6 +9,7 @@ does not depend on how the global batch is split over processes and accumulation
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -26,7 +27,8 @@ from training import state as st
 from training.build import build_model
 from training.callbacks import RunLogger, ThroughputMeter, peak_tflops_for_device, step_flops, write_loss_curve
 from training.config import RunConfig, plan_global_batch
-from training.distributed import enable_requested_engine, fit_fsdp_wrap_classes, whole_model_init
+from training.distributed import enable_requested_engine, fit_fsdp_wrap_classes, is_peer_failure, peer_lost, \
+    whole_model_init
 from training.data import KeyedCollator, load_train_data, make_dataset, move_batch, rank_micro_batches
 from training.encoder_cache import EncoderCache
 from training.step import TrainStepModule
@@ -66,7 +68,7 @@ class Recipe:
     # -- setup --------------------------------------------------------------------------------------
     def setup(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
 
         cfg, tr = self.cfg, self.cfg.train
         # the process count is known from the launcher's environment before accelerate starts, and the
@@ -77,9 +79,11 @@ class Recipe:
             logger.warning(msg)
         tr.grad_accum = accum
         ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)
+        # a peer that hangs (rather than dies) fails the next collective after this long
+        pg_kwargs = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=tr.dist_timeout_s))
         # without a GPU, accelerate needs cpu=True to run several processes (gloo) under torchrun
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED[tr.precision],
-                               kwargs_handlers=[ddp_kwargs],
+                               kwargs_handlers=[ddp_kwargs, pg_kwargs],
                                gradient_accumulation_steps=tr.grad_accum)
         self.engine = enable_requested_engine(self.acc)
         set_seed(cfg.seed)
@@ -417,7 +421,15 @@ def run(cfg: RunConfig, resume: Optional[str] = None, dry_run: bool = False) -> 
         logger.info("dry run: %d rows, %d steps of %d samples; nothing trained", len(recipe.data.records),
                     recipe.total_steps, recipe.global_batch)
         return {"steps": 0, "final_dir": None, "output_dir": str(recipe.out), "total_steps": recipe.total_steps}
-    result = recipe.train()
+    try:
+        result = recipe.train()
+    except Exception as exc:  # a collective failed because another process is gone: say so, do not hang
+        acc = recipe.acc
+        if acc.num_processes > 1 and is_peer_failure(exc):
+            found = st.list_checkpoints(recipe.out)
+            raise peer_lost(exc, acc.process_index, acc.num_processes, recipe.step,
+                            found[-1] if found else None) from None
+        raise
     result["output_dir"] = str(recipe.out)
     result["final_dir"] = None
     if not result["stopped_early"] and cfg.train.save_final:

@@ -65,3 +65,40 @@ def losses(run_dir: Path, key: str = "loss") -> list[float]:
     """The logged ``key`` of every train step of a run (metrics.jsonl)."""
     rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r[key] for r in rows if r.get("split", "train") == "train" and key in r]
+
+
+SBATCH = REPO_ROOT / "training" / "slurm" / "launch.sbatch"
+_FAKE_SRUN = """#!/bin/bash
+# stand-in for srun: the task once per node on this machine, as SLURM would start it on each node
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n SLURM_PROCID=$n "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+
+def sbatch_locally(workdir: Path, args: list, nodes: int = 2, background: bool = False, timeout: float = 400):
+    """Run ``training/slurm/launch.sbatch ARGS`` as ``nodes`` nodes on this machine: ``srun`` and
+    ``scontrol`` are stand-ins (the task once per node with SLURM_NODEID = 0..nodes-1; the first host
+    is 127.0.0.1), so the script's own rendezvous logic runs. One process per node. Returns the
+    CompletedProcess, or the Popen with ``background=True``."""
+    import os
+    import subprocess
+    import sys
+
+    fake = Path(workdir) / "fakebin"
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "srun").write_text(_FAKE_SRUN)
+    (fake / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")  # `scontrol show hostnames LIST`
+    for f in ("srun", "scontrol"):
+        (fake / f).chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_NNODES=str(nodes),
+               SLURM_JOB_NODELIST=f"node[1-{nodes}]", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()),
+               PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    cmd = ["bash", str(SBATCH), *args]
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
