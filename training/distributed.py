@@ -147,7 +147,7 @@ def is_peer_failure(exc: BaseException) -> bool:
 def peer_lost(exc: BaseException, rank: int, world: int, step: int, last_checkpoint: Any) -> PeerLostError:
     """The error a surviving process raises: what happened, where the run stands, what to do."""
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    where = f"the last checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+    where = f"The last checkpoint is {last_checkpoint}" if last_checkpoint else "No checkpoint was written yet"
     return PeerLostError(f"process {rank} of {world}: another process of this run stopped or stopped answering "
                          f"during step {step + 1} ({first}); this process stops too. {where}; run the same launch "
-                         "command with --resume to continue from it")
+                         "command with --resume to continue")
