@@ -98,3 +98,22 @@ def test_pixel_cache_key_follows_the_file_and_survives_corruption(tmp_path):
     entry = next((tmp_path / "c").rglob("*.npy"))
     entry.write_bytes(b"garbage")
     assert cache.get(k) is None  # unreadable entry: a miss (recomputed), not a crash
+
+
+def test_recipe_with_pixel_cache_and_adapted_accumulation_trains_the_same(tmp_path):
+    """The run config wiring: data.pixel_cache fills the cache and trains what an uncached run trains;
+    train.global_batch + adapt_grad_accum gives the accumulation that one states explicitly."""
+    from training.config import load_config
+    from training.recipe import run
+    from training.testing import CONFIGS, losses
+
+    data = write_dataset(tmp_path / "data", "image", n=4)
+    common = [f"data.datasets.0.path={data}", f"data.datasets.0.image_dir={INPUTS}", "data.datasets.0.ratio=1",
+              "train.micro_batch_size=1", "train.max_steps=2", "log.progress_bar=false", "log.every=1",
+              "log.loss_curve=false", "log.tensorboard=false", "train.save_final=false"]
+    cfg = CONFIGS / "tiny_2d_lora_cpu.yaml"
+    run(load_config(cfg, common + ["train.grad_accum=2", f"train.output_dir={tmp_path / 'plain'}"]))
+    run(load_config(cfg, common + ["train.global_batch=2", "train.adapt_grad_accum=true", "data.pixel_cache=true",
+                                   f"data.pixel_cache_dir={tmp_path / 'pc'}", f"train.output_dir={tmp_path / 'cached'}"]))
+    assert len(list((tmp_path / "pc").rglob("*.npy"))) == 2  # two distinct X-rays
+    assert losses(tmp_path / "cached") == losses(tmp_path / "plain")
