@@ -114,6 +114,7 @@ def test_recipe_with_pixel_cache_and_adapted_accumulation_trains_the_same(tmp_pa
     cfg = CONFIGS / "tiny_2d_lora_cpu.yaml"
     run(load_config(cfg, common + ["train.grad_accum=2", f"train.output_dir={tmp_path / 'plain'}"]))
     run(load_config(cfg, common + ["train.global_batch=2", "train.adapt_grad_accum=true", "data.pixel_cache=true",
-                                   f"data.pixel_cache_dir={tmp_path / 'pc'}", f"train.output_dir={tmp_path / 'cached'}"]))
+                                   f"data.pixel_cache_dir={tmp_path / 'pc'}",
+                                   f"train.output_dir={tmp_path / 'cached'}"]))
     assert len(list((tmp_path / "pc").rglob("*.npy"))) == 2  # two distinct X-rays
     assert losses(tmp_path / "cached") == losses(tmp_path / "plain")

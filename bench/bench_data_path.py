@@ -46,7 +46,8 @@ def make_volumes(folder: Path, n: int, shape: tuple) -> Path:
             np.save(f, vol)
         rows.append({"id": f"v{i}", "image3d": f.name, "conversations": [
             {"from": "human", "value": "<image3d>\nIs there any pleural effusion?"},
-            {"from": "gpt", "value": "No, there is no pleural effusion." if i % 2 else "Yes, a small one on the right."}]})
+            {"from": "gpt",
+             "value": "No, there is no pleural effusion." if i % 2 else "Yes, a small one on the right."}]})
     data = folder / "data.json"
     data.write_text(json.dumps(rows))
     return data
@@ -86,7 +87,8 @@ def main() -> int:
                  "tune.connector_image=full", f"data.datasets.0.path={data}",
                  f"data.datasets.0.image3d_dir={tmp / 'volumes'}", "data.datasets.0.ratio=1",
                  f"train.micro_batch_size={args.batch}", "train.max_steps=1", "train.save_final=false",
-                 "train.save_every=0", "train.merge_at_end=false", f"train.output_dir={tmp / 'run'}", "log.progress_bar=false",
+                 "train.save_every=0", "train.merge_at_end=false", f"train.output_dir={tmp / 'run'}",
+                 "log.progress_bar=false",
                  "log.tensorboard=false", "log.loss_curve=false", "log.every=1", "train.precision=fp32"]
     cfg = load_config(REPO / "training" / "configs" / "tiny_ct_finetune_lora_cpu.yaml", overrides)
     recipe = Recipe(cfg)

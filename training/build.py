@@ -127,7 +127,8 @@ def build_from_parts(cfg: RunConfig) -> tuple[Any, Any]:
     if m.preprocessing:
         prep.update(m.preprocessing)
     mcfg = MedMVLConfig(template=m.template, preprocessing=prep, padding_side=m.padding_side,
-                        max_length=m.max_length or 2048, llm_attn_implementation=resolve_attn_implementation(m.attn_implementation),
+                        max_length=m.max_length or 2048,
+                        llm_attn_implementation=resolve_attn_implementation(m.attn_implementation),
                         box_refs=m.box_refs, **kwargs)
     torch.manual_seed(cfg.seed)
     model = MedMVLForConditionalGeneration(mcfg)
