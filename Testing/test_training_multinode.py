@@ -8,6 +8,7 @@ data over the two nodes and merges in input order.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 
 from training.config import load_config
 from training.recipe import run
-from training.testing import CONFIGS, INPUTS, REFERENCE, SBATCH, losses, sbatch_locally, write_dataset
+from training.testing import CONFIGS, INPUTS, REFERENCE, REPO_ROOT, SBATCH, losses, sbatch_locally, write_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -61,3 +62,25 @@ def test_launch_script_refuses_to_run_outside_slurm(tmp_path):
     proc = subprocess.run(["bash", str(SBATCH), "-m", "training.cli"], env=env, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode != 0 and "SLURM_NNODES is not set" in proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="deepspeed is not installed (optional extra: pip install --no-build-isolation deepspeed)")
+def test_two_node_deepspeed_through_accelerate(tmp_path):
+    """The accelerate branch of launch.sbatch (ACCELERATE_CONFIG, DeepSpeed's standard multi-node
+    launcher): ZeRO-2 over two nodes equals one process."""
+    data = write_dataset(tmp_path / "data", "image", n=4)
+    cfg = CONFIGS / "tiny_scratch_cpu.yaml"
+    common = [f"data.datasets.0.path={data}", f"data.datasets.0.image_dir={INPUTS}", "data.datasets.0.ratio=1",
+              "train.micro_batch_size=1", "train.max_steps=2", "log.progress_bar=false", "log.every=1",
+              "log.loss_curve=false", "log.tensorboard=false", "train.save_final=false"]
+    acc_cfg = REPO_ROOT / "training" / "accelerate" / "deepspeed_zero2_cpu_test.yaml"
+    proc = sbatch_locally(tmp_path, ["-m", "training.cli", "--config", str(cfg), *common,
+                                     f"train.output_dir={tmp_path / 'two'}"],
+                          extra_env={"ACCELERATE_CONFIG": str(acc_cfg), "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DeepSpeed ZeRO-2 on CPU processes" in proc.stderr
+    one = tmp_path / "one"
+    run(load_config(cfg, common + ["train.grad_accum=2", f"train.output_dir={one}"]))
+    two_l, one_l = losses(tmp_path / "two"), losses(one)
+    assert len(two_l) == 2 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(two_l, one_l)), (two_l, one_l)

@@ -79,7 +79,8 @@ exit $rc
 """
 
 
-def sbatch_locally(workdir: Path, args: list, nodes: int = 2, background: bool = False, timeout: float = 400):
+def sbatch_locally(workdir: Path, args: list, nodes: int = 2, background: bool = False, timeout: float = 400,
+                   extra_env: dict | None = None):
     """Run ``training/slurm/launch.sbatch ARGS`` as ``nodes`` nodes on this machine: ``srun`` and
     ``scontrol`` are stand-ins (the task once per node with SLURM_NODEID = 0..nodes-1; the first host
     is 127.0.0.1), so the script's own rendezvous logic runs. One process per node. Returns the
@@ -96,7 +97,7 @@ def sbatch_locally(workdir: Path, args: list, nodes: int = 2, background: bool =
         (fake / f).chmod(0o755)
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_NNODES=str(nodes),
                SLURM_JOB_NODELIST=f"node[1-{nodes}]", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()),
-               PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+               PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **(extra_env or {}))
     cmd = ["bash", str(SBATCH), *args]
     if background:
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
