@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from medmvl_core.errors import CheckpointError, ConfigError
-from training.config import ComponentConfig, RunConfig
+from training.config import ComponentConfig, RunConfig, resolve_attn_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ def build_from_parts(cfg: RunConfig) -> tuple[Any, Any]:
     if m.preprocessing:
         prep.update(m.preprocessing)
     mcfg = MedMVLConfig(template=m.template, preprocessing=prep, padding_side=m.padding_side,
-                        max_length=m.max_length or 2048, llm_attn_implementation=m.attn_implementation,
+                        max_length=m.max_length or 2048,
+                        llm_attn_implementation=resolve_attn_implementation(m.attn_implementation),
                         box_refs=m.box_refs, **kwargs)
     torch.manual_seed(cfg.seed)
     model = MedMVLForConditionalGeneration(mcfg)
@@ -169,5 +170,10 @@ def build_model(cfg: RunConfig) -> tuple[Any, Any]:
             raise ConfigError(f"model.init_from: {path} does not exist (a checkpoint folder load_checkpoint reads)")
         model, processor = load_checkpoint(str(path), device="cpu", dtype=torch.float32)
         logger.info("initial weights from %s", path)
+        if cfg.model.attn_implementation == "auto":  # otherwise the checkpoint's own setting stays
+            attn = resolve_attn_implementation("auto")
+            if hasattr(model.llm, "set_attn_implementation"):
+                model.llm.set_attn_implementation(attn)
+                model.config.llm_attn_implementation = attn
         return model, processor
     return build_from_parts(cfg)

@@ -28,6 +28,7 @@ LLM_TUNE_TYPES = ("frozen", "lora", "qlora", "full")
 MODULE_TUNE_TYPES = ("frozen", "full")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULERS = ("cosine", "linear", "constant")
+ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")  # auto: flash_attention_2 where installed, else sdpa
 BAD_ROW_POLICIES = ("error", "skip")
 
 
@@ -65,7 +66,7 @@ class ModelConfig:
     max_length: Optional[int] = None  # default: the init_from checkpoint's, else 2048
     padding_side: str = "right"
     preprocessing: Optional[dict] = None
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | auto (flash_attention_2 where installed)
     box_refs: Optional[list] = None  # finding labels whose boxes the LLM names by one token (medmvl_core/model/box_refs.py)
 
 
@@ -74,7 +75,9 @@ class LoraConfig:
     r: int = 128
     alpha: int = 256
     dropout: float = 0.05
-    target_modules: list = field(
+    # null = peft's default for the LLM's model type (Qwen2 / Llama: q_proj, v_proj), what MedM-VL's
+    # LoRA examples get since they pass no target modules
+    target_modules: Optional[list] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
@@ -114,9 +117,13 @@ class DataConfig:
     eval_datasets: list = field(default_factory=list)  # list[DatasetConfig]
     template: Optional[str] = None  # chat template for the data (stage 1: "pretrain"); default model.template
     on_bad_row: str = "error"
-    augment: bool = False
+    augment: bool = False            # 3D train augmentation: rot90 in (H, W) with p=0.5, then flips
+    augment_flip_p: float = 0.5      # probability of the flip of each of D, H, W (MedM-VL: 0.1)
+    augment_intensity: bool = False  # also MONAI RandScaleIntensity(0.1, p=0.5) + RandShiftIntensity(0.1, p=0.5)
     cache_encoder_outputs: bool = False
     cache_dir: Optional[str] = None
+    pixel_cache: bool = False        # preprocessed images/volumes cached on disk (.npy, keyed by file + spec)
+    pixel_cache_dir: Optional[str] = None  # default OUTPUT/pixel_cache; share it between runs and ranks
     independent_turns: bool = False  # train each turn of a multi-turn row as if asked alone (encode_train_turns)
     multi_turn_share: float = 0.0    # with independent_turns: this share of rows (per row and epoch) stays multi-turn
     shuffle_choices: bool = False    # multiple-choice options "(a) X (b) Y ..." in a new order per row and epoch
@@ -129,6 +136,9 @@ class TrainConfig:
     max_steps: int = -1
     micro_batch_size: int = 1
     grad_accum: int = 1
+    global_batch: int = 0       # the global batch the recipe was tuned for (0 = not stated); a run whose
+                                # micro_batch_size x grad_accum x processes differs warns (or adapts)
+    adapt_grad_accum: bool = False  # with global_batch: set grad_accum so the run's global batch equals it
     lr: float = 1e-4
     weight_decay: float = 0.0
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
@@ -145,6 +155,7 @@ class TrainConfig:
     merge_at_end: bool = False
     stop_after: int = 0         # > 0: stop (after a checkpoint) once this invocation ran so many steps; --resume continues
     num_workers: int = 0        # DataLoader worker processes
+    dist_timeout_s: int = 1800  # a collective waiting this long for another process fails (no endless hang)
     save_final: bool = True     # false: no final/ (throughput benchmarks)
 
 
@@ -364,6 +375,8 @@ def config_problems(cfg: RunConfig) -> list[str]:
         p.append("model.tokenizer: required when the LLM is not loaded from a folder (give a tokenizer folder)")
     if m.padding_side not in ("left", "right"):
         p.append(f"model.padding_side: {m.padding_side!r} is not left/right")
+    if m.attn_implementation not in ATTN_CHOICES:
+        p.append(f"model.attn_implementation: {m.attn_implementation!r} is not one of {', '.join(ATTN_CHOICES)}")
     if m.max_length is not None and m.max_length < 8:
         p.append(f"model.max_length: {m.max_length} is too small")
     if t.llm not in LLM_TUNE_TYPES:
@@ -376,8 +389,8 @@ def config_problems(cfg: RunConfig) -> list[str]:
         p.append(f"tune.lora.r: must be >= 1, got {t.lora.r}")
     if not 0 <= t.lora.dropout < 1:
         p.append(f"tune.lora.dropout: must be in [0, 1), got {t.lora.dropout}")
-    if not t.lora.target_modules:
-        p.append("tune.lora.target_modules: give at least one module name")
+    if t.lora.target_modules is not None and not t.lora.target_modules:
+        p.append("tune.lora.target_modules: give at least one module name (or null for peft's default)")
     if t.qlora.quant_type not in ("nf4", "fp4"):
         p.append(f"tune.qlora.quant_type: {t.qlora.quant_type!r} is not nf4/fp4")
     if t.qlora.compute_dtype not in ("float32", "bfloat16", "float16"):
@@ -417,6 +430,14 @@ def config_problems(cfg: RunConfig) -> list[str]:
         p.append(f"train.precision: {tr.precision!r} is not one of {', '.join(PRECISIONS)}")
     if len(tr.adam_betas) != 2:
         p.append("train.adam_betas: give two numbers")
+    if not 0 <= d.augment_flip_p <= 1:
+        p.append(f"data.augment_flip_p: must be in [0, 1], got {d.augment_flip_p}")
+    if tr.global_batch < 0:
+        p.append(f"train.global_batch: must be >= 0 (0 = not stated), got {tr.global_batch}")
+    elif tr.adapt_grad_accum and tr.global_batch == 0:
+        p.append("train.adapt_grad_accum: needs train.global_batch (the global batch to keep)")
+    if tr.dist_timeout_s < 1:
+        p.append(f"train.dist_timeout_s: must be >= 1 second, got {tr.dist_timeout_s}")
     if tr.stop_after < 0 or tr.num_workers < 0:
         p.append("train.stop_after / train.num_workers: must be >= 0")
     if tr.save_every < 0 or tr.eval_every < 0:
@@ -449,3 +470,43 @@ def validate_config(cfg: RunConfig) -> None:
     problems = config_problems(cfg)
     if problems:
         raise ConfigError("invalid training config:\n  " + "\n  ".join(problems))
+
+
+def resolve_attn_implementation(name: str) -> str:
+    """``auto`` -> ``flash_attention_2`` when flash-attn is installed and a GPU is present, else ``sdpa``
+    (MedM-VL trained with FlashAttention-2; sdpa gives the same results up to rounding)."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a training dependency
+        gpu = False
+    return "flash_attention_2" if gpu and importlib.util.find_spec("flash_attn") is not None else "sdpa"
+
+
+def plan_global_batch(tr: TrainConfig, world: int) -> tuple[int, Optional[str]]:
+    """The gradient accumulation to run with on ``world`` processes, and a warning (or None).
+
+    ``train.global_batch`` states the batch a recipe was tuned for (its learning rate goes with it).
+    A launch with another number of processes changes ``micro_batch_size x grad_accum x world``; then
+    with ``adapt_grad_accum`` the accumulation is recomputed when it divides evenly, otherwise the
+    returned message says what the run will do and how to match the recipe.
+    """
+    run = tr.micro_batch_size * tr.grad_accum * world
+    if tr.global_batch <= 0 or run == tr.global_batch:
+        return tr.grad_accum, None
+    per_step = tr.micro_batch_size * world
+    if tr.adapt_grad_accum and tr.global_batch % per_step == 0:
+        accum = tr.global_batch // per_step
+        return accum, (f"train.global_batch {tr.global_batch}: {world} process(es) x micro batch "
+                       f"{tr.micro_batch_size}; gradient accumulation set to {accum} (config: {tr.grad_accum})")
+    hint = (f"set train.grad_accum={tr.global_batch // per_step}" if tr.global_batch % per_step == 0 else
+            f"no whole accumulation gives it with {world} process(es) x micro batch {tr.micro_batch_size}; "
+            "change train.micro_batch_size or the process count")
+    return tr.grad_accum, (f"this run's global batch is {run} ({tr.micro_batch_size} x {tr.grad_accum} accumulation "
+                           f"x {world} process(es)) but the recipe was tuned for train.global_batch="
+                           f"{tr.global_batch} at lr {tr.lr:g}; {hint}, or set train.adapt_grad_accum=true")

@@ -177,12 +177,13 @@ def move_batch(batch: dict, device: torch.device, cache: Optional[Any]) -> tuple
 
 
 def make_dataset(records: list[Record], processor: Any, cfg: RunConfig, max_length: int, cache: Optional[Any],
-                 encodings: Optional[TrainEncodings] = None) -> MedMVLDataset:
+                 encodings: Optional[TrainEncodings] = None, pixel_cache: Optional[Any] = None) -> MedMVLDataset:
     skip = cache.has if cache is not None else None
     return MedMVLDataset(records, processor, max_length=max_length, augment=cfg.data.augment, seed=cfg.seed,
                          skip_pixels=skip, independent_turns=cfg.data.independent_turns,
                          multi_turn_share=cfg.data.multi_turn_share, encodings=encodings,
-                         shuffle_choices=cfg.data.shuffle_choices)
+                         shuffle_choices=cfg.data.shuffle_choices, augment_flip_p=cfg.data.augment_flip_p,
+                         augment_intensity=cfg.data.augment_intensity, pixel_cache=pixel_cache)
 
 
 class KeyedCollator(Collator):

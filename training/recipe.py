@@ -9,10 +9,12 @@ does not depend on how the global batch is split over processes and accumulation
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,7 +26,9 @@ from medmvl_core.errors import ConfigError, DataError
 from training import state as st
 from training.build import build_model
 from training.callbacks import RunLogger, ThroughputMeter, peak_tflops_for_device, step_flops, write_loss_curve
-from training.config import RunConfig
+from training.config import RunConfig, plan_global_batch
+from training.distributed import enable_requested_engine, fit_fsdp_wrap_classes, is_peer_failure, peer_lost, \
+    whole_model_init
 from training.data import KeyedCollator, load_train_data, make_dataset, move_batch, rank_micro_batches
 from training.encoder_cache import EncoderCache
 from training.step import TrainStepModule
@@ -64,19 +68,30 @@ class Recipe:
     # -- setup --------------------------------------------------------------------------------------
     def setup(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, set_seed
 
         cfg, tr = self.cfg, self.cfg.train
+        # the process count is known from the launcher's environment before accelerate starts, and the
+        # accumulation must be fixed before (accelerate divides the backward loss by it)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        accum, msg = plan_global_batch(tr, world)
+        if msg:
+            logger.warning(msg)
+        tr.grad_accum = accum
         ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)
+        # a peer that hangs (rather than dies) fails the next collective after this long
+        pg_kwargs = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=tr.dist_timeout_s))
         # without a GPU, accelerate needs cpu=True to run several processes (gloo) under torchrun
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_MIXED[tr.precision],
-                               kwargs_handlers=[ddp_kwargs],
+                               kwargs_handlers=[ddp_kwargs, pg_kwargs],
                                gradient_accumulation_steps=tr.grad_accum)
+        self.engine = enable_requested_engine(self.acc)
         set_seed(cfg.seed)
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        model, processor = build_model(cfg)
+        with whole_model_init():  # ZeRO-3 partitions in prepare, not at construction
+            model, processor = build_model(cfg)
         if cfg.model.max_length is not None:
             processor.max_length = cfg.model.max_length
         elif processor.max_length is None:
@@ -89,7 +104,8 @@ class Recipe:
         self.n_enc = {k: sum(p.numel() for p in getattr(model, f"encoder_{k}").parameters())
                       for k in ("image", "image3d") if getattr(model, f"encoder_{k}", None) is not None}
         self.base_dir = self._base_for_adapter(model)
-        self.lora = apply_tuning(model, cfg, device=self.acc.device)
+        with whole_model_init():
+            self.lora = apply_tuning(model, cfg, device=self.acc.device)
         # (not under FSDP: a flat-parameter unit must hold one dtype)
         if self.lora is not None and tr.save_adapter_only and tr.precision in ("bf16", "fp16") and \
                 self.acc.distributed_type != DistributedType.FSDP:
@@ -113,8 +129,14 @@ class Recipe:
         self.cache = self._encoder_cache(model)
         box_refs = getattr(model.config, "box_refs", None)
         self.data = load_train_data(cfg, data_proc, self.max_length, box_refs=box_refs)
+        self.pixel_cache = None
+        if cfg.data.pixel_cache:
+            from medmvl_core.data.streaming import PixelCache
+
+            root = cfg.resolve_path(cfg.data.pixel_cache_dir) if cfg.data.pixel_cache_dir else self.out / "pixel_cache"
+            self.pixel_cache = PixelCache(root)
         self.dataset = make_dataset(self.data.records, data_proc, cfg, self.max_length, self.cache,
-                                    self.data.encodings)
+                                    self.data.encodings, self.pixel_cache)
         self.eval_data = load_train_data(cfg, data_proc, self.max_length, "eval_datasets", box_refs) \
             if cfg.data.eval_datasets else None
         world = self.acc.num_processes
@@ -136,6 +158,7 @@ class Recipe:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.total_steps, warmup,
                                                                                      tr.scheduler))
         self._configure_deepspeed()
+        fit_fsdp_wrap_classes(self.acc, model)
         self.step_module, self.optimizer = self.acc.prepare(TrainStepModule(model), self.optimizer)
         self.samples_seen = self.tokens_seen = 0
         if self.resume:
@@ -167,6 +190,15 @@ class Recipe:
         ds["gradient_accumulation_steps"] = tr.grad_accum
         ds["train_batch_size"] = self.global_batch
         ds["gradient_clipping"] = tr.max_grad_norm
+        # ZeRO's "auto" sizes, as transformers' Trainer fills them from the LLM's hidden size (accelerate
+        # would look for a `config` on the prepared module, which the step module does not have)
+        hidden = int(getattr(self.model.config.llm_config, "hidden_size", 0) or 0)
+        zero = ds.get("zero_optimization", {})
+        for key, value in (("reduce_bucket_size", hidden * hidden),
+                           ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                           ("stage3_param_persistence_threshold", 10 * hidden)):
+            if zero.get(key) == "auto" and hidden:
+                zero[key] = value
         ds.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW as DeepSpeed's client optimizer
 
     def _base_for_adapter(self, model: torch.nn.Module) -> Optional[Path]:
@@ -343,14 +375,23 @@ class Recipe:
 
     def save_final(self) -> Path:
         """Write the final outputs (see training/configs/README.md) and return the loadable checkpoint."""
-        from training.merge import merge_adapter, save_adapter
-
-        acc, tr = self.acc, self.cfg.train
+        acc = self.acc
         state = acc.get_state_dict(self.step_module)  # gathers ZeRO-3 / FSDP shards on the main process
         final = self.out / "final"
         result = final
         if acc.is_main_process:
             state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}
+            result = self._write_final(state, final)
+        acc.wait_for_everyone()
+        return result
+
+    def _write_final(self, state: dict, final: Path) -> Path:
+        """Main process: the consolidated outputs (adapter, merged model or full checkpoint)."""
+        from training.merge import merge_adapter, save_adapter
+
+        tr = self.cfg.train
+        result = final
+        with whole_model_init():  # the merge loads the base model: whole, never ZeRO-3-partitioned
             if self.lora is not None:
                 adapter_dir = final if tr.save_adapter_only else self.out / "adapter"
                 save_adapter(adapter_dir, self.model, state, self.lora, self.base_dir, self.processor, self.cfg)
@@ -363,9 +404,8 @@ class Recipe:
             else:
                 self.model.save_pretrained(str(final), state_dict=state, safe_serialization=True)
                 self.processor.save_pretrained(str(final))
-            if self.cfg.log.loss_curve:
-                write_loss_curve(self.out)
-        acc.wait_for_everyone()
+        if self.cfg.log.loss_curve:
+            write_loss_curve(self.out)
         return result
 
     def cleanup(self) -> None:
@@ -381,7 +421,15 @@ def run(cfg: RunConfig, resume: Optional[str] = None, dry_run: bool = False) -> 
         logger.info("dry run: %d rows, %d steps of %d samples; nothing trained", len(recipe.data.records),
                     recipe.total_steps, recipe.global_batch)
         return {"steps": 0, "final_dir": None, "output_dir": str(recipe.out), "total_steps": recipe.total_steps}
-    result = recipe.train()
+    try:
+        result = recipe.train()
+    except Exception as exc:  # a collective failed because another process is gone: say so, do not hang
+        acc = recipe.acc
+        if acc.num_processes > 1 and is_peer_failure(exc):
+            found = st.list_checkpoints(recipe.out)
+            raise peer_lost(exc, acc.process_index, acc.num_processes, recipe.step,
+                            found[-1] if found else None) from None
+        raise
     result["output_dir"] = str(recipe.out)
     result["final_dir"] = None
     if not result["stopped_early"] and cfg.train.save_final:

@@ -7,7 +7,10 @@ Layout of ``OUTPUT/checkpoints/step-N/``:
 (global step, samples and tokens seen, seed, global batch size — the data position follows from
 the step because the data order is a pure function of seed and epoch).
 Under DeepSpeed or FSDP, where weights and optimizer are sharded, ``accelerate``'s
-``save_state``/``load_state`` write ``accelerate_state/`` instead of the first three files.
+``save_state``/``load_state`` write ``accelerate_state/`` instead of the first two files (FSDP with
+``SHARDED_STATE_DICT``: ``pytorch_model_fsdp_0/`` and ``optimizer_0/`` in torch.distributed.checkpoint
+format, one ``__<rank>_0.distcp`` per process; DeepSpeed: its ``global_step*/`` ZeRO partitions), and
+``scheduler.pt`` is written beside it. Such a checkpoint resumes with the same number of processes.
 """
 
 from __future__ import annotations
@@ -55,6 +58,34 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def fill_optimizer_state(optimizer: Any) -> int:
+    """Give every parameter of an Adam/AdamW optimizer a state, zero where it has none yet.
+
+    A sharded (FSDP) checkpoint is written and read per parameter by torch.distributed.checkpoint,
+    which expects a state for every parameter of the optimizer at load; a trainable parameter that
+    never received a gradient (e.g. a vision tower's unused pooling head) has none, and loading fails
+    with "Missing key in checkpoint state_dict: optimizer.state...". A zero state (step 0, moments 0)
+    is what AdamW creates on that parameter's first gradient, so the run is unchanged.
+    Returns the number of parameters filled.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        return 0
+    n = 0
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if inner.state.get(p):
+                continue
+            st = {"step": torch.zeros((), dtype=torch.float32),
+                  "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                  "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+            if group.get("amsgrad"):
+                st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            inner.state[p] = st
+            n += 1
+    return n
+
+
 def save_state(ckpt_dir: Path, accelerator: Any, wrapped_model: Any, model: torch.nn.Module, optimizer: Any,
                scheduler: Any, meta: dict) -> Path:
     """Write a resumable checkpoint (all processes call this)."""
@@ -67,7 +98,10 @@ def save_state(ckpt_dir: Path, accelerator: Any, wrapped_model: Any, model: torc
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if _sharded(accelerator):
+        fill_optimizer_state(optimizer)
         accelerator.save_state(str(tmp / "accelerate_state"))
+        if accelerator.is_main_process:  # the scheduler is not prepared by accelerate: saved here
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     elif accelerator.is_main_process:
         tensors = {n: p.detach().to("cpu").clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(tensors, str(tmp / "trainable.safetensors"))
@@ -94,7 +128,10 @@ def load_state(ckpt_dir: Path, accelerator: Any, model: torch.nn.Module, optimiz
                               "give OUTPUT/checkpoints/step-N or the run's output_dir")
     meta = json.loads(meta_file.read_text())
     if _sharded(accelerator):
+        fill_optimizer_state(optimizer)
         accelerator.load_state(str(ckpt_dir / "accelerate_state"))
+        if (ckpt_dir / "scheduler.pt").is_file():
+            scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
     else:
         tensors = load_file(str(ckpt_dir / "trainable.safetensors"))
         params = dict(model.named_parameters())

@@ -37,3 +37,69 @@ def write_dataset(folder: Path, kind: str = "image", n: int = 4) -> Path:
     path = folder / f"{kind}_{n}.json"
     path.write_text(json.dumps(rows, indent=1))
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(accelerate_config: Path, args: list, timeout: float = 300, env: dict | None = None):
+    """``accelerate launch --config_file CONFIG -m training.cli ARGS`` on 127.0.0.1 with a free port;
+    returns the CompletedProcess (stdout/stderr captured as text)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), "-m", "training.cli", *args]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **(env or {}))
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
+    """The logged ``key`` of every train step of a run (metrics.jsonl)."""
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if r.get("split", "train") == "train" and key in r]
+
+
+SBATCH = REPO_ROOT / "training" / "slurm" / "launch.sbatch"
+_FAKE_SRUN = """#!/bin/bash
+# stand-in for srun: the task once per node on this machine, as SLURM would start it on each node
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n SLURM_PROCID=$n "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+
+def sbatch_locally(workdir: Path, args: list, nodes: int = 2, background: bool = False, timeout: float = 400,
+                   extra_env: dict | None = None):
+    """Run ``training/slurm/launch.sbatch ARGS`` as ``nodes`` nodes on this machine: ``srun`` and
+    ``scontrol`` are stand-ins (the task once per node with SLURM_NODEID = 0..nodes-1; the first host
+    is 127.0.0.1), so the script's own rendezvous logic runs. One process per node. Returns the
+    CompletedProcess, or the Popen with ``background=True``."""
+    import os
+    import subprocess
+    import sys
+
+    fake = Path(workdir) / "fakebin"
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "srun").write_text(_FAKE_SRUN)
+    (fake / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")  # `scontrol show hostnames LIST`
+    for f in ("srun", "scontrol"):
+        (fake / f).chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_NNODES=str(nodes),
+               SLURM_JOB_NODELIST=f"node[1-{nodes}]", GPUS_PER_NODE="1", MASTER_PORT=str(free_port()),
+               PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **(extra_env or {}))
+    cmd = ["bash", str(SBATCH), *args]
+    if background:
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -24,6 +24,21 @@ PARTS = ("llm", "encoder_image", "encoder_image3d", "connector_image", "connecto
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def lora_targets(model: nn.Module, target_modules: Optional[list]) -> list[str]:
+    """The LoRA target names: the config's, or (``None``) peft's default for the LLM's model type
+    (``q_proj``/``v_proj`` for Qwen2 and Llama), which is what a peft ``LoraConfig`` without
+    ``target_modules`` uses (MedM-VL's LoRA examples)."""
+    if target_modules is not None:
+        return list(target_modules)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    model_type = getattr(model.llm.config, "model_type", None)
+    if model_type not in DEFAULTS:
+        raise ConfigError(f"tune.lora.target_modules is null (peft's default) but peft has no default for the "
+                          f"LLM type {model_type!r}; list the modules, e.g. [q_proj, v_proj]")
+    return list(DEFAULTS[model_type])
+
+
 def lora_target_regex(target_modules: list[str]) -> str:
     """peft ``target_modules`` regex restricted to the LLM: ``llm.<...>.<name>``."""
     names = "|".join(re.escape(t) for t in target_modules)
@@ -94,12 +109,13 @@ def apply_tuning(model: nn.Module, cfg: RunConfig, device: str | torch.device = 
 
         if t.llm == "qlora":
             quantize_llm_4bit(model, t.qlora.quant_type, t.qlora.double_quant, t.qlora.compute_dtype, device)
+        targets = lora_targets(model, t.lora.target_modules)
         lcfg = LoraConfig(r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-                          target_modules=lora_target_regex(list(t.lora.target_modules)), bias="none")
+                          target_modules=lora_target_regex(targets), bias="none")
         lora_model = LoraModel(model, lcfg, "default")  # injects in place into `model`
         n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         if n_lora == 0:
-            raise ConfigError(f"tune.lora.target_modules {list(t.lora.target_modules)} match no LLM layer; "
+            raise ConfigError(f"tune.lora.target_modules {targets} match no LLM layer; "
                               "use names such as q_proj, v_proj (Qwen2/Llama) or dense (Phi)")
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)

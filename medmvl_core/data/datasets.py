@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from medmvl_core.data.augment import random_flip_rot90  # noqa: F401 - re-exported (dataset + tests)
 from medmvl_core.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -69,11 +70,12 @@ def read_json_list(path: str | Path, what: str = "data file", fix: str = "check 
     if not p.is_file():
         raise DataError(f"{what} {p} does not exist; {fix}")
     try:
-        text = p.read_text(encoding="utf-8")
-        if p.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if p.suffix == ".jsonl":  # streamed line by line (no copy of the whole text in memory)
+            from medmvl_core.data.streaming import JsonlIndex
+
+            rows = list(JsonlIndex(p))
         else:
-            rows = json.loads(text)
+            rows = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{what} {p} is not valid JSON ({exc}); it must be a list of MedM-VL items") from None
     if not isinstance(rows, list):
@@ -216,18 +218,6 @@ def file_digest(path: Path, extra: str = "") -> str:
     return h.hexdigest()
 
 
-def random_flip_rot90(volume: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """MedM-VL-style 3D train augmentation on [C, D, H, W]: rot90 in (H, W) with p=0.5 (k in 1..3),
-    then a flip of each of D, H, W with p=0.5."""
-    out = volume
-    if rng.random() < 0.5:
-        out = np.rot90(out, k=int(rng.integers(1, 4)), axes=(-2, -1))
-    for ax in (-3, -2, -1):
-        if rng.random() < 0.5:
-            out = np.flip(out, axis=ax)
-    return np.ascontiguousarray(out)
-
-
 class TrainEncodings:
     """Train-mode text encodings of records, per (record, packed or plain), as int32 arrays, each
     computed once and then reused: by the start-up row check (``training.data.check_rows``), every
@@ -332,8 +322,12 @@ class MedMVLDataset:
     def __init__(self, records: Sequence[Record], processor: Any, *, max_length: Optional[int] = None, augment: bool = False, seed: int = 0,
                  skip_pixels: Optional[Callable[[str], bool]] = None, independent_turns: bool = False,
                  multi_turn_share: float = 0.0, encodings: Optional[TrainEncodings] = None,
-                 shuffle_choices: bool = False):
+                 shuffle_choices: bool = False, augment_flip_p: float = 0.5, augment_intensity: bool = False,
+                 pixel_cache: Optional[Any] = None):
         self.records = list(records)
+        self.pixel_cache = pixel_cache  # medmvl_core.data.streaming.PixelCache: preprocessed arrays on disk
+        self.augment_flip_p = augment_flip_p
+        self.augment_intensity = augment_intensity
         self.shuffle_choices = shuffle_choices
         self.independent_turns = independent_turns
         self.multi_turn_share = multi_turn_share
@@ -378,6 +372,24 @@ class MedMVLDataset:
             self._key_memo[memo] = file_digest(path, json.dumps(spec.get(kind, {}), sort_keys=True) + kind)
         return self._key_memo[memo]
 
+    def _pixels(self, path: Path, kind: str) -> np.ndarray:
+        """The preprocessed float32 array of one image (from the pixel cache when it has it)."""
+        cache, key = self.pixel_cache, None
+        if cache is not None:
+            spec = (getattr(self.processor, "preprocessing", {}) or {}).get(kind, {})
+            key = cache.key_for(path, spec, kind)
+            hit = cache.get(key)
+            if hit is not None:
+                return np.array(hit, dtype=np.float32)  # a private copy: augmentation may change it
+        if kind == "image":
+            arr, _ = self.processor.preprocess_image(str(path))
+        else:
+            arr, _ = self.processor.preprocess_volume(str(path))
+        arr = np.asarray(arr, dtype=np.float32)
+        if cache is not None:
+            cache.put(key, arr)
+        return arr
+
     def __getitem__(self, i: int) -> dict:
         import torch
 
@@ -409,14 +421,10 @@ class MedMVLDataset:
                 continue
             arrays = []
             for j, p in enumerate(paths):
-                if kind == "image":
-                    arr, _ = self.processor.preprocess_image(str(p))
-                else:
-                    arr, _ = self.processor.preprocess_volume(str(p))
-                arr = np.asarray(arr, dtype=np.float32)
+                arr = self._pixels(p, kind)
                 if self.augment and kind == "image3d":
                     rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch, i, j]))
-                    arr = random_flip_rot90(arr, rng)
+                    arr = random_flip_rot90(arr, rng, self.augment_flip_p, self.augment_intensity)
                 arrays.append(torch.from_numpy(arr))
             sample[out_key] = torch.stack(arrays)
         return sample
