@@ -6,13 +6,14 @@ import argparse
 
 NAME = "export"
 HELP = "export a saved conversation (viewer JSON) as Markdown, text or a DICOM Comprehensive 3D SR"
+EXAMPLES = ("medmvl export answers.json -o answers.md",
+            "medmvl export answers.json --dicom CT_SERIES/ -o answers_sr.dcm")
+DOCS = "docs/saving-results.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("example: medmvl export answers.json --dicom CT_SERIES/ -o answers_sr.dcm "
-                     "(the format follows the output suffix: .md, .txt, .json or .dcm)")
     parser.add_argument("conversation", help="conversation JSON (viewer: File > Save conversation)")
-    parser.add_argument("-o", "--out", required=True, help="output file: .md, .txt, .json or .dcm (SR)")
+    parser.add_argument("-o", "--out", required=True, help="output file; its suffix picks the format: .md, .txt, .json or .dcm (a DICOM SR, needs --dicom)")
     parser.add_argument("--dicom", default=None, metavar="DIR_OR_FILE",
                         help="the DICOM series the image was read from (needed for .dcm)")
     parser.add_argument("--series-uid", default=None, help="series to use from a folder of several")
