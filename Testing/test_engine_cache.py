@@ -250,3 +250,17 @@ def test_sampling_is_opt_in_and_seeded(toy, volume):
     assert len(others | {tuple(a)}) > 1          # different seeds give different answers
     greedy = eng.answer(volume, QUESTIONS[0], max_new_tokens=12).token_ids
     assert greedy == eng.answer(volume, QUESTIONS[0], max_new_tokens=12).token_ids
+
+
+def test_engine_refuses_the_tasks_the_protocol_says_need_a_box(toy, volume):
+    """The engine's own box rule (checked before its prompt is built) is the protocol's task
+    table: a task the table says needs a box is refused without one (the others are answered
+    without a box above). The prompts themselves are compared in test_protocol.py."""
+    from medmvl_core.client.protocol import TASK_SPECS
+
+    eng = Engine(*toy)
+    needing = [spec.name for spec in TASK_SPECS.values() if spec.needs_box]
+    assert needing == ["describe", "crop_ask"]
+    for task in needing:
+        with pytest.raises(RequestError, match="needs a box"):
+            eng.answer(volume, "nodule", task=task, max_new_tokens=1)

@@ -220,19 +220,29 @@ class TaskSpec:
     def prompt(self, kind: str, question: str | None = None, box_text: str | None = None) -> str:
         """The user-turn text the model sees (without the image placeholder).
 
-        kind: ``"image"`` or ``"image3d"``; box_text: the region in the model's box text (when
-        the request has a box). Raises :class:`TaskError` for a missing question or box.
+        kind: ``"image"`` or ``"image3d"``; box_text: the region in the model's box text, needed
+        when the prompt shows the region (``describe``; a crop is seen, not written). Raises
+        :class:`TaskError` for a missing question, or a prompt with ``{box}`` and no box_text
+        (the voxel box itself is checked by :meth:`check_box`).
         """
         self.check_question(question)
-        if self.needs_box and box_text is None:
-            self.check_box(None)
         q = (question or "").strip()
         if self.question_use == "template" and "{box}" in q:
-            return q.replace("{box}", box_text or "")
-        if self.question_use == "prompt" and q:
+            template, values = q, {"box": box_text}
+        elif self.question_use == "prompt" and q:
             return q
-        values = {"question": q, "box": box_text or ""}  # one pass: a question holding "{box}" stays
-        return re.sub(r"\{(question|box)\}", lambda m: values[m.group(1)], self.default_prompts[kind])
+        else:
+            template, values = self.default_prompts[kind], {"question": q, "box": box_text}
+        if "{box}" in template and box_text is None:
+            self.check_box(None)
+            raise TaskError(f"task {self.name!r} shows its region in the prompt: give box_text",
+                            code="bad_box")
+        def fill(m: re.Match) -> str:
+            value = values.get(m.group(1))
+            return m.group(0) if value is None else value
+
+        # one pass, so a question holding "{box}" is put in as written
+        return re.sub(r"\{(question|box)\}", fill, template)
 
 
 def _both(prompt: str) -> dict[str, str]:
