@@ -173,7 +173,15 @@ def test_simulated_oom_fails_that_request_only(toy, volume):
     s = eng.create_session(volume)
     with pytest.raises(EngineOutOfMemoryError, match="out of memory"):
         eng.answer(question=QUESTIONS[0], session=s, max_new_tokens=4)
-    assert eng.answer(question=QUESTIONS[0], session=s, max_new_tokens=4).text is not None
+    # The session goes on as if the failed question had never been asked: the same answers, turn
+    # for turn (the second one sees the history), as a run without the fault.
+    got = [eng.answer(question=q, session=s, max_new_tokens=4) for q in QUESTIONS[:2]]
+    ref = Engine(model, proc)
+    rs = ref.create_session(volume)
+    want = [ref.answer(question=q, session=rs, max_new_tokens=4) for q in QUESTIONS[:2]]
+    assert [(a.text, a.token_ids, a.question) for a in got] == \
+        [(a.text, a.token_ids, a.question) for a in want]
+    assert len(s.turns) == len(rs.turns) == 2
 
 
 def test_tasks_build_the_expected_prompts_and_boxes(toy, volume):
