@@ -78,6 +78,9 @@ def test_task_table():
     assert [(s.label, s.needs_question, s.needs_box) for s in P.TASK_SPECS.values()] == [
         ("Ask", True, False), ("Generate report", False, False), ("Describe region", False, True),
         ("Find", True, False), ("Ask about region", True, True)]
+    from medmvl_core.client.records import TASK_LABELS  # saved records head turns by task
+    assert TASK_LABELS == {"ask": "Ask", "report": "Report", "describe": "Describe region",
+                           "find": "Find", "crop_ask": "Ask about region"}
     with pytest.raises(P.TaskError, match="unknown task 'segment'; use one of ask, report") as info:
         P.task_spec("segment")
     assert info.value.code == "bad_task"

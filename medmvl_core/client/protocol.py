@@ -156,7 +156,8 @@ def _setting_code(name: str) -> str:
 def _setting_problem(name: str, type_: Any, value: Any, meta: Mapping[str, Any],
                      default: Any) -> str | None:
     """What is wrong with one setting's value (None when nothing is)."""
-    kind = str(type_).split("|")[0].strip()  # "int", "bool", "float" ("int | None")
+    # the annotation as written ("int", "bool", "float", "int | None"), or a type object
+    kind = getattr(type_, "__name__", str(type_)).split("|")[0].strip()
     if value is None:
         return None if default is None else f"{name} must be given, got None"
     if kind == "bool":
@@ -187,7 +188,8 @@ class TaskError(MedMVLError, ValueError):
 class TaskSpec:
     """One task and its rules.
 
-    name: the wire id. label: what a button or menu shows. needs_question / needs_box: what a
+    name: the wire id. label: what a button or menu shows; record_label: how a saved
+    conversation (Markdown, DICOM SR) heads a turn of it. needs_question / needs_box: what a
     request must carry (a box: voxels, see :func:`validate_box`). question_hint: what the
     question is for this task (in error messages). question_use: how the question becomes the
     prompt — ``"prompt"``: it is the prompt (the default prompt when it is empty), ``"target"``:
@@ -199,6 +201,7 @@ class TaskSpec:
 
     name: str
     label: str
+    record_label: str
     needs_question: bool
     needs_box: bool
     question_hint: str
@@ -251,17 +254,21 @@ def _both(prompt: str) -> dict[str, str]:
 
 #: The tasks, in the order a panel lists them. The prompts follow MedM-VL's training data.
 TASK_SPECS: dict[str, TaskSpec] = {t.name: t for t in (
-    TaskSpec("ask", "Ask", True, False, "a non-empty question"),
-    TaskSpec("report", "Generate report", False, False, "nothing (the question is optional)",
+    TaskSpec("ask", "Ask", "Ask", True, False, "a non-empty question"),
+    TaskSpec("report", "Generate report", "Report", False, False,
+             "nothing (the question is optional)",
              default_prompts={"image3d": "Generate radiology report for the CT.",
                               "image": "Generate radiology report for the chest X-ray."}),
-    TaskSpec("describe", "Describe region", False, True, "nothing (the question is optional)",
+    TaskSpec("describe", "Describe region", "Describe region", False, True,
+             "nothing (the question is optional)",
              question_use="template",
              default_prompts=_both("What is in the region {box}? Describe it.")),
-    TaskSpec("find", "Find", True, False, "the thing to find as the question, e.g. 'nodule'",
+    TaskSpec("find", "Find", "Find", True, False,
+             "the thing to find as the question, e.g. 'nodule'",
              question_use="target", default_prompts=_both(
                  "Where is the {question} in this image? Please output the bounding box.")),
-    TaskSpec("crop_ask", "Ask about region", True, True, "a non-empty question"),
+    TaskSpec("crop_ask", "Ask about region", "Ask about region", True, True,
+             "a non-empty question"),
 )}
 TASKS: tuple[str, ...] = tuple(TASK_SPECS)
 

@@ -32,7 +32,10 @@ def _field_def(f: dataclasses.Field, required: bool = False) -> tuple[Any, Any]:
         default = f.default_factory()  # type: ignore[misc]
     else:
         default = f.default
-    return _WIRE_TYPES[str(f.type)], Field(default, description=meta.get("description"), **bounds)
+    wire_type = _WIRE_TYPES.get(str(f.type))
+    if wire_type is None:  # a new protocol field of a type this table does not know yet
+        raise TypeError(f"protocol field {f.name!r} has type {f.type!r}; add it to _WIRE_TYPES")
+    return wire_type, Field(default, description=meta.get("description"), **bounds)
 
 
 class _In(BaseModel):
