@@ -143,10 +143,7 @@ class QtResponse:
         reply = self._conn._reply
         if reply is None:
             return default
-        try:
-            value = reply.rawHeader(name.encode("latin-1"))  # PythonQt: a QByteArray
-        except TypeError:  # PySide6 6.12 takes the header's name as str only
-            value = reply.rawHeader(name)
+        value = reply.rawHeader(name.encode("latin-1"))
         text = _to_bytes(value).decode("latin-1")
         return text if text else default
 
