@@ -30,8 +30,9 @@ from MedMVLSlicerLib.clientlib import client_module  # noqa: E402
 from MedMVLSlicerLib.clientlib import controller as ctl  # noqa: E402
 
 records = client_module("records")
-TASK_INFO, ControllerListener, PanelController, VolumeData = (
-    ctl.TASK_INFO, ctl.ControllerListener, ctl.PanelController, ctl.VolumeData)
+#: the tasks and their rules (label, needs a question / a box): the protocol's table
+TASK_SPECS, ControllerListener, PanelController, VolumeData = (
+    ctl.TASK_SPECS, ctl.ControllerListener, ctl.PanelController, ctl.VolumeData)
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,8 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
             self.ui.quantizationComboBox.addItem(q)
         for repo in ctl.RELEASED_MODELS:
             self.ui.downloadModelComboBox.addItem(repo)
-        for task, (label, _needsQuestion, _needsBox) in TASK_INFO.items():
-            self.ui.taskComboBox.addItem(_(label), task)
+        for task, spec in TASK_SPECS.items():
+            self.ui.taskComboBox.addItem(_(spec.label), task)
         self.ui.roiPlaceWidget.buttonsVisible = False
         self.ui.roiPlaceWidget.placeButton().show()
         self.ui.roiPlaceWidget.setMRMLScene(slicer.mrmlScene)
@@ -222,11 +223,11 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
         return self.ui.taskComboBox.itemData(self.ui.taskComboBox.currentIndex) or "ask"
 
     def updateTaskWidgets(self, _index=None) -> None:
-        label, needsQuestion, needsBox = TASK_INFO[self.currentTask()]
-        self.ui.questionLineEdit.enabled = needsQuestion
-        self.ui.askButton.text = _(label)
-        self.ui.askButton.toolTip = (_("Select an ROI first.") if needsBox and not self.ui.roiSelector.currentNode()
-                                     else "")
+        spec = TASK_SPECS[self.currentTask()]
+        self.ui.questionLineEdit.enabled = spec.needs_question
+        self.ui.askButton.text = _(spec.label)
+        self.ui.askButton.toolTip = (_("Select an ROI first.")
+                                     if spec.needs_box and not self.ui.roiSelector.currentNode() else "")
 
     def onInputChanged(self, _node=None) -> None:
         try:  # a conversation saved with the scene comes back into the panel
@@ -273,11 +274,10 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
 
     def onAskButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to ask the model."), waitCursor=False):
-            task = self.currentTask()
-            needsBox = TASK_INFO[task][2]
-            self.logic.runTask(self.ui.inputSelector.currentNode(), task,
-                               self.ui.questionLineEdit.text if TASK_INFO[task][1] else None,
-                               self.ui.roiSelector.currentNode() if needsBox else None)
+            spec = TASK_SPECS[self.currentTask()]
+            self.logic.runTask(self.ui.inputSelector.currentNode(), spec.name,
+                               self.ui.questionLineEdit.text if spec.needs_question else None,
+                               self.ui.roiSelector.currentNode() if spec.needs_box else None)
             self.renderChat()
 
     def onCancelButton(self) -> None:
@@ -469,7 +469,8 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
     def runTask(self, volumeNode, task: str, question=None, roiNode=None) -> None:
         """Start a task in the background (see ``controller.poll``/``wait`` for the answer)."""
         box = self.roiVoxelBox(roiNode, volumeNode) if roiNode is not None else None
-        if TASK_INFO.get(task, ("", False, False))[2] and roiNode is None:
+        spec = TASK_SPECS.get(task)
+        if spec is not None and spec.needs_box and roiNode is None:
             raise ValueError(_("This task needs a region: select or place an ROI first."))
         self.controller.run_task(self.volumeData(volumeNode), task, question, box)
         self._regionRois[volumeNode.GetID()] = roiNode

@@ -572,14 +572,14 @@ class FakeWorkerClient:
         self.sessions.append(volume_id)
         return f"sess{len(self.sessions)}"
 
-    def ask(self, session_id, task="ask", question=None, box=None, on_token=None,
-            max_new_tokens=256, **kw):
+    def ask(self, session_id, task="ask", question=None, box=None, on_token=None, **kw):
         import time
 
         from medmvl_core.client import errors
         from medmvl_core.client.client import Answer
 
-        self.asked.append({"session": session_id, "task": task, "question": question, "box": box})
+        self.asked.append({"session": session_id, "task": task, "question": question, "box": box,
+                           "generation": kw.get("generation")})
         if self.missing_session_once:
             self.missing_session_once = False
             raise errors.NotFoundError("unknown session", code="unknown_session", status=404)
@@ -593,7 +593,7 @@ class FakeWorkerClient:
             if on_token:
                 on_token(t)
         return Answer(text=text, boxes=list(self.boxes or []), timings={"generate_s": 0.01},
-                      num_tokens=len(self.tokens), task=task, prompt_question=question or "")
+                      num_tokens=len(self.tokens), task=task, question=question or "")
 
     def delete_session(self, session_id):
         from medmvl_core.client import errors as client_errors

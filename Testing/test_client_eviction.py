@@ -38,7 +38,7 @@ def panel(worker):
     srv = worker
     rec = Recorder()
     c = ctl.PanelController(rec)
-    c.max_new_tokens = 3
+    c.generation.max_new_tokens = 3
     c.connect_remote(srv.url, TOKEN)
     c.wait(30)
     assert c.state == ctl.READY, c.detail

@@ -173,7 +173,15 @@ def test_simulated_oom_fails_that_request_only(toy, volume):
     s = eng.create_session(volume)
     with pytest.raises(EngineOutOfMemoryError, match="out of memory"):
         eng.answer(question=QUESTIONS[0], session=s, max_new_tokens=4)
-    assert eng.answer(question=QUESTIONS[0], session=s, max_new_tokens=4).text is not None
+    # The session goes on as if the failed question had never been asked: the same answers, turn
+    # for turn (the second one sees the history), as a run without the fault.
+    got = [eng.answer(question=q, session=s, max_new_tokens=4) for q in QUESTIONS[:2]]
+    ref = Engine(model, proc)
+    rs = ref.create_session(volume)
+    want = [ref.answer(question=q, session=rs, max_new_tokens=4) for q in QUESTIONS[:2]]
+    assert [(a.text, a.token_ids, a.question) for a in got] == \
+        [(a.text, a.token_ids, a.question) for a in want]
+    assert len(s.turns) == len(rs.turns) == 2
 
 
 def test_tasks_build_the_expected_prompts_and_boxes(toy, volume):
@@ -250,3 +258,17 @@ def test_sampling_is_opt_in_and_seeded(toy, volume):
     assert len(others | {tuple(a)}) > 1          # different seeds give different answers
     greedy = eng.answer(volume, QUESTIONS[0], max_new_tokens=12).token_ids
     assert greedy == eng.answer(volume, QUESTIONS[0], max_new_tokens=12).token_ids
+
+
+def test_engine_refuses_the_tasks_the_protocol_says_need_a_box(toy, volume):
+    """The engine's own box rule (checked before its prompt is built) is the protocol's task
+    table: a task the table says needs a box is refused without one (the others are answered
+    without a box above). The prompts themselves are compared in test_protocol.py."""
+    from medmvl_core.client.protocol import TASK_SPECS
+
+    eng = Engine(*toy)
+    needing = [spec.name for spec in TASK_SPECS.values() if spec.needs_box]
+    assert needing == ["describe", "crop_ask"]
+    for task in needing:
+        with pytest.raises(RequestError, match="needs a box"):
+            eng.answer(volume, "nodule", task=task, max_new_tokens=1)

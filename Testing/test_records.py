@@ -164,7 +164,7 @@ def test_controller_records_each_answer_with_model_and_settings():
     c.wait(10)
     vol = ctl.VolumeData(key="v", array=np.zeros((4, 5, 6), np.int16),
                          ijk_to_ras=np.diag([-0.5, -0.5, 2.0, 1.0]), dicom={"series_uid": "9.8"})
-    c.max_new_tokens = 64
+    c.generation.max_new_tokens = 64
     c.run_task(vol, "find", "the cyst")
     c.wait(10)
     c.run_task(vol, "describe", box=(0, 0, 0, 2, 2, 2))

@@ -146,6 +146,25 @@ def test_task_inputs_are_checked_before_anything_is_sent():
     assert client.asked[-1]["box"] == [0, 1, 2, 3, 4, 5] and client.asked[-1]["question"] is None
 
 
+def test_generation_settings_are_checked_sent_and_recorded():
+    c, _rec, client = _connected()
+    c.generation = c.generation.replace(max_new_tokens=32, do_sample=True, temperature=0.7, seed=1)
+    c.max_new_tokens = 24  # the shorthand sets the same object
+    c.run_task(_volume(), "ask", "Is the lung clear?")
+    c.wait(10)
+    sent = client.asked[-1]["generation"]
+    assert sent.to_dict() == {"max_new_tokens": 24, "do_sample": True, "temperature": 0.7,
+                              "top_p": 1.0, "top_k": 0, "seed": 1}
+    assert sent is not c.generation  # the question's own copy: later changes do not touch it
+    assert c.conversations["ct1"].turns[-1].generation == {
+        **sent.to_dict(), "finish_reason": "stop", "num_tokens": 4}
+    c.generation.top_p = 0.0
+    with pytest.raises(errors.BadRequestError, match="top_p must be > 0") as info:
+        c.run_task(_volume(), "ask", "again?")
+    assert info.value.code == "bad_sampling" and len(client.asked) == 1
+    assert len(c.history("ct1")) == 2  # the refused question is not in the transcript
+
+
 def test_no_worker_and_busy_errors():
     c = ctl.PanelController()
     with pytest.raises(errors.WorkerUnavailableError, match="start a local worker"):

@@ -69,7 +69,7 @@ def test_bundle_is_its_own_package_and_works_without_medmvl_core(tmp_path):
             "try:\n    roi_geometry.validate_voxel_box((5, 5, 5, 9, 9, 9), (2, 2, 2))\n"
             "except Exception as x:\n    roi_err = type(x).__name__\n"
             "print(json.dumps({'ev': [ev[0].event, ev[0].data], 'err': type(e).__name__,\n"
-            "  'roi': roi_err, 'v': __version__, 'tasks': list(controller.TASK_INFO),\n"
+            "  'roi': roi_err, 'v': __version__, 'tasks': list(controller.TASK_SPECS),\n"
             "  'core': [m for m in sys.modules if m.startswith('medmvl_core')]}))")
     out = _run(code, tmp_path)
     assert out.returncode == 0, out.stderr

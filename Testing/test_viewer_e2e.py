@@ -141,7 +141,7 @@ def test_start_local_worker_and_ask_streams(viewer):
     pieces = []
     orig = win.on_token
     win.on_token = lambda key, piece: (pieces.append(piece), orig(key, piece))
-    win.controller.max_new_tokens = 3
+    win.controller.generation.max_new_tokens = 3
     win.set_task("ask")
     win.questionEdit.setText("Is there a nodule?")
     QTest.mouseClick(win.askButton, QtCore.Qt.LeftButton)
@@ -157,7 +157,7 @@ def test_start_local_worker_and_ask_streams(viewer):
 def test_describe_region_and_find_draw(viewer):
     app, win, _ckpt, tmp = viewer
     box = win.view.user_box()
-    win.controller.max_new_tokens = 1
+    win.controller.generation.max_new_tokens = 1
     win.set_task("describe")
     assert not win.questionEdit.isEnabled()
     QTest.mouseClick(win.askButton, QtCore.Qt.LeftButton)
@@ -194,7 +194,7 @@ def test_describe_region_and_find_draw(viewer):
 
 def test_cancel_a_long_answer(viewer):
     app, win, _ckpt, _tmp = viewer
-    win.controller.max_new_tokens = 1000
+    win.controller.generation.max_new_tokens = 1000
     win.set_task("ask")
     key = win.volume.key
     # The tiny model writes 1000 tokens in about a second; on a loaded machine the GUI thread can
@@ -235,7 +235,7 @@ def test_dead_worker_is_reported(viewer):
     QTest.mouseClick(win.startButton, QtCore.Qt.LeftButton)  # restart from the panel
     assert _wait(app, lambda: win.controller.state in (ctl.READY, ctl.DEAD, ctl.ERROR), 120)
     assert win.controller.state == ctl.READY, win.stateLabel.text()
-    win.controller.max_new_tokens = 1
+    win.controller.generation.max_new_tokens = 1
     win.set_task("report")
     QTest.mouseClick(win.askButton, QtCore.Qt.LeftButton)
     assert _wait(app, win.controller.idle, 60)

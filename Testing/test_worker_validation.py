@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from medmvl_core.client import WorkerClient, errors
-from medmvl_core.client.client import Answer, message_payload
+from medmvl_core.client.client import message_payload
+from medmvl_core.client.protocol import ANSWER_FIELDS, GenerationSettings
 from medmvl_core.client.protocol import BoxError, validate_box
 from medmvl_core.engine import Engine
 from medmvl_core.engine.testing import load_toy
@@ -80,7 +81,7 @@ def test_every_task_rejects_a_box_outside_or_inverted(worker, sid, task, box):
 def test_a_box_inside_the_volume_is_answered(client, sid):
     assert validate_box([0, 0, 0, 8, 16, 16], SHAPE) == [0, 0, 0, 8, 16, 16]
     ans = client.ask(sid, task="describe", box=[2, 4, 4, 6, 12, 12], max_new_tokens=3)
-    assert ans.num_tokens == 3 and "[" in ans.prompt_question   # the box is in the prompt
+    assert ans.num_tokens == 3 and "[" in ans.question   # the box is in the prompt
 
 
 def test_2d_boxes_follow_the_same_rule():
@@ -176,8 +177,10 @@ def test_openapi_schema_is_served_and_matches_the_client(worker):
     comps = schema["components"]["schemas"]
     sent = message_payload("describe", "q", [0, 0, 0, 1, 1, 1], timeout=5.0)
     assert set(sent) <= set(comps["MessageIn"]["properties"])          # all sent fields exist
-    assert set(comps["FinalEvent"]["properties"]) == set(Answer.FINAL_FIELDS)  # all read back
-    assert set(comps["FinalEvent"]["required"]) == set(Answer.FINAL_FIELDS)
+    assert set(comps["FinalEvent"]["properties"]) == set(ANSWER_FIELDS)  # all read back
+    assert set(comps["FinalEvent"]["required"]) == set(ANSWER_FIELDS)
+    props = comps["MessageIn"]["properties"]  # every setting, with the protocol's default
+    assert {n: props[n].get("default") for n in GenerationSettings.names()} == GenerationSettings().to_dict()
     assert comps["SessionIn"]["required"] == ["volume_id"]
     assert "session_id" in comps["SessionOut"]["properties"]
     assert "volume_id" in comps["VolumeOut"]["properties"]

@@ -15,56 +15,28 @@ import logging
 import socket
 import time
 import urllib.parse
-from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from medmvl_core.client import errors
-from medmvl_core.client.protocol import API_PREFIX, iter_sse, validate_geometry
+from medmvl_core.client.protocol import (API_PREFIX, TASKS, Answer, GenerationSettings,
+                                         iter_sse, task_spec, validate_geometry)
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("ask", "report", "describe", "find", "crop_ask")
-
-
-@dataclass
-class Answer:
-    """A finished answer. ``boxes``: ``[{"model": [...], "voxel": [...], "physical_lps": [...]}]``."""
-
-    text: str
-    boxes: list[dict] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    num_tokens: int = 0
-    finish_reason: str = "stop"
-    task: str = "ask"
-    prompt_question: str = ""
-
-    #: ``final`` event field -> Answer attribute (the worker's FinalEvent schema; tested).
-    FINAL_FIELDS = {"text": "text", "boxes": "boxes", "timings": "timings",
-                    "num_tokens": "num_tokens", "finish_reason": "finish_reason", "task": "task",
-                    "question": "prompt_question"}
-
-    @classmethod
-    def from_event(cls, data: dict, task: str = "ask") -> "Answer":
-        """The Answer of a ``final`` event's data."""
-        return cls(text=data.get("text", ""), boxes=data.get("boxes", []),
-                   timings=data.get("timings", {}), num_tokens=int(data.get("num_tokens", 0)),
-                   finish_reason=data.get("finish_reason", "stop"), task=data.get("task", task),
-                   prompt_question=data.get("question", ""))
+__all__ = ["Answer", "TASKS", "WorkerClient", "message_payload"]
 
 
 def message_payload(task: str = "ask", question: str | None = None,
-                    box: Sequence[float] | None = None, max_new_tokens: int = 256,
-                    do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                    top_k: int = 0, seed: int | None = None,
+                    box: Sequence[float] | None = None,
+                    generation: GenerationSettings | None = None,
                     timeout: float | None = None) -> dict[str, Any]:
     """The JSON body of ``POST /v1/sessions/{id}/messages`` (the worker's MessageIn; tested
-    against its OpenAPI schema)."""
+    against its OpenAPI schema): task, question, every generation setting, box and
+    ``timeout_s`` when given."""
     payload: dict[str, Any] = {"task": task, "question": question,
-                               "max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                               "temperature": temperature, "top_p": top_p, "top_k": top_k,
-                               "seed": seed}
+                               **(generation or GenerationSettings()).to_dict()}
     if box is not None:
         payload["box"] = [float(v) for v in box]
     if timeout is not None:
@@ -249,21 +221,24 @@ class WorkerClient:
 
     def ask(self, session_id: str, task: str = "ask", question: str | None = None,
             box: Sequence[float] | None = None, on_token: Callable[[str], None] | None = None,
-            max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
-            top_p: float = 1.0, seed: int | None = None, timeout: float | None = None,
-            top_k: int = 0) -> Answer:
+            *, generation: GenerationSettings | None = None, timeout: float | None = None,
+            **settings: Any) -> Answer:
         """Ask one question and stream the answer.
 
         box: voxel box ``(k1, j1, i1, k2, j2, i2)`` (inclusive-exclusive) for describe/crop_ask.
-        on_token(text_piece) is called for each streamed piece. ``timeout`` bounds the whole
-        answer (the worker stops at the same limit). Raises a typed
-        :class:`~medmvl_core.client.errors.WorkerError` on any failure.
+        on_token(text_piece) is called for each streamed piece. generation: the decoding
+        settings (default :class:`GenerationSettings`); ``settings``: any of them by name
+        (``max_new_tokens=64, do_sample=True, top_k=20, seed=0``), applied over
+        ``generation``. ``timeout`` bounds the whole answer (the worker stops at the same
+        limit). The worker checks the values; an unknown task or setting name raises here.
+        Raises a typed :class:`~medmvl_core.client.errors.WorkerError` on any failure.
         """
-        if task not in TASKS:
-            raise errors.BadRequestError(f"unknown task {task!r}; use one of {', '.join(TASKS)}",
-                                         code="bad_task")
-        payload = message_payload(task, question, box, max_new_tokens, do_sample, temperature,
-                                  top_p, top_k, seed, timeout)
+        try:
+            task_spec(task)
+            gen = (generation or GenerationSettings()).replace(**settings)
+        except errors.MedMVLError as exc:  # protocol.TaskError / SettingsError
+            raise errors.BadRequestError(str(exc), code=exc.code) from None
+        payload = message_payload(task, question, box, gen, timeout)
         read_timeout = max(self.timeout, (timeout or 0) + 5.0)
         conn, resp = self._open(
             "POST", f"/sessions/{urllib.parse.quote(session_id)}/messages",

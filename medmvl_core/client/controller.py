@@ -30,10 +30,11 @@ import numpy as np
 
 from medmvl_core import __version__
 from medmvl_core.client import errors, records
-from medmvl_core.client.client import TASKS, Answer, WorkerClient
+from medmvl_core.client.client import Answer, WorkerClient
 from medmvl_core.client.launcher import WorkerLauncher
 from medmvl_core.client.model_identity import ModelIdentity
-from medmvl_core.client.protocol import BoxError, validate_box
+from medmvl_core.client.protocol import (TASK_SPECS, TASKS, BoxError, GenerationSettings,
+                                         validate_box)
 from medmvl_core.client.roi_geometry import lps_from_ijk_to_ras
 
 logger = logging.getLogger(__name__)
@@ -42,14 +43,6 @@ logger = logging.getLogger(__name__)
 API_VERSION = 1
 #: Released checkpoints offered by "Download a released model".
 RELEASED_MODELS = ("shiym2000/MedM-VL-CT-Chest-3B-en", "shiym2000/MedM-VL-2D-3B-en")
-#: Task id -> (label, needs a question, needs a box).
-TASK_INFO: dict[str, tuple[str, bool, bool]] = {
-    "ask": ("Ask", True, False),
-    "report": ("Generate report", False, False),
-    "describe": ("Describe region", False, True),
-    "find": ("Find", True, False),
-    "crop_ask": ("Ask about region", True, True),
-}
 
 # Controller states.
 DISCONNECTED, STARTING, READY, BUSY, DEAD, ERROR = (
@@ -129,17 +122,18 @@ def unique_voxel_boxes(boxes: list[dict]) -> list[tuple[int, ...]]:
 
 
 def task_prompt_check(task: str, question: str | None, box: Sequence[int] | None) -> None:
-    """Raise a clear error when a task misses its question or box."""
-    if task not in TASK_INFO:
+    """Raise a clear error, worded for the panel's user, when a task (``TASK_SPECS``, the
+    protocol's table) misses its question or box."""
+    spec = TASK_SPECS.get(task)
+    if spec is None:
         raise errors.BadRequestError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}",
                                      code="bad_task")
-    label, needs_q, needs_box = TASK_INFO[task]
-    if needs_q and not (question or "").strip():
-        what = "what to find" if task == "find" else "a question"
-        raise errors.BadRequestError(f"{label} needs {what}: type it in the question box",
+    if spec.needs_question and not (question or "").strip():
+        what = "what to find" if spec.question_use == "target" else "a question"
+        raise errors.BadRequestError(f"{spec.label} needs {what}: type it in the question box",
                                      code="missing_question")
-    if needs_box and box is None:
-        raise errors.BadRequestError(f"{label} needs a region: select or draw an ROI first",
+    if spec.needs_box and box is None:
+        raise errors.BadRequestError(f"{spec.label} needs a region: select or draw an ROI first",
                                      code="missing_box")
 
 
@@ -171,7 +165,8 @@ class PanelController:
         self.state, self.detail = DISCONNECTED, ""
         self.health: dict = {}
         self.histories: dict[str, list[ChatEntry]] = {}
-        self.max_new_tokens = 256
+        #: how answers are decoded (sent with every question, stored in the records)
+        self.generation = GenerationSettings()
         self._events: queue.Queue = queue.Queue()
         self._thread: Any = None  # the running job (a Thread, or the runner's equivalent)
         self._uploads: dict[str, tuple[str, str, str | None]] = {}  # key -> (fingerprint, vid, sid)
@@ -185,6 +180,15 @@ class PanelController:
         self.conversations: dict[str, records.Conversation] = {}
         self._pending: dict[str, dict] = {}
         self._atexit = False
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Shorthand for ``generation.max_new_tokens`` (the setting a panel changes most)."""
+        return self.generation.max_new_tokens
+
+    @max_new_tokens.setter
+    def max_new_tokens(self, value: int) -> None:
+        self.generation.max_new_tokens = value
 
     # ------------------------------------------------------------------ events
     def _emit(self, kind: str, *args: Any) -> None:
@@ -340,17 +344,6 @@ class PanelController:
 
         self._run("connect", job)
 
-    def refresh_health(self) -> None:
-        """Fetch health (GPU memory) in the background, when idle."""
-        if self.client is None or self.busy():
-            return
-        client = self.client
-
-        def job() -> None:
-            self._emit("health", self._check_health(client))
-
-        self._run("health", job)
-
     def stop(self) -> None:
         """Stop the local worker (if this panel started one) and forget the connection."""
         self._cancel.set()
@@ -412,8 +405,8 @@ class PanelController:
         status = "cancelled" if ans.finish_reason == "cancelled" else "answered"
         conv.turns.append(records.Turn(
             task=p["task"], question=p["question"], answer=ans.text, model=self.model_identity(),
-            generation={"max_new_tokens": p["max_new_tokens"], "do_sample": False,
-                        "finish_reason": ans.finish_reason, "num_tokens": ans.num_tokens},
+            generation={**p["generation"].to_dict(), "finish_reason": ans.finish_reason,
+                        "num_tokens": ans.num_tokens},
             asked_at=p["asked_at"], answered_at=records.now_iso(), region=p["region"],
             boxes=records.found_boxes(ans.boxes, p["label"]), status=status))
 
@@ -474,12 +467,16 @@ class PanelController:
             raise errors.WorkerUnavailableError("no worker: start a local worker or connect to "
                                                 "a remote one first")
         task_prompt_check(task, question, box)
+        try:
+            generation = self.generation.replace().validate()  # this question's own copy
+        except errors.MedMVLError as exc:
+            raise errors.BadRequestError(str(exc), code=exc.code) from None
         if box is not None:  # the worker's own check, before anything is sent
             try:
                 validate_box(box, np.shape(volume.array))
             except BoxError as exc:
                 raise errors.BadRequestError(str(exc), code="bad_box") from None
-        label = TASK_INFO[task][0]
+        label = TASK_SPECS[task].label
         q = (question or "").strip()
         self.histories.setdefault(volume.key, []).append(
             ChatEntry("user", _shown_question(task, q, box), task))
@@ -491,7 +488,7 @@ class PanelController:
             modality=volume.modality, dicom=dict(volume.dicom or {}))
         self._pending[volume.key] = {
             "task": task, "question": q, "asked_at": records.now_iso(),
-            "max_new_tokens": self.max_new_tokens, "label": self.last_question[volume.key],
+            "generation": generation, "label": self.last_question[volume.key],
             "region": None if box is None else records.BoxRecord(
                 voxel=[int(v) for v in box], source=region_source, label=region_label)}
         self._cancel.clear()
@@ -500,7 +497,7 @@ class PanelController:
 
         def job() -> None:
             try:
-                self._ask(client, volume, task, question, box)
+                self._ask(client, volume, task, question, box, generation)
             except errors.MedMVLError as exc:
                 if isinstance(exc, errors.CancelledError) or self._cancel.is_set():
                     self._emit("error", volume.key, "cancelled")
@@ -530,7 +527,7 @@ class PanelController:
         return sid
 
     def _ask(self, client: WorkerClient, volume: VolumeData, task: str, question: str | None,
-             box: Sequence[int] | None) -> None:
+             box: Sequence[int] | None, generation: GenerationSettings) -> None:
         t0 = time.monotonic()
         for attempt in (0, 1):
             sid = self._session_for(client, volume, fresh=attempt > 0)
@@ -542,7 +539,7 @@ class PanelController:
                 ans = client.ask(sid, task=task, question=question,
                                  box=None if box is None else [int(v) for v in box],
                                  on_token=lambda piece: self._emit("token", volume.key, piece),
-                                 max_new_tokens=self.max_new_tokens)
+                                 generation=generation)
                 break
             except errors.SessionEvictedError as exc:
                 raise self._conversation_lost(volume.key, exc) from None
@@ -603,7 +600,8 @@ class PanelController:
 
 def _shown_question(task: str, question: str, box: Sequence[int] | None) -> str:
     """The user's line in the transcript: the question, the task's label, the region."""
-    label = TASK_INFO.get(task, (task,))[0]
+    spec = TASK_SPECS.get(task)
+    label = spec.label if spec is not None else task
     shown = question if task == "ask" else (f"{label}: {question}" if question else label)
     if box is not None:
         shown += f"  [box {list(int(v) for v in box)}]"

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from medmvl_core.client.model_identity import ModelIdentity
+from medmvl_core.client.protocol import TASK_SPECS
 from medmvl_core.errors import MedMVLError
 
 FORMAT = "medmvl.conversation"
@@ -29,8 +30,8 @@ VERSION = 1
 AI_FLAG = "AI-generated, not reviewed"
 # A 3D box as a model writes it: [z1, y1, x1, z2, y2, x2], normalised to 0-1.
 _BOX_TEXT = re.compile(r"\[\s*-?[\d.]+(?:\s*,\s*-?[\d.]+){5}\s*\]")
-TASK_LABELS = {"ask": "Ask", "report": "Report", "describe": "Describe region",
-               "find": "Find", "crop_ask": "Ask about region"}
+#: task -> the heading of its turns in Markdown and SR (the protocol's task table)
+TASK_LABELS = {t.name: t.record_label for t in TASK_SPECS.values()}
 
 
 class RecordFormatError(MedMVLError, ValueError):

@@ -75,13 +75,6 @@ class Volume:
         """The array shape ``(K, J, I)`` (plus 3 for RGB)."""
         return tuple(self.array.shape)
 
-    def affine_lps(self) -> np.ndarray:
-        """4x4 matrix mapping ``(i, j, k, 1)`` voxel indices to LPS millimetres."""
-        a = np.eye(4)
-        a[:3, :3] = self.direction @ np.diag(self.spacing)
-        a[:3, 3] = self.origin
-        return a
-
     def geometry_dict(self) -> dict:
         """JSON-serialisable geometry (no voxels)."""
         return {

@@ -205,15 +205,6 @@ class MedMVLConfig(PretrainedConfig):
         out.pop("max_length", None)  # not a generation setting here (see ``max_length``)
         return out
 
-    @property
-    def has_image(self) -> bool:
-        return self.encoder_image is not None
-
-    @property
-    def has_image3d(self) -> bool:
-        """True if the model accepts volumes (a 3D encoder, or a 2D encoder applied per slice)."""
-        return self.encoder_image3d is not None or self.encoder_image is not None
-
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out.pop("_init_done", None)

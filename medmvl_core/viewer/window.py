@@ -176,8 +176,8 @@ class ViewerWindow(QtWidgets.QMainWindow, FileActions, ctl.ControllerListener):
         ask = QtWidgets.QGroupBox("Ask")
         a = QtWidgets.QVBoxLayout(ask)
         self.taskCombo = QtWidgets.QComboBox()
-        for task, (label, _q, _b) in ctl.TASK_INFO.items():
-            self.taskCombo.addItem(label, task)
+        for task, spec in ctl.TASK_SPECS.items():
+            self.taskCombo.addItem(spec.label, task)
         self.taskCombo.currentIndexChanged.connect(self._update_task)
         self.questionEdit = QtWidgets.QLineEdit()
         self.questionEdit.setPlaceholderText("Question (or what to find)")
@@ -338,10 +338,10 @@ class ViewerWindow(QtWidgets.QMainWindow, FileActions, ctl.ControllerListener):
             self.statusLabel.setText("Error: open an image first")
             return False
         task = self.current_task()
-        _label, needs_q, needs_box = ctl.TASK_INFO[task]
+        spec = ctl.TASK_SPECS[task]
         ok = self._guarded(self.controller.run_task, self.volume, task,
-                           self.questionEdit.text() if needs_q else None,
-                           self.view.user_box() if needs_box else None,
+                           self.questionEdit.text() if spec.needs_question else None,
+                           self.view.user_box() if spec.needs_box else None,
                            self._region[0], self._region[1])
         self.render_chat()
         return ok
@@ -378,10 +378,11 @@ class ViewerWindow(QtWidgets.QMainWindow, FileActions, ctl.ControllerListener):
         self.startButton.setText("Start" if local else "Connect")
 
     def _update_task(self, *_a) -> None:
-        label, needs_q, needs_box = ctl.TASK_INFO[self.current_task()]
-        self.questionEdit.setEnabled(needs_q)
-        self.askButton.setText(label)
-        self.askButton.setToolTip("Draw a box on the image first" if needs_box and not self.view.user_box() else "")
+        spec = ctl.TASK_SPECS[self.current_task()]
+        self.questionEdit.setEnabled(spec.needs_question)
+        self.askButton.setText(spec.label)
+        self.askButton.setToolTip("Draw a box on the image first"
+                                  if spec.needs_box and not self.view.user_box() else "")
 
     def render_chat(self) -> None:
         if self.volume is None:

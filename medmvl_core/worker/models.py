@@ -1,16 +1,41 @@
 """Request and response models of the worker's HTTP API; the constraints here are the contract
-(the OpenAPI schema at ``/v1/openapi.json`` is generated from them). Limits that depend on the
+(the OpenAPI schema at ``/v1/openapi.json`` is generated from them). The generation settings of
+:class:`MessageIn` and the fields of :class:`FinalEvent` are generated from the protocol
+(:class:`~medmvl_core.client.protocol.GenerationSettings`, :class:`~medmvl_core.client.protocol.
+Answer`), so they cannot differ from what the client sends and reads. Limits that depend on the
 worker's settings (question length, ``max_new_tokens``) and on the image (the box) are checked
 by the routes, before anything is queued."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from medmvl_core.client.protocol import TASKS, Answer, GenerationSettings
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
-SEED_MAX = 2**64 - 1  # torch generators take 64-bit seeds
+#: protocol field type (as written in the dataclass) -> the pydantic type checked on the wire
+_WIRE_TYPES: dict[str, Any] = {"int": int, "bool": bool, "float": Finite, "int | None": int | None,
+                               "str": str, "list[dict]": list[dict[str, list[float]]],
+                               "dict[str, float]": dict[str, Any]}
+
+
+def _field_def(f: dataclasses.Field, required: bool = False) -> tuple[Any, Any]:
+    """A protocol dataclass field as a ``(type, FieldInfo)`` pair for ``create_model``."""
+    meta = dict(f.metadata)
+    bounds = {k: meta[k] for k in ("ge", "gt", "le") if k in meta}
+    if required:
+        default: Any = ...
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        default = f.default_factory()  # type: ignore[misc]
+    else:
+        default = f.default
+    wire_type = _WIRE_TYPES.get(str(f.type))
+    if wire_type is None:  # a new protocol field of a type this table does not know yet
+        raise TypeError(f"protocol field {f.name!r} has type {f.type!r}; add it to _WIRE_TYPES")
+    return wire_type, Field(default, description=meta.get("description"), **bounds)
 
 
 class _In(BaseModel):
@@ -21,20 +46,19 @@ class SessionIn(_In):
     volume_id: str = Field(min_length=1, max_length=128, pattern=r"^[0-9A-Za-z_-]+$")
 
 
-class MessageIn(_In):
-    """One question. ``box``: voxel box (k1, j1, i1, k2, j2, i2), 2D (j1, i1, j2, i2), end
-    exclusive, inside the image (checked against the session's volume)."""
-
-    task: str = Field("ask", max_length=32)
+class _MessageBase(_In):
+    task: str = Field("ask", max_length=32, description="one of " + ", ".join(TASKS))
     question: str | None = Field(None, max_length=100_000)  # pydantic refuses lone surrogates
     box: list[Finite] | None = Field(None, max_length=6)
-    max_new_tokens: int = Field(256, ge=1, le=1 << 20)
-    do_sample: bool = False
-    temperature: Finite = Field(1.0, ge=0, le=1e4)
-    top_p: Finite = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, le=1 << 24)
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)
-    timeout_s: Finite | None = Field(None, gt=0, le=86400)
+
+
+MessageIn = create_model(
+    "MessageIn", __base__=_MessageBase, __module__=__name__,
+    **{f.name: _field_def(f) for f in dataclasses.fields(GenerationSettings)},
+    timeout_s=(Finite | None, Field(None, gt=0, le=86400)))
+MessageIn.__doc__ = """One question. ``box``: voxel box (k1, j1, i1, k2, j2, i2), 2D (j1, i1, j2, i2),
+end exclusive, inside the image (checked against the session's volume). The generation settings
+are :class:`~medmvl_core.client.protocol.GenerationSettings`' fields."""
 
 
 class ErrorBody(BaseModel):
@@ -81,17 +105,11 @@ class CancelOut(BaseModel):
     cancelled: bool
 
 
-class FinalEvent(BaseModel):
-    """Data of the SSE ``final`` event that ends an answer."""
-
-    text: str
-    boxes: list[dict[str, list[float]]] = Field(
-        description='[{"model": [...], "voxel": [...], "physical_lps": [x1, y1, z1, x2, y2, z2]}]')
-    timings: dict[str, Any]
-    num_tokens: int
-    finish_reason: str
-    task: str
-    question: str = Field(description="the question as the model saw it (without the image)")
+FinalEvent = create_model(
+    "FinalEvent", __module__=__name__,
+    **{f.name: _field_def(f, required=True) for f in dataclasses.fields(Answer)})
+FinalEvent.__doc__ = """Data of the SSE ``final`` event that ends an answer
+(:class:`~medmvl_core.client.protocol.Answer`)."""
 
 
 class ErrorEvent(BaseModel):

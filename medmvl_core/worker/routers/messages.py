@@ -1,8 +1,9 @@
 """POST /v1/sessions/{id}/messages: one question, answered as a server-sent-event stream.
 
 Every field is checked before the question is queued (the request model's constraints, then
-the worker's limits, the sampling settings and the box against the session's image), so a bad
-request is an HTTP 4xx, never an ``error`` event after streaming started.
+the task's rules and the worker's limits, the generation settings and the box against the
+session's image, all from :mod:`medmvl_core.client.protocol`), so a bad request is an HTTP 4xx,
+never an ``error`` event after streaming started.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from medmvl_core.client.protocol import format_sse, validate_box
-from medmvl_core.engine.decode import SamplingParams
+from medmvl_core.client.protocol import (Answer, GenerationSettings, format_sse, task_spec,
+                                         validate_box)
 from medmvl_core.engine.errors import RequestError, SessionBusyError
-from medmvl_core.engine.tasks import TASKS
 from medmvl_core.errors import MedMVLError
 from medmvl_core.worker.deps import get_engine, get_state, require_token
 from medmvl_core.worker.jobs import Job
@@ -26,35 +26,26 @@ from medmvl_core.worker.state import WorkerState
 
 router = APIRouter(tags=["messages"], dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
 
-NEEDS_QUESTION = ("ask", "crop_ask", "find")
-NEEDS_BOX = ("describe", "crop_ask")
 KEEPALIVE_S = 15.0
+
+
+def generation_of(body: MessageIn) -> GenerationSettings:
+    """The request's generation settings (the fields of ``body`` that are settings)."""
+    return GenerationSettings.from_dict(body.model_dump(include=set(GenerationSettings.names())))
 
 
 def check_message(state: WorkerState, engine: Any, session: Any, body: MessageIn) -> float:
     """Raise the 4xx error for anything wrong with ``body``; return the time limit in seconds."""
     st = state.settings
-    if body.task not in TASKS:
-        raise RequestError(f"unknown task {body.task!r}; use one of {', '.join(TASKS)}",
-                           code="bad_task")
+    spec = task_spec(body.task)  # bad_task
+    spec.check_question(body.question)  # empty_question
     q = body.question or ""
-    if body.task in NEEDS_QUESTION and not q.strip():
-        raise RequestError(f"task {body.task!r} needs a non-empty question", code="empty_question")
     if len(q) > st.max_question_chars:
         raise RequestError(f"the question has {len(q)} characters; the limit is "
                            f"{st.max_question_chars}", code="question_too_long")
-    if body.max_new_tokens > st.max_new_tokens:
-        raise RequestError(f"max_new_tokens must be in 1..{st.max_new_tokens}",
-                           code="bad_max_new_tokens")
-    try:
-        SamplingParams(body.max_new_tokens, body.do_sample, body.temperature, body.top_p,
-                       body.top_k, body.seed).validate(st.max_new_tokens)
-    except RequestError as exc:
-        raise RequestError(str(exc), code="bad_sampling") from None
+    generation_of(body).validate(st.max_new_tokens)  # bad_max_new_tokens, bad_sampling
     engine.kind_for(session.volume)  # this model has a path for the image (2D / 3D)
-    if body.task in NEEDS_BOX and body.box is None:
-        raise RequestError(f"task {body.task!r} needs a box in voxels (k1, j1, i1, k2, j2, i2), "
-                           "or (j1, i1, j2, i2) on a 2D image", code="bad_box")
+    spec.check_box(body.box)  # bad_box
     if body.box is not None:
         validate_box(body.box, session.volume.array.shape)
     return st.request_timeout_s if body.timeout_s is None else min(body.timeout_s,
@@ -65,9 +56,9 @@ def final_event(job: Job, ans: Any) -> dict:
     """An engine Answer as the ``final`` event's data (:class:`FinalEvent`)."""
     timings = dict(ans.timings)
     timings["queue_s"] = (job.started or job.enqueued) - job.enqueued
-    return FinalEvent(text=ans.text, boxes=ans.boxes, timings=timings,
-                      num_tokens=len(ans.token_ids), finish_reason=ans.finish_reason,
-                      task=ans.task, question=ans.question).model_dump()
+    data = Answer(text=ans.text, boxes=ans.boxes, timings=timings, num_tokens=len(ans.token_ids),
+                  finish_reason=ans.finish_reason, task=ans.task, question=ans.question).to_event()
+    return FinalEvent(**data).model_dump()  # checked against the documented schema
 
 
 @router.post("/sessions/{sid}/messages", responses={200: MESSAGE_STREAM_DOC},
@@ -95,9 +86,8 @@ async def message(sid: str, body: MessageIn, state: WorkerState = Depends(get_st
             if err is not None:
                 raise err
         return Request(session=session, question=body.question, task=body.task, box=body.box,
-                       max_new_tokens=body.max_new_tokens, do_sample=body.do_sample,
-                       temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                       seed=body.seed, on_token=lambda piece: emit("token", {"text": piece}),
+                       **generation_of(body).to_dict(),
+                       on_token=lambda piece: emit("token", {"text": piece}),
                        cancel=job.cancel, deadline=job.deadline)
 
     def run(job: Job) -> dict:
@@ -138,6 +128,5 @@ async def message(sid: str, body: MessageIn, state: WorkerState = Depends(get_st
 def _answer_kwargs(r: Any) -> dict:
     """An engine Request as :meth:`Engine.answer` keyword arguments."""
     return dict(session=r.session, question=r.question, task=r.task, box=r.box,
-                max_new_tokens=r.max_new_tokens, do_sample=r.do_sample,
-                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed,
+                **{name: getattr(r, name) for name in GenerationSettings.names()},
                 on_token=r.on_token, cancel=r.cancel, deadline=r.deadline)
