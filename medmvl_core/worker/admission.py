@@ -137,6 +137,9 @@ def weights_bytes(tensors: dict[str, tuple[tuple[int, ...], str]], dtype_bytes: 
             total += n * dtype_bytes
         else:
             total += n * _DTYPE_BYTES.get(dt, 4)
+    emb = tensors.get("llm.model.embed_tokens.weight")
+    if quantize == "int8" and emb is not None and "llm.lm_head.weight" not in tensors:
+        total += _numel(emb[0]) + emb[0][0] * 4  # int8 quantizes a copy of the tied LM head
     return int(total)
 
 
