@@ -65,8 +65,12 @@ def iter_tensors(path: Path, dtype: torch.dtype | None = None) -> Iterator[tuple
             start, end = meta["data_offsets"]
             buf = torch.empty(end - start, dtype=torch.uint8)
             fh.seek(base + start)
-            if fh.readinto(memoryview(buf.numpy())) != end - start:
-                raise CheckpointError(f"{path.name} is truncated at tensor {name}; re-download the checkpoint")
+            view, got = memoryview(buf.numpy()), 0
+            while got < end - start:  # one read() returns at most ~2 GB on Linux
+                n_read = fh.readinto(view[got:])
+                if not n_read:
+                    raise CheckpointError(f"{path.name} is truncated at tensor {name}; re-download the checkpoint")
+                got += n_read
             t = buf.view(st).reshape(meta["shape"]) if end > start else torch.empty(meta["shape"], dtype=st)
             del buf  # t holds the storage; after a conversion the stored copy goes at once
             if dtype is not None and t.is_floating_point() and t.dtype != dtype:
