@@ -155,8 +155,11 @@ def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
         qw = torch.quantize_per_channel(w, scales, torch.zeros(out_f, dtype=torch.long), 0, torch.qint8)
     else:
         qw = torch.quantize_per_tensor(w, max(float(w.abs().max()) / 127.0, 1e-12), 0, torch.qint8)
-    q = DynamicLinear(in_f, out_f, bias_=bias is not None, dtype=torch.qint8)
+    # built 1x1 and then given the real weight: the full-size zero weight the constructor would
+    # quantize and pack first is never made (0.3 GB for the LM head)
+    q = DynamicLinear(1, 1, bias_=bias is not None, dtype=torch.qint8)
     q.set_weight_bias(qw, None if bias is None else bias.detach().to(torch.float32))
+    q.in_features, q.out_features = in_f, out_f
     return q
 
 

@@ -49,6 +49,35 @@ def shard_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {folder}")
 
 
+CHUNK_BYTES = 64 << 20  # big tensors are converted through a buffer of this size
+
+
+def _read_into(fh, buf: torch.Tensor, what: str) -> None:
+    """Fill the uint8 tensor ``buf`` from ``fh`` (one read() returns at most ~2 GB on Linux)."""
+    view, got = memoryview(buf.numpy()), 0
+    while got < len(view):
+        n_read = fh.readinto(view[got:])
+        if not n_read:
+            raise CheckpointError(f"{what}: the file is truncated; re-download the checkpoint")
+        got += n_read
+
+
+def _read_converted(fh, nbytes: int, st: torch.dtype, shape: list, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """Read a big stored tensor straight into a new ``dtype`` tensor, chunk by chunk, so the
+    stored copy never exists whole next to the converted one."""
+    out = torch.empty(shape, dtype=dtype)
+    flat, item = out.view(-1), torch.empty(0, dtype=st).element_size()
+    step = CHUNK_BYTES - CHUNK_BYTES % item
+    buf = torch.empty(step, dtype=torch.uint8)
+    done = 0
+    while done < nbytes:
+        n = min(step, nbytes - done)
+        _read_into(fh, buf[:n], what)
+        flat[done // item:(done + n) // item].copy_(buf[:n].view(st))
+        done += n
+    return out
+
+
 def iter_tensors(path: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of one safetensors file, in file order, each read into
     its own buffer and converted to ``dtype`` (floating tensors only)."""
@@ -63,18 +92,18 @@ def iter_tensors(path: Path, dtype: torch.dtype | None = None) -> Iterator[tuple
             if st is None:
                 raise CheckpointError(f"{path.name}: tensor {name} has dtype {meta['dtype']}, which is not supported")
             start, end = meta["data_offsets"]
-            buf = torch.empty(end - start, dtype=torch.uint8)
             fh.seek(base + start)
-            view, got = memoryview(buf.numpy()), 0
-            while got < end - start:  # one read() returns at most ~2 GB on Linux
-                n_read = fh.readinto(view[got:])
-                if not n_read:
-                    raise CheckpointError(f"{path.name} is truncated at tensor {name}; re-download the checkpoint")
-                got += n_read
-            t = buf.view(st).reshape(meta["shape"]) if end > start else torch.empty(meta["shape"], dtype=st)
-            del buf  # t holds the storage; after a conversion the stored copy goes at once
-            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                t = t.to(dtype)
+            shape = meta["shape"]
+            convert = dtype is not None and st.is_floating_point and st != dtype
+            if convert and end - start > CHUNK_BYTES:
+                t = _read_converted(fh, end - start, st, shape, dtype, f"{path.name}: {name}")
+            else:
+                buf = torch.empty(end - start, dtype=torch.uint8)
+                _read_into(fh, buf, f"{path.name}: {name}")
+                t = buf.view(st).reshape(shape) if end > start else torch.empty(shape, dtype=st)
+                del buf  # t holds the storage
+                if convert:
+                    t = t.to(dtype)
             yield name, t
             del t
 
