@@ -173,6 +173,10 @@ def test_v1_spec_sends_a_raw_scan_through_the_window_crop_resize_pipeline():
 
 def test_cli_help_and_run(tmp_path, capsys):
     from medmvl_core.cli import main
+    from medmvl_core.commands import replica as command
+
+    assert command.RECIPE_NAMES == {k: r.name for k, r in replica.RECIPES.items()}
+    assert command.SCALES == replica.SCALES
 
     with pytest.raises(SystemExit):
         main(["replica", "--help"])

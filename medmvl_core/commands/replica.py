@@ -13,11 +13,15 @@ HELP = ("write a full-size (or tiny) replica of a released MedM-VL checkpoint wi
         "e.g. `medmvl replica ct-chest-3b ./ct-chest-3b-replica`")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from medmvl_core.model.replica import RECIPES, SCALES
+#: recipe -> released model (kept here, not imported, so `medmvl --help` never loads torch;
+#: a test checks it against medmvl_core.model.replica.RECIPES)
+RECIPE_NAMES = {"2d-3b": "MedM-VL-2D-3B-en", "ct-3b": "MedM-VL-CT-3B-en", "ct-chest-3b": "MedM-VL-CT-Chest-3B-en"}
+SCALES = ("full", "tiny")
 
-    parser.add_argument("recipe", choices=sorted(RECIPES),
-                        help="; ".join(f"{k}: {r.name}" for k, r in sorted(RECIPES.items())))
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", choices=sorted(RECIPE_NAMES),
+                        help="; ".join(f"{k}: {v}" for k, v in sorted(RECIPE_NAMES.items())))
     parser.add_argument("out", help="output folder (created; must be empty or absent)")
     parser.add_argument("--scale", choices=SCALES, default="full",
                         help="full: the released sizes (bf16, ~6.4-7 GB); tiny: same layout, tiny sizes")
