@@ -73,7 +73,6 @@ def run_mode(args) -> int:
     torch.set_num_threads(args.threads)
     from bench.gpu import reference_generate, synthetic_ct
     from medmvl_core.engine import Engine
-    from medmvl_core.engine.quantize import weight_bytes
     from medmvl_core.imaging import read_image
     from medmvl_core.model import load_checkpoint
     from medmvl_core.worker.loading import resolve_dtype
@@ -87,7 +86,8 @@ def run_mode(args) -> int:
                peak_rss_load=_rss())
     packed = sum(m.weight().numel() + m.weight().shape[0] * 8 for m in model.modules()
                  if hasattr(m, "_packed_params") and callable(getattr(m, "weight", None)))
-    out["weights_bytes"] = weight_bytes(model) + packed
+    # parameters() counts a tied head once (weight_bytes would count it per module)
+    out["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters()) + packed
     out["llm_bytes_per_token"] = llm_bytes_per_token(model)
     eng = Engine(model, proc, max_new_tokens_limit=max(64, args.new_tokens))
     eng.eos_ids = set()  # fixed-length answers: fair token counts
