@@ -301,7 +301,7 @@ class PanelController:
         return h
 
     def start_local(self, python: str, checkpoint: str, device: str = "auto",
-                    quantize: str = "none", env: dict[str, str] | None = None) -> None:
+                    quantize: str = "auto", env: dict[str, str] | None = None) -> None:
         """Start (or restart) a local worker in the background."""
         if not checkpoint or not os.path.isdir(checkpoint):
             raise errors.LaunchError(f"checkpoint folder {checkpoint!r} does not exist; choose a "

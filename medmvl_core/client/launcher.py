@@ -58,7 +58,7 @@ class WorkerLauncher:
     """
 
     def __init__(self, python: str | None = None, checkpoint: str | os.PathLike = "",
-                 device: str = "auto", dtype: str | None = None, quantize: str = "none",
+                 device: str = "auto", dtype: str | None = None, quantize: str = "auto",
                  extra_args: list[str] | None = None, workdir: str | os.PathLike | None = None,
                  start_timeout: float = 180.0, env: dict[str, str] | None = None,
                  base_env: dict[str, str] | None = None, watch_parent: bool = True):

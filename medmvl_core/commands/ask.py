@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON object (text, boxes, timings) instead of streaming")
     parser.add_argument("--device", default="auto", help="with --checkpoint: auto | cuda | cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
-    parser.add_argument("--quantize", choices=["none", "8bit", "4bit"], default="none")
+    parser.add_argument("--quantize", choices=["auto", "none", "int8", "8bit", "4bit"], default="auto",
+                        help="auto (default): torch dynamic int8 on a CPU, none on a GPU; int8: CPU only; "
+                             "8bit/4bit: bitsandbytes")
     parser.add_argument("--python", default=None,
                         help="with --checkpoint: interpreter for the worker (default: this one)")
 

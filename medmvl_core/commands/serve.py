@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu (default auto)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                         help="weights dtype (default bf16/fp16 on GPU, fp32 on CPU)")
-    parser.add_argument("--quantize", choices=["none", "8bit", "4bit"], default="none")
+    parser.add_argument("--quantize", choices=["auto", "none", "int8", "8bit", "4bit"], default="auto",
+                        help="auto (default): torch dynamic int8 on a CPU, none on a GPU; int8: CPU only; "
+                             "8bit/4bit: bitsandbytes")
     parser.add_argument("--host", default=None,
                         help="address to bind (default 127.0.0.1; another address exposes the "
                              "worker on the network and requires --token-file)")

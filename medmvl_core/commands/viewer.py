@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--python", default=None,
                         help="interpreter that runs the local worker (default: this one)")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    parser.add_argument("--quantize", choices=["none", "8bit", "4bit"], default="none")
+    parser.add_argument("--quantize", choices=["auto", "none", "int8", "8bit", "4bit"], default="auto",
+                        help="auto (default): torch dynamic int8 on a CPU, none on a GPU; int8: CPU only; "
+                             "8bit/4bit: bitsandbytes")
     parser.add_argument("--url", default=None, help="connect to a running worker instead")
     parser.add_argument("--token-file", default=None,
                         help="file holding the remote worker's token (or set MEDMVL_TOKEN)")

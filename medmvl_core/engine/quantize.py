@@ -1,4 +1,11 @@
-"""8-bit and 4-bit weights for the LLM (bitsandbytes), for GPUs with little memory.
+"""Quantized LLM weights: bitsandbytes 8-bit / 4-bit for GPUs with little memory, and torch's
+dynamic int8 for CPUs (``"int8"``, the CPU default: see docs/full-size-models.md).
+
+``"int8"`` replaces every ``nn.Linear`` of the LLM's decoder layers, and the LM head, with a
+``torch.ao.nn.quantized.dynamic.Linear`` (int8 weights with one scale per output row, activations
+quantized per call, fbgemm/oneDNN int8 matrix products, float32 in and out). The embeddings,
+norms and the vision side stay float32. During loading :class:`Int8Filler` quantizes each layer
+as soon as its float weights have been read, so the float32 model never exists as a whole.
 
 ``quantize_model(model, "8bit" | "4bit" | "none")`` replaces every ``nn.Linear`` of the LLM's
 decoder layers with a bitsandbytes ``Linear8bitLt`` (LLM.int8, threshold 6.0) or ``Linear4bit``
@@ -21,7 +28,9 @@ from medmvl_core.errors import MedMVLError
 
 logger = logging.getLogger(__name__)
 
-QUANT_MODES = ("none", "8bit", "4bit")
+QUANT_MODES = ("none", "8bit", "4bit", "int8")
+#: int8 weights with one scale per output row (accuracy) rather than one per matrix
+INT8_PER_CHANNEL = True
 
 
 class QuantizationError(MedMVLError):
@@ -69,6 +78,11 @@ def quantize_model(model: Any, mode: str, device: str | torch.device | None = No
         raise QuantizationError(f"quantize mode {mode!r} is not known; use one of {list(QUANT_MODES)}")
     if mode == "none":
         return model if device is None else model.to(device)
+    if mode == "int8":
+        if device is not None and torch.device(device).type != "cpu":
+            raise QuantizationError("--quantize int8 (torch dynamic int8) runs on the CPU only; on a GPU use "
+                                    "--quantize 8bit or 4bit")
+        return quantize_int8(model)
     # bitsandbytes warns on every int8 matmul whose input is not fp16; once is enough
     warnings.filterwarnings("once", message="MatMul8bitLt: inputs will be cast")
     llm = getattr(model, "llm", model)
@@ -124,3 +138,91 @@ def weight_bytes(model: Any) -> int:
             p.numel() * p.element_size() for p in m.parameters(recurse=False))
         total += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
     return total
+
+
+# --------------------------------------------------------------------------- CPU int8
+def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A dynamic-quantized int8 ``Linear`` from a float weight [out, in] (symmetric, one scale per
+    output row when ``INT8_PER_CHANNEL``) and an optional bias [out] (kept float32)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    w = weight.detach().to(torch.float32)
+    out_f, in_f = w.shape
+    if INT8_PER_CHANNEL:
+        # row maxima in blocks: no full-size |w| temporary (the LM head is 1.2 GB in float32)
+        amax = torch.cat([blk.abs().amax(dim=1) for blk in w.split(4096, dim=0)])
+        scales = (amax / 127.0).clamp(min=1e-12).to(torch.float64)
+        qw = torch.quantize_per_channel(w, scales, torch.zeros(out_f, dtype=torch.long), 0, torch.qint8)
+    else:
+        qw = torch.quantize_per_tensor(w, max(float(w.abs().max()) / 127.0, 1e-12), 0, torch.qint8)
+    # built 1x1 and then given the real weight: the full-size zero weight the constructor would
+    # quantize and pack first is never made (0.3 GB for the LM head)
+    q = DynamicLinear(1, 1, bias_=bias is not None, dtype=torch.qint8)
+    q.set_weight_bias(qw, None if bias is None else bias.detach().to(torch.float32))
+    q.in_features, q.out_features = in_f, out_f
+    return q
+
+
+def _int8_targets(model: Any) -> dict[str, nn.Module]:
+    """{state-dict prefix: nn.Linear} of the LLM's decoder layers (the LM head separately)."""
+    llm = getattr(model, "llm", model)
+    base = getattr(llm, "model", llm)
+    pre = "llm.model." if hasattr(model, "llm") else "model."
+    return {pre + n: m for n, m in base.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def quantize_int8_head(model: Any) -> None:
+    """Quantize the LM head (a copy of the tied embeddings, which stay float for the input side)."""
+    llm = getattr(model, "llm", model)
+    head = llm.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return
+    llm.lm_head = int8_linear(head.weight, head.bias)
+    # the head is no longer the embedding matrix: never re-tie it (save/reload would break it)
+    llm.config.tie_word_embeddings = False
+    if hasattr(model, "config") and hasattr(model.config, "llm_config"):
+        model.config.llm_config.tie_word_embeddings = False
+        model.config.tie_word_embeddings = False
+    llm.config.medmvl_quantization = "int8"
+
+
+def quantize_int8(model: Any) -> Any:
+    """Quantize a loaded float model's LLM linear layers (and LM head) to dynamic int8 in place,
+    one layer at a time; returns ``model``. Loading with ``quantize="int8"`` does this while
+    reading the weights instead, so the float32 model is never held whole."""
+    targets = _int8_targets(model)
+    if not targets:
+        raise QuantizationError("the LLM has no nn.Linear layers to quantize (already quantized?)")
+    for prefix, lin in targets.items():
+        _set_module(model, prefix, int8_linear(lin.weight, lin.bias))
+    quantize_int8_head(model)
+    logger.info("quantized %d LLM linear layers and the LM head to dynamic int8", len(targets))
+    return model
+
+
+class Int8Filler:
+    """Takes the LLM linear weights during a streaming load and swaps each ``nn.Linear`` for its
+    int8 version as soon as all of its tensors (weight, bias) have arrived."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.targets = _int8_targets(model)
+        self.parts: dict[str, dict[str, torch.Tensor]] = {}
+
+    def take(self, name: str, tensor: torch.Tensor) -> bool:
+        """True when ``name`` belongs to a target layer (kept until the layer is complete)."""
+        prefix, _, attr = name.rpartition(".")
+        lin = self.targets.get(prefix)
+        if lin is None or attr not in ("weight", "bias"):
+            return False
+        got = self.parts.setdefault(prefix, {})
+        got[attr] = tensor
+        if "weight" in got and ("bias" in got or lin.bias is None):
+            _set_module(self.model, prefix, int8_linear(got["weight"], got.get("bias")))
+            del self.parts[prefix], self.targets[prefix]
+        return True

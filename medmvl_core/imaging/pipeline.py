@@ -87,6 +87,10 @@ def preprocess(vol, spec: dict, roi: Sequence[int] | None = None, *, margin: int
         raise InvalidImageError("this checkpoint takes 3D volumes but the input is a colour 2D image; "
                                 "use a checkpoint for 2D images")
     if spec["kind"] == "volume_preprocessed":
+        if spec.get("raw") is not None and _is_raw_scan(vol, spec):
+            logger.info("the checkpoint expects v1.0-preprocessed data; this is a raw scan %s, so it goes "
+                        "through the pipeline that made that data", tuple(vol.array.shape))
+            return _preprocess_volume(vol, spec["raw"], roi, margin, augment)
         return _preprocess_v1(vol, spec, augment)
     return _preprocess_volume(vol, spec, roi, margin, augment)
 
@@ -210,6 +214,17 @@ def _norm_extent(spec: dict, size) -> dict:
         start, extent = T.slices_geometry(size[1], size[2], norm)
         return {"slice_crop": {"start": start, "extent": extent}}
     return {}
+
+
+def _is_raw_scan(vol: Volume, spec: dict) -> bool:
+    """True when ``vol`` is not v1.0-preprocessed data: negative values (HU) or, where the spec
+    names the preprocessed size, another shape."""
+    a = vol.array
+    shape = tuple(a.shape[1:] if a.ndim == 4 and a.shape[0] == 1 else a.shape)
+    size = spec.get("size")
+    if size is not None and shape != tuple(size):
+        return True
+    return bool(a.size) and float(np.min(a)) < 0
 
 
 def _preprocess_v1(vol: Volume, spec: dict, augment):

@@ -11,7 +11,9 @@ A spec is a JSON-serialisable dict stored in the checkpoint config
   maximum instead of averaging (small dense findings keep their intensity; our extension, not
   MedM-VL's).
 * ``"volume_preprocessed"`` — MedM-VL v1.0 data: the array is already windowed, cropped and
-  resized ([1, D, H, W] or [D, H, W] in [0, 255]); only the cast and ``normalize`` apply.
+  resized ([1, D, H, W] or [D, H, W] in [0, 255]); only the cast and ``normalize`` apply. An
+  optional ``raw`` (a ``"volume"`` spec) is what a raw scan goes through instead (values below
+  0, i.e. HU, or a shape other than ``size``): the pipeline that produced the v1.0 data.
 * ``"image"`` — a 2D image, processed as the encoder's HF image processor does.
 
 ``normalize.type``: ``"image_processor"`` (SigLIP/CLIP: per slice, PIL bicubic resize to
@@ -151,6 +153,12 @@ def validate_spec(spec: dict) -> dict:
                 isinstance(w, (list, tuple)) and len(w) == 2
                 and all(isinstance(v, (int, float)) for v in w) and w[0] < w[1] for w in mw)):
             problems.append(f"max_windows={mw!r} (a list of [lo, hi] HU pairs with lo < hi)")
+    if kind == "volume_preprocessed" and s.get("raw") is not None:
+        raw = s["raw"]
+        if not isinstance(raw, dict) or raw.get("kind") != "volume":
+            problems.append(f"raw={raw!r} (a 'volume' spec for raw scans, or null)")
+        else:
+            s["raw"] = validate_spec(raw)
     if problems:
         raise ConfigError("invalid preprocessing spec: " + "; ".join(problems))
     return s

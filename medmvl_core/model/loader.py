@@ -28,30 +28,6 @@ UNUSED_PREFIXES = (
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
-def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards listed in ``model.safetensors.index.json``."""
-    from safetensors.torch import load_file
-
-    single = folder / "model.safetensors"
-    index = folder / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(str(single))
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            if not (folder / shard).is_file():
-                raise CheckpointError(f"shard {shard} listed in {index} is missing; re-download the checkpoint")
-            state.update(load_file(str(folder / shard)))
-        return state
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise CheckpointError(
-            f"{folder} has only pickle weights (*.bin/*.pt); this project loads safetensors only. "
-            "Convert them with transformers' save_pretrained(safe_serialization=True) on a trusted machine"
-        )
-    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {folder}")
-
-
 def _default_dtype(device: str | torch.device) -> torch.dtype:
     dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -105,11 +81,45 @@ def make_processor(model: MedMVLForConditionalGeneration, tokenizer: Any) -> Any
                            preprocessing=cfg.preprocessing, padding_side=cfg.padding_side, max_length=cfg.model_max_length)
 
 
-def build_from_state(config: MedMVLConfig, state: dict[str, torch.Tensor], tie_policy: str) -> MedMVLForConditionalGeneration:
-    """Build the model without random init and load ``state`` (MedM-VL key names) into it."""
+def load_medmvl_folder(path: Path, dtype: torch.dtype = torch.float32,
+                       quantize: str = "none") -> tuple[MedMVLForConditionalGeneration, ImportedConfig]:
+    """Load a MedM-VL (HEAD or v1) checkpoint folder into our model class on the CPU, reading the
+    weights tensor by tensor straight into ``dtype`` (peak memory: the model plus one tensor);
+    ``quantize="int8"`` quantizes the LLM's linear layers as they are read."""
     from transformers.modeling_utils import no_init_weights
 
-    has_head = "llm.lm_head.weight" in state
+    from medmvl_core.model.stream_load import shard_files, stream_into
+
+    raw = json.loads((path / "config.json").read_text())
+    imported = import_config(raw, path)
+    config = imported.config
+    _fix_attn(config, "cpu")
+    files = shard_files(path)
+    has_head = any("llm.lm_head.weight" in _names(f) for f in files)
+    _tie_config(config, has_head, imported.tie_policy)
+    with no_init_weights():  # never touched, so the skeleton's memory is never committed
+        model = MedMVLForConditionalGeneration(config)
+    optional = ("llm.lm_head.weight",) if not has_head else ()
+    stream_into(model, files, dtype, skip_prefixes=UNUSED_PREFIXES, quantize=quantize, optional=optional)
+    model.tie_weights()
+    if quantize == "int8":
+        from medmvl_core.engine.quantize import quantize_int8_head
+
+        quantize_int8_head(model)
+    return model, imported
+
+
+def _names(file: Path) -> set[str]:
+    import struct
+
+    with open(file, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        return set(json.loads(fh.read(n)))
+
+
+def _tie_config(config: MedMVLConfig, has_head: bool, tie_policy: str) -> None:
+    """MedM-VL's tie rules: a stored head is used as is when the policy is "untied" (HEAD); a
+    missing head is tied to the embeddings."""
     if not has_head:
         if tie_policy == "untied":
             logger.warning("the checkpoint stores no llm.lm_head.weight; tying it to the input embeddings "
@@ -119,32 +129,6 @@ def build_from_state(config: MedMVLConfig, state: dict[str, torch.Tensor], tie_p
     elif tie_policy == "untied":
         config.llm_config.tie_word_embeddings = False
         config.tie_word_embeddings = False
-    unused = [k for k in state if k.startswith(UNUSED_PREFIXES)]
-    for k in unused:
-        del state[k]
-    if unused:
-        logger.info("ignored %d weights of the 3D CLIP text tower", len(unused))
-    with no_init_weights():
-        model = MedMVLForConditionalGeneration(config)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if not (k == "llm.lm_head.weight" and not has_head)]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"the weights do not match the config: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {result.unexpected_keys[:8]}{'...' if len(result.unexpected_keys) > 8 else ''}; "
-            "the base-model configs (presets or local folders) must be the ones the checkpoint was trained with"
-        )
-    model.tie_weights()
-    return model
-
-
-def load_medmvl_folder(path: Path) -> tuple[MedMVLForConditionalGeneration, ImportedConfig]:
-    """Load a MedM-VL (HEAD or v1) checkpoint folder into our model class, float32 on the CPU."""
-    raw = json.loads((path / "config.json").read_text())
-    imported = import_config(raw, path)
-    _fix_attn(imported.config, "cpu")
-    model = build_from_state(imported.config, read_safetensors_folder(path), imported.tie_policy)
-    return model, imported
 
 
 def check_checkpoint_folder(path: str | Path) -> None:
@@ -169,7 +153,8 @@ def _check_device(device: str | torch.device) -> None:
 
 
 def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu",
-                             dtype: torch.dtype | str | None = None) -> tuple[MedMVLForConditionalGeneration, Any]:
+                             dtype: torch.dtype | str | None = None,
+                             quantize: str = "none") -> tuple[MedMVLForConditionalGeneration, Any]:
     """Like :func:`load_checkpoint` but returns ``(model, tokenizer)``."""
     path = Path(path)
     check_checkpoint_folder(path)
@@ -178,16 +163,27 @@ def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or _default_dtype(device)
+    if quantize == "int8" and dtype != torch.float32:
+        raise ConfigError("--quantize int8 (torch dynamic int8, CPU) computes in float32; leave --dtype out "
+                          "or use --quantize none with --dtype bf16")
     fmt = detect_format(json.loads(cfg_file.read_text()))
     if fmt == "medmvl":
         config = MedMVLConfig.from_pretrained(str(path))
         _fix_attn(config, device)
         model = MedMVLForConditionalGeneration.from_pretrained(str(path), config=config, dtype=dtype)
         tok_dirs = [path]
+        if quantize == "int8":
+            from medmvl_core.engine.quantize import quantize_int8
+
+            model = quantize_int8(model)
     else:
-        model, imported = load_medmvl_folder(path)
+        model, imported = load_medmvl_folder(path, dtype=dtype, quantize="int8" if quantize == "int8" else "none")
         tok_dirs = imported.tokenizer_dirs
-    model = model.to(device=device, dtype=dtype).eval()
+    if quantize in ("8bit", "4bit"):
+        from medmvl_core.engine.quantize import quantize_model
+
+        model = quantize_model(model, quantize, device=device)
+    model = model.to(device=device, dtype=dtype).eval() if quantize == "none" else model.to(device).eval()
     tokenizer = _load_tokenizer(tok_dirs, model.config.model_max_length, model.config.padding_side)
     if fmt != "medmvl":
         _medmvl_pad_rules(tokenizer, model.config.source.get("llm_type"))
@@ -215,14 +211,16 @@ def _medmvl_pad_rules(tokenizer: Any, llm_type: str | None) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | str | None = None) -> tuple[MedMVLForConditionalGeneration, Any]:
+                    dtype: torch.dtype | str | None = None,
+                    quantize: str = "none") -> tuple[MedMVLForConditionalGeneration, Any]:
     """Load a checkpoint folder and return ``(model, processor)`` in eval mode.
 
     ``path``: our format, or a MedM-VL folder (HEAD ``lvlm_*`` or v1.0 schema), auto-detected.
     ``dtype``: default float32 on CPU, bfloat16 on a GPU that supports it.
+    ``quantize``: "none", "int8" (torch dynamic int8, CPU), "8bit" / "4bit" (bitsandbytes).
     Works offline: base models come from local folders, the HF cache or shipped presets.
     """
-    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype=dtype)
+    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype=dtype, quantize=quantize)
     return model, make_processor(model, tokenizer)
 
 

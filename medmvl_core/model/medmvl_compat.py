@@ -94,11 +94,13 @@ def volume_spec_2d_encoder(enc_type: str, vis_cfg: dict, pre: dict | None, schem
     CropForeground, Resize to [32, S, S], uint8 truncation, 3 channels, the tower's normalisation."""
     norm = _image_normalize(enc_type, vis_cfg, pre)
     s = int(norm.get("crop_size") or norm["image_size"])
-    if schema == "lvlm_v1":  # v1 expects npy already windowed, cropped and resized to [1, 32, S, S]
-        return {"kind": "volume_preprocessed", "size": [MEDMVL_SLICES, s, s], "cast_uint8": True,
-                "channels": 3, "orientation": "native", "normalize": norm}
-    return {"kind": "volume", "hu_window": [-1000, 1000], "crop_foreground": True, "size": [MEDMVL_SLICES, s, s],
+    head = {"kind": "volume", "hu_window": [-1000, 1000], "crop_foreground": True, "size": [MEDMVL_SLICES, s, s],
             "cast_uint8": True, "channels": 3, "orientation": "native", "normalize": norm}
+    if schema == "lvlm_v1":  # v1 expects npy already windowed, cropped and resized to [1, 32, S, S]
+        # by the same window / crop / resize as HEAD's eval path; a raw scan goes through that
+        return {"kind": "volume_preprocessed", "size": [MEDMVL_SLICES, s, s], "cast_uint8": True,
+                "channels": 3, "orientation": "native", "normalize": norm, "raw": head}
+    return head
 
 
 def volume_spec_3d_encoder(enc_type: str, enc_cfg: dict, schema: str = "lvlm_head") -> dict:
@@ -112,9 +114,11 @@ def volume_spec_3d_encoder(enc_type: str, enc_cfg: dict, schema: str = "lvlm_hea
                 "channels": 1, "normalize": {"type": "minmax"}}
     if enc_type == "m3dclip":
         size = [int(v) for v in enc_cfg.get("img_size", [32, 256, 256])]
-        if schema == "lvlm_v1":
+        if schema == "lvlm_v1":  # M3D's own preprocessed npy; a raw scan gets M3D-CLIP's pipeline
+            raw = default_spec(enc_type, size[-1], depth=size[0], orientation="native")
+            raw["size"] = size
             return {"kind": "volume_preprocessed", "cast_uint8": False, "channels": 1, "orientation": "native",
-                    "normalize": {"type": "none"}}
+                    "normalize": {"type": "none"}, "size": size, "raw": raw}
     else:
         img = enc_cfg.get("image_size", 256)
         img = int(img[-1] if isinstance(img, list) else img)

@@ -36,6 +36,17 @@ def resolve_dtype(dtype: str | None, device: str):
     return getattr(torch, DTYPES[dtype])
 
 
+QUANTIZE_CHOICES = ("auto", "none", "int8", "8bit", "4bit")
+
+
+def resolve_quantize(quantize: str, device: str, dtype: str | None = None) -> str:
+    """``auto``: torch dynamic int8 on the CPU (the fastest CPU path measured, see
+    docs/full-size-models.md) unless a float dtype is asked for; no quantization on a GPU."""
+    if quantize != "auto":
+        return quantize
+    return "int8" if device == "cpu" and dtype in (None, "fp32") else "none"
+
+
 def load_model(checkpoint: str | Path, device: str = "auto", dtype: str | None = None,
                quantize: str = "none") -> tuple[Any, Any]:
     """(model, processor) on the device; ``quantize`` 8bit/4bit loads on the CPU, then puts the
@@ -43,9 +54,10 @@ def load_model(checkpoint: str | Path, device: str = "auto", dtype: str | None =
     path = Path(checkpoint)
     if not path.is_dir():
         raise ConfigError(f"checkpoint folder {str(path)!r} does not exist")
-    if quantize not in ("none", "8bit", "4bit"):
-        raise ConfigError(f"unknown quantize {quantize!r}; use none, 8bit or 4bit")
+    if quantize not in QUANTIZE_CHOICES:
+        raise ConfigError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}")
     dev = resolve_device(device)
+    quantize = resolve_quantize(quantize, dev, dtype)
     torch_dtype = resolve_dtype(dtype, dev)
     from medmvl_core.model import load_checkpoint
     if quantize == "none":
@@ -60,6 +72,11 @@ def load_engine(checkpoint: str | Path, device: str = "auto", dtype: str | None 
                 quantize: str = "none", warmup_batch: int = 1, **engine_kwargs: Any):
     """An Engine over the loaded checkpoint (``engine_kwargs`` go to :class:`Engine`)."""
     from medmvl_core.engine import Engine
+    from medmvl_core.worker.admission import admit
+    if not (Path(checkpoint) / TOY_MARKER).exists():  # refuse before reading a weight if it will not fit
+        dev = resolve_device(device)
+        admit(checkpoint, dev, resolve_dtype(dtype, dev), resolve_quantize(quantize, dev, dtype),
+              int(engine_kwargs.get("kv_cache_bytes", 4 << 30)))
     model, proc = load_model(checkpoint, device, dtype, quantize)
     engine = Engine(model, proc, **engine_kwargs)
     if engine.fast_path.enabled:

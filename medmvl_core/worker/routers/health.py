@@ -24,6 +24,8 @@ def memory_report(state: WorkerState) -> dict[str, Any]:
     if eng is not None:
         out["image_cache_bytes"] = eng.images.used_bytes
         out["kv_cache_bytes"] = eng.kv_bytes_used()
+        from medmvl_core.worker.admission import kv_report
+        out.update(kv_report(eng))  # budget in tokens at the loaded model's real per-token size
         if eng.device.type == "cuda":
             import torch
             out["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated(eng.device))
