@@ -135,6 +135,7 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
         self.ui.clearButton.connect("clicked(bool)", self.onClearButton)
         self.ui.taskComboBox.connect("currentIndexChanged(int)", self.updateTaskWidgets)
         self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
+        self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.updateTaskWidgets)
         self.ui.roiSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onRoiChanged)
 
         # Results of the background work reach the GUI only through this timer.
@@ -212,14 +213,29 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
     def currentTask(self) -> str:
         return self.ui.taskComboBox.itemData(self.ui.taskComboBox.currentIndex) or "ask"
 
+    def inputProblem(self) -> str:
+        """Why the model (the worker's, else the checkpoint's, from its config.json) cannot take the input
+        volume — a 2D image for a CT model or the reverse — or "" (shape only: no voxels are read)."""
+        node = self.ui.inputSelector.currentNode()
+        image = node.GetImageData() if node is not None else None
+        if image is None:
+            return ""
+        i, j, k = image.GetDimensions()
+        comps = image.GetNumberOfScalarComponents()
+        ckpt = self.ui.checkpointPathLineEdit.currentPath if self.ui.localRadioButton.checked else None
+        return self.logic.controller.input_problem((k, j, i, comps) if comps > 1 else (k, j, i), ckpt) or ""
+
     def updateTaskWidgets(self, _index=None) -> None:
         label, needsQuestion, needsBox = TASK_INFO[self.currentTask()]
         self.ui.questionLineEdit.enabled = needsQuestion
         self.ui.askButton.text = _(label)
-        self.ui.askButton.toolTip = (_("Select an ROI first.") if needsBox and not self.ui.roiSelector.currentNode()
-                                     else "")
+        problem = self.inputProblem()  # the task buttons say why they are disabled for this volume
+        self.ui.askButton.toolTip = problem or (_("Select an ROI first.") if needsBox
+                                                and not self.ui.roiSelector.currentNode() else "")
+        self.ui.askButton.enabled = self.logic.controller.state == ctl.READY and not problem
 
     def onInputChanged(self, _node=None) -> None:
+        self.updateTaskWidgets()
         self.renderChat()
 
     def onRoiChanged(self, node=None) -> None:
@@ -304,7 +320,7 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
     def on_state(self, state: str, detail: str) -> None:
         busy = state in (ctl.BUSY, ctl.STARTING)
         self.ui.workerStatusLabel.text = state + (f": {detail}" if detail else "")
-        self.ui.askButton.enabled = state == ctl.READY
+        self.ui.askButton.enabled = state == ctl.READY and not self.inputProblem()
         self.ui.cancelButton.enabled = busy
         self.ui.startButton.enabled = not busy
         self.ui.stopButton.enabled = state != ctl.DISCONNECTED

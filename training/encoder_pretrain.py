@@ -144,8 +144,9 @@ def read_box_file(path: Path, labels: list[str], locations: list[str]) -> list[d
         raise DataError(f"box file {path} must hold a non-empty list of rows")
     for n, row in enumerate(rows):
         where = f"{path.name} row {n}"
-        if not isinstance(row, dict) or "image3d" not in row or not isinstance(row.get("boxes", []), list):
-            raise DataError(f"{where}: needs 'image3d' (a path) and 'boxes' (a list)")
+        if not isinstance(row, dict) or not ("image3d" in row or "image" in row) \
+                or not isinstance(row.get("boxes", []), list):
+            raise DataError(f"{where}: needs 'image3d' or 'image' (a path) and 'boxes' (a list)")
         for b in row.get("boxes", []):
             if b.get("label") not in labels:
                 raise DataError(f"{where}: label {b.get('label')!r} is not in data.labels {labels}")
@@ -224,10 +225,12 @@ def load_volumes(rows: list[dict], image_dir: Optional[Path], spec: dict, what: 
     out = None
     t0 = time.time()
     for n, row in enumerate(rows):
-        p = Path(row["image3d"])
+        p = Path(row.get("image3d") or row["image"])
         if not p.is_absolute() and image_dir is not None:
             p = image_dir / p
         x, _ = preprocess(str(p), spec)
+        if np.ndim(x) == 3:  # a 2D image [C, H, W] (spec kind "image") is a one-slice volume here
+            x = np.asarray(x)[:, None]
         if out is None:
             out = torch.empty((len(rows), *x.shape), dtype=torch.float32)
         out[n] = torch.from_numpy(np.asarray(x, dtype=np.float32))

@@ -28,6 +28,7 @@ from medmvl_core import __version__
 from medmvl_core.client import errors
 from medmvl_core.client.client import TASKS, Answer, WorkerClient
 from medmvl_core.client.launcher import WorkerLauncher
+from medmvl_core.client.model_kinds import ModelKinds, WrongInputKindError, kind_problem, read_model_kinds
 from medmvl_core.client.roi_geometry import lps_from_ijk_to_ras
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ class PanelController:
         #: volume key -> the question (or task label) last asked: names found boxes/ROIs.
         self.last_question: dict[str, str] = {}
         self._atexit = False
+        #: what the local worker's checkpoint takes (from its config.json, read before it starts)
+        self.model_kinds: ModelKinds | None = None
 
     # ------------------------------------------------------------------ events
     def _emit(self, kind: str, *args: Any) -> None:
@@ -276,6 +279,8 @@ class PanelController:
             raise errors.LaunchError(f"checkpoint folder {checkpoint!r} does not exist; choose a "
                                      "model folder or download a released model", code="bad_argument")
         self.stop()
+        has_config = os.path.isfile(os.path.join(checkpoint, "config.json"))
+        self.model_kinds = read_model_kinds(checkpoint) if has_config else None  # else the worker reports it
         if not self._atexit:
             atexit.register(self.shutdown)  # never leave a worker behind
             self._atexit = True
@@ -331,7 +336,7 @@ class PanelController:
             # close() also removes the launcher's temporary folder (token, log).
             getattr(self.launcher, "close", self.launcher.stop)()
             self.launcher = None
-        self.client, self._uploads, self.health = None, {}, {}
+        self.client, self._uploads, self.health, self.model_kinds = None, {}, {}, None
         if self.state != DISCONNECTED:
             self._set_state(DISCONNECTED, "")
 
@@ -403,12 +408,35 @@ class PanelController:
         """The answer streamed so far (while busy)."""
         return self._partial.get(key, "")
 
+    def input_problem(self, volume: VolumeData | Sequence[int], checkpoint: str | None = None) -> str | None:
+        """Why the model cannot take ``volume`` (or an array of that shape: a view may pass the shape
+        alone, without reading the voxels) (a message that names the model's kind and the model
+        that fits), or None when it can or its kinds are unknown. The model is the running worker's
+        (its checkpoint's config, or the kinds its health reports); without a worker, ``checkpoint``'s,
+        read from its config.json: nothing is started to find out."""
+        if self.client is not None:
+            kinds = self.model_kinds
+            if kinds is None and self.health.get("kinds"):
+                kinds = ModelKinds(str(self.health.get("model") or "the worker"), tuple(self.health["kinds"]))
+        elif checkpoint and os.path.isfile(os.path.join(checkpoint, "config.json")):
+            try:
+                kinds = read_model_kinds(checkpoint)
+            except errors.LaunchError:
+                return None  # an unreadable config is reported when the worker starts
+        else:
+            kinds = None
+        shape = np.shape(volume.array) if isinstance(volume, VolumeData) else tuple(volume)
+        return kind_problem(kinds, shape) if kinds is not None else None
+
     def run_task(self, volume: VolumeData, task: str, question: str | None = None,
                  box: Sequence[int] | None = None) -> None:
         """Ask the worker about ``volume`` in the background; events stream to the listener."""
         if self.client is None:
             raise errors.WorkerUnavailableError("no worker: start a local worker or connect to "
                                                 "a remote one first")
+        problem = self.input_problem(volume)
+        if problem:  # refused here, before anything is uploaded
+            raise WrongInputKindError(problem)
         task_prompt_check(task, question, box)
         label = TASK_INFO[task][0]
         q = (question or "").strip()

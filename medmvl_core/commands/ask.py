@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from medmvl_core.client import WorkerClient, WorkerLauncher
+    from medmvl_core.client.model_kinds import ModelKinds, WrongInputKindError, check_input_kind, kind_problem
     from medmvl_core.errors import ConfigError
     from medmvl_core.imaging import read_image
 
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     vol = read_image(args.image)
     launcher = None
     if args.checkpoint:
+        # the checkpoint's input kinds come from its config.json: a wrong kind is refused before a worker starts
+        check_input_kind(args.checkpoint, vol.array.shape)
         launcher = WorkerLauncher(python=args.python or sys.executable, checkpoint=args.checkpoint,
                                   device=args.device, dtype=args.dtype, quantize=args.quantize)
         client = launcher.start()
@@ -64,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         if not token:
             raise ConfigError("--url needs --token or --token-file")
         client = WorkerClient(args.url, token)
+        kinds = tuple(client.health().get("kinds") or ())
+        problem = kind_problem(ModelKinds(args.url, kinds), vol.array.shape) if kinds else None
+        if problem:
+            raise WrongInputKindError(problem)
     try:
         vid = client.upload_volume(vol.array, vol.spacing, vol.origin, vol.direction,
                                    modality=vol.modality or "CT")

@@ -182,7 +182,7 @@ class Engine:
                     embeds = self.model.encode_images(images3d=entry.tensor[None])
                 else:
                     embeds = self.model.encode_images(images=entry.tensor[None])
-                if kind == "image3d" and getattr(self.model.config, "box_refs", None):
+                if getattr(self.model.config, "box_refs", None) and kind == getattr(self.model, "box_ref_kind", None):
                     entry.boxes = self.model.find_boxes(entry.tensor[None])[0].float().cpu()
             entry.embeds = embeds
             if self.use_cache:
@@ -553,8 +553,8 @@ class Engine:
             return None
         from medmvl_core.model.box_refs import resolve_box_refs
 
-        boxes = entry.boxes
-        return lambda text: resolve_box_refs(text, boxes, labels)
+        boxes, kind = entry.boxes, self.model.box_ref_kind
+        return lambda text: resolve_box_refs(text, boxes, labels, kind)
 
     def _prefill(self, p: "_Prepared", extend: bool = False) -> torch.Tensor:
         """Prefill the prompt's uncached suffix; returns the logits at its last token.

@@ -101,6 +101,7 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
         self.pythonEdit = QtWidgets.QLineEdit(sys.executable)
         f.addRow("Python:", self.pythonEdit)
         self.checkpointEdit = QtWidgets.QLineEdit()
+        self.checkpointEdit.textChanged.connect(self._update_task)
         browse = QtWidgets.QPushButton("…")
         browse.clicked.connect(self._browse_checkpoint)
         f.addRow("Checkpoint:", _hbox((self.checkpointEdit, 1), browse))
@@ -203,6 +204,7 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
             self.wlCombo.setCurrentText("Lung" if self.volume.array.shape[0] > 1 else "Auto")
         self._apply_window(self.wlCombo.currentText())
         self.setWindowTitle(f"MedM-VL viewer — {Path(key).name}")
+        self._update_task()
         self.render_chat()
 
     def _apply_window(self, name: str) -> None:
@@ -298,11 +300,24 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
             w.setEnabled(not local)
         self.startButton.setText("Start" if local else "Connect")
 
+    def input_problem(self) -> str | None:
+        """Why the model (the running worker's, else the checkpoint field's, read from its config.json)
+        cannot take the open image, or None."""
+        if self.volume is None:
+            return None
+        ckpt = self.checkpointEdit.text() if self.localRadio.isChecked() else None
+        return self.controller.input_problem(self.volume, ckpt)
+
     def _update_task(self, *_a) -> None:
         label, needs_q, needs_box = ctl.TASK_INFO[self.current_task()]
         self.questionEdit.setEnabled(needs_q)
         self.askButton.setText(label)
-        self.askButton.setToolTip("Draw a box on the image first" if needs_box and not self.view.user_box() else "")
+        problem = self.input_problem()
+        self.askButton.setToolTip(problem or ("Draw a box on the image first" if needs_box and not self.view.user_box()
+                                              else ""))
+        self.askButton.setEnabled(self.controller.state == ctl.READY and not problem)
+        if problem:
+            self.statusLabel.setText(f"Cannot ask: {problem}")
 
     def render_chat(self) -> None:
         if self.volume is None:
@@ -319,7 +334,7 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
     def on_state(self, state: str, detail: str) -> None:
         busy = state in (ctl.BUSY, ctl.STARTING)
         self.stateLabel.setText(state + (f": {detail}" if detail else ""))
-        self.askButton.setEnabled(state == ctl.READY)
+        self.askButton.setEnabled(state == ctl.READY and not self.input_problem())
         self.cancelButton.setEnabled(busy)
         self.startButton.setEnabled(not busy)
         self.stopButton.setEnabled(state != ctl.DISCONNECTED)
