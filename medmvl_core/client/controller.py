@@ -29,7 +29,7 @@ from medmvl_core.client import errors
 from medmvl_core.client.client import TASKS, Answer, WorkerClient
 from medmvl_core.client.launcher import WorkerLauncher
 from medmvl_core.client.model_kinds import ModelKinds, WrongInputKindError, kind_problem, read_model_kinds
-from medmvl_core.client.roi_geometry import lps_from_ijk_to_ras
+from medmvl_core.client.roi_geometry import as_volume_box, lps_from_ijk_to_ras
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +109,13 @@ def format_memory(memory: dict | None) -> str:
 
 
 def unique_voxel_boxes(boxes: list[dict]) -> list[tuple[int, ...]]:
-    """The distinct ``voxel`` boxes of an answer, as int tuples, in order."""
+    """The distinct ``voxel`` boxes of an answer, as int tuples ``(k1, j1, i1, k2, j2, i2)``, in order;
+    a 2D image's pixel box ``(j1, i1, j2, i2)`` becomes the box on its one slice (k 0-1)."""
     out: list[tuple[int, ...]] = []
     for b in boxes or []:
         v = b.get("voxel") if isinstance(b, dict) else None
-        if v is not None and len(v) == 6:
-            t = tuple(int(round(float(x))) for x in v)
+        if v is not None and len(v) in (4, 6):
+            t = tuple(int(round(float(x))) for x in as_volume_box(v))
             if t not in out:
                 out.append(t)
     return out
