@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 NAME = "ask"
-HELP = "ask a question about an image or volume (starts a local worker, or uses --url)"
+HELP = ("ask a question about an image or volume (starts a local worker, or uses --url); example: "
+        "medmvl ask --checkpoint Resources/demo_model_2d --image chest.png --task find --question nodule")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="the worker's token (with --url)")
     parser.add_argument("--token-file", help="file holding the worker's token (with --url)")
     parser.add_argument("--image", required=True,
-                        help="image or volume file (DICOM folder, NIfTI, NRRD, MHA, npy, PNG, JPEG)")
+                        help="image or volume file: DICOM folder or file (CT series, single-slice CT, CR, DX), "
+                             "NIfTI, NRRD, MHA, npy, PNG, JPEG; its kind (2D or 3D) must be one the model takes")
     parser.add_argument("--question", default=None, help="the question (or the thing to find)")
     parser.add_argument("--task", default="ask",
                         choices=["ask", "report", "describe", "find", "crop_ask"])
@@ -81,15 +83,17 @@ def run(args: argparse.Namespace) -> int:
                          do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
                          seed=args.seed, timeout=args.timeout)
         client.delete_session(sid)
+        model = str(client.health().get("model") or args.checkpoint or args.url)
     finally:
         if launcher is not None:
             launcher.close()
     if args.json:
         print(json.dumps({"text": ans.text, "boxes": ans.boxes, "timings": ans.timings,
                           "num_tokens": ans.num_tokens, "finish_reason": ans.finish_reason,
-                          "task": ans.task, "question": ans.prompt_question}, indent=1))
+                          "task": ans.task, "question": ans.prompt_question, "model": model}, indent=1))
     else:
         print()
         for b in ans.boxes:
             print(f"box: voxel {b['voxel']}  LPS mm {[round(v, 1) for v in b['physical_lps']]}")
+        print(f"(answered by model {model})")
     return 0
