@@ -232,7 +232,10 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
         problem = self.inputProblem()  # the task buttons say why they are disabled for this volume
         self.ui.askButton.toolTip = problem or (_("Select an ROI first.") if needsBox
                                                 and not self.ui.roiSelector.currentNode() else "")
-        self.ui.askButton.enabled = self.logic.controller.state == ctl.READY and not problem
+        if problem:
+            self.ui.askButton.enabled = False
+        elif self.logic.controller.state == ctl.READY:
+            self.ui.askButton.enabled = True
 
     def onInputChanged(self, _node=None) -> None:
         self.updateTaskWidgets()

@@ -315,7 +315,10 @@ class ViewerWindow(QtWidgets.QMainWindow, ctl.ControllerListener):
         problem = self.input_problem()
         self.askButton.setToolTip(problem or ("Draw a box on the image first" if needs_box and not self.view.user_box()
                                               else ""))
-        self.askButton.setEnabled(self.controller.state == ctl.READY and not problem)
+        if problem:
+            self.askButton.setEnabled(False)
+        elif self.controller.state == ctl.READY:
+            self.askButton.setEnabled(True)
         if problem:
             self.statusLabel.setText(f"Cannot ask: {problem}")
 
