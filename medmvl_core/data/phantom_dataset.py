@@ -146,6 +146,7 @@ def generate_dataset(out: Path, counts: dict[str, int], seed: int = 0, kind: str
     if bad:
         raise DataError(f"unknown split(s) {bad}; use {list(SPLITS)}")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # also when a split has no phantoms
     img_dir = out / "images"
     kinds = ["ct", "xray"] if kind == "both" else [kind]
     manifest = {"generator_version": GENERATOR_VERSION, "seed": seed, "kind": kind, "counts": counts,
