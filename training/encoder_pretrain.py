@@ -23,7 +23,9 @@ Box file (``medmvl phantoms`` writes ``<split>_boxes.json``)::
     [{"id": "...", "image3d": "images/x.nii.gz",
       "boxes": [{"label": "nodule", "location": "right upper lobe", "box": [z1, y1, x1, z2, y2, x2]}]}]
 
-with boxes in 0-1 of the preprocessed model input (the box format of the model).
+with boxes in 0-1 of the preprocessed model input (the box format of the model). A 2D encoder
+(``img_size`` [1, H, W], a ``kind: image`` preprocessing spec) reads rows that name an ``image``
+instead, with boxes ``[0, y1, x1, 1, y2, x2]`` (the radiograph demo model).
 """
 
 from __future__ import annotations
