@@ -129,3 +129,14 @@ def test_medmvl_ask_on_radiograph_files(source, tmp_path, capsys):
     for b in out["boxes"]:
         j1, i1, j2, i2 = b["voxel"]
         assert 0 <= j1 < j2 <= shape[0] and 0 <= i1 < i2 <= shape[1]
+
+
+def test_medmvl_demo_runs_the_radiograph_model(capsys):
+    """``medmvl demo --kind xray``: a worker on the 2D demo answers every task about an unseen
+    radiograph phantom, describe included (its region box goes to the worker as a 2D pixel box)."""
+    from medmvl_core.cli import main
+
+    assert main(["demo", "--kind", "xray", "--n", "1", "--start", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "xr-test-00002" in out and "radiograph phantoms" in out and "model demo_model_2d" in out
+    assert "DESCRIBE" in out and "FIND" in out and "Summary over 1 unseen phantoms" in out

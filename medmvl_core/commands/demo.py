@@ -167,8 +167,8 @@ def _demo_one(client, ph, totals: dict) -> None:
               + (f"   (voxels {a.boxes[0]['voxel']} vs {list(f.box)})" if a.boxes else ""))
     region_box = ph.findings[0].box if ph.findings else ph.normal_box
     region_kind = ph.findings[0].kind if ph.findings else "normal"
-    # the worker takes voxel boxes (k1, j1, i1, k2, j2, i2); a 2D image is one slice
-    vbox = region_box if is_ct else (0, region_box[0], region_box[1], 1, region_box[2], region_box[3])
+    # the worker takes voxel boxes: (k1, j1, i1, k2, j2, i2) on a volume, (j1, i1, j2, i2) on a 2D image
+    vbox = region_box
     a = ask("describe", box=list(vbox), n=24)
     ok = parse_kind(a.text) == region_kind
     totals["region"][0] += ok
