@@ -137,6 +137,7 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
         self.ui.clearButton.connect("clicked(bool)", self.onClearButton)
         self.ui.taskComboBox.connect("currentIndexChanged(int)", self.updateTaskWidgets)
         self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
+        self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.updateTaskWidgets)
         self.ui.roiSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onRoiChanged)
 
         # Results of the background work reach the GUI only through this timer.
@@ -222,18 +223,36 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
     def currentTask(self) -> str:
         return self.ui.taskComboBox.itemData(self.ui.taskComboBox.currentIndex) or "ask"
 
+    def inputProblem(self) -> str:
+        """Why the model (the worker's, else the checkpoint's, from its config.json) cannot take the input
+        volume — a 2D image for a CT model or the reverse — or "" (shape only: no voxels are read)."""
+        node = self.ui.inputSelector.currentNode()
+        image = node.GetImageData() if node is not None else None
+        if image is None:
+            return ""
+        i, j, k = image.GetDimensions()
+        comps = image.GetNumberOfScalarComponents()
+        ckpt = self.ui.checkpointPathLineEdit.currentPath if self.ui.localRadioButton.checked else None
+        return self.logic.controller.input_problem((k, j, i, comps) if comps > 1 else (k, j, i), ckpt) or ""
+
     def updateTaskWidgets(self, _index=None) -> None:
         spec = TASK_SPECS[self.currentTask()]
         self.ui.questionLineEdit.enabled = spec.needs_question
         self.ui.askButton.text = _(spec.label)
-        self.ui.askButton.toolTip = (_("Select an ROI first.")
-                                     if spec.needs_box and not self.ui.roiSelector.currentNode() else "")
+        problem = self.inputProblem()  # the task buttons say why they are disabled for this volume
+        self.ui.askButton.toolTip = problem or (_("Select an ROI first.") if spec.needs_box
+                                                and not self.ui.roiSelector.currentNode() else "")
+        if problem:
+            self.ui.askButton.enabled = False
+        elif self.logic.controller.state == ctl.READY:
+            self.ui.askButton.enabled = True
 
     def onInputChanged(self, _node=None) -> None:
         try:  # a conversation saved with the scene comes back into the panel
             self.logic.restoreConversation(self.ui.inputSelector.currentNode())
         except ValueError as exc:  # damaged / newer record: say so, keep the panel usable
             self.ui.statusLabel.text = str(exc)
+        self.updateTaskWidgets()
         self.renderChat()
 
     def onRoiChanged(self, node=None) -> None:
@@ -318,7 +337,7 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
     def on_state(self, state: str, detail: str) -> None:
         busy = state in (ctl.BUSY, ctl.STARTING)
         self.ui.workerStatusLabel.text = state + (f": {detail}" if detail else "")
-        self.ui.askButton.enabled = state == ctl.READY
+        self.ui.askButton.enabled = state == ctl.READY and not self.inputProblem()
         self.ui.cancelButton.enabled = busy
         self.ui.startButton.enabled = not busy
         self.ui.stopButton.enabled = state != ctl.DISCONNECTED

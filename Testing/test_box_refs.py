@@ -110,7 +110,7 @@ def test_model_config_checks_box_refs():
         _tiny_model(box_refs="nodule")
     from medmvl_core.model import MedMVLConfig
 
-    with pytest.raises(ConfigError, match="needs a convvit3d encoder_image3d"):
+    with pytest.raises(ConfigError, match="needs a convvit3d encoder"):
         MedMVLConfig(llm_config={"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
                                  "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1},
                      encoder_image3d={"type": "m3dclip", "config": {"in_channels": 1, "img_size": [16, 32, 32],
@@ -124,7 +124,7 @@ def test_model_resolves_references_per_volume():
     texts = model.resolve_box_refs(["<|box:mass|>", "No mass."], vols)
     want = model.encoder_image3d.encoder.vision_encoder.find_boxes(vols)[1]
     assert texts == [format_box(want[0, 1].tolist()), "No mass."]
-    with pytest.raises(ConfigError, match="one volume per answer"):
+    with pytest.raises(ConfigError, match="one image per answer"):
         model.resolve_box_refs(["<|box:mass|>"], vols)
 
 

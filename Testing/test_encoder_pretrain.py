@@ -316,14 +316,21 @@ def test_box_rows_match_the_task_boxes(tmp_path):
     generate_dataset(tmp_path, {"train": 4}, seed=3, kind="both")
     rows = json.loads((tmp_path / "train_boxes.json").read_text())
     tasks = json.loads((tmp_path / "train_tasks.json").read_text())
-    assert len(rows) == 4 and all(r["image3d"].endswith(".nii.gz") for r in rows)  # CT only
-    finds = [(t["phantom"], t["truth"]["kind"], t["truth"]["box"]) for t in tasks
-             if t["task"] == "find" and t["phantom"].startswith("ct")]
+    ct = [r for r in rows if r["id"].startswith("ct")]
+    xr = [r for r in rows if r["id"].startswith("xr")]
+    assert len(ct) == 4 and all(r["image3d"].endswith(".nii.gz") for r in ct)
+    assert len(xr) == 4 and all(r["image"].endswith(".png") for r in xr)   # radiographs: the 2D demo's stage 1
+    finds = [(t["phantom"], t["truth"]["kind"], t["truth"]["box"]) for t in tasks if t["task"] == "find"]
     by_id = {r["id"]: r for r in rows}
-    assert finds
+    assert {p[:2] for p, _, _ in finds} == {"ct", "xr"}
     for pid, kind, box in finds:
         match = [b for b in by_id[pid]["boxes"] if b["label"] == kind]
-        assert np.allclose(match[0]["box"], box, atol=6e-4)
+        if pid.startswith("ct"):
+            assert np.allclose(match[0]["box"], box, atol=6e-4)
+        else:  # [0, y1, x1, 1, y2, x2] in 0-1 against the task's {<x1><y1><x2><y2>} in 0-100 (rounded)
+            z1, y1, x1, z2, y2, x2 = match[0]["box"]
+            assert (z1, z2) == (0, 1)
+            assert np.allclose([x1 * 100, y1 * 100, x2 * 100, y2 * 100], box, atol=0.51)
 
 
 def _phantom_set(tmp_path, **encoder):

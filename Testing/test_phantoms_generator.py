@@ -189,3 +189,13 @@ def test_cli_writes_dataset_and_tokenizer(tmp_path, capsys):
     assert tok.decode(tok(text)["input_ids"]) == text
     assert main(["phantoms", "--out", str(out), "--splits", "train,holdout"]) == 1
     assert "unknown split" in capsys.readouterr().err
+
+
+def test_empty_splits_still_write_their_files(tmp_path):
+    """``medmvl phantoms --n 0 --n-val 0 --n-test 1`` (a few test images to try a model on) used to
+    crash writing train.json into a folder that nothing had created."""
+    from medmvl_core.data.phantom_dataset import generate_dataset
+
+    generate_dataset(tmp_path / "new", {"train": 0, "test": 1}, seed=0, kind="xray")
+    assert json.loads((tmp_path / "new" / "train.json").read_text()) == []
+    assert (tmp_path / "new" / "images" / "xr-test-00000.png").is_file()

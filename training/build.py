@@ -120,7 +120,7 @@ def build_from_parts(cfg: RunConfig) -> tuple[Any, Any]:
             folders[f"encoder_{kind}"] = folder
         if kind == "image":
             prep["image"] = image_spec(enc.type, espec["config"], pre)
-            if m.encoder_image3d is None:
+            if m.encoder_image3d is None and enc.type != "convvit3d":  # convvit3d in the 2D slot: images only
                 prep["image3d"] = volume_spec_2d_encoder(enc.type, espec["config"], pre, "lvlm")
         else:
             prep["image3d"] = volume_spec_3d_encoder(enc.type, espec["config"])

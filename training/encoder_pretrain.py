@@ -23,7 +23,9 @@ Box file (``medmvl phantoms`` writes ``<split>_boxes.json``)::
     [{"id": "...", "image3d": "images/x.nii.gz",
       "boxes": [{"label": "nodule", "location": "right upper lobe", "box": [z1, y1, x1, z2, y2, x2]}]}]
 
-with boxes in 0-1 of the preprocessed model input (the box format of the model).
+with boxes in 0-1 of the preprocessed model input (the box format of the model). A 2D encoder
+(``img_size`` [1, H, W], a ``kind: image`` preprocessing spec) reads rows that name an ``image``
+instead, with boxes ``[0, y1, x1, 1, y2, x2]`` (the radiograph demo model).
 """
 
 from __future__ import annotations
@@ -144,8 +146,9 @@ def read_box_file(path: Path, labels: list[str], locations: list[str]) -> list[d
         raise DataError(f"box file {path} must hold a non-empty list of rows")
     for n, row in enumerate(rows):
         where = f"{path.name} row {n}"
-        if not isinstance(row, dict) or "image3d" not in row or not isinstance(row.get("boxes", []), list):
-            raise DataError(f"{where}: needs 'image3d' (a path) and 'boxes' (a list)")
+        if not isinstance(row, dict) or not ("image3d" in row or "image" in row) \
+                or not isinstance(row.get("boxes", []), list):
+            raise DataError(f"{where}: needs 'image3d' or 'image' (a path) and 'boxes' (a list)")
         for b in row.get("boxes", []):
             if b.get("label") not in labels:
                 raise DataError(f"{where}: label {b.get('label')!r} is not in data.labels {labels}")
@@ -224,10 +227,12 @@ def load_volumes(rows: list[dict], image_dir: Optional[Path], spec: dict, what: 
     out = None
     t0 = time.time()
     for n, row in enumerate(rows):
-        p = Path(row["image3d"])
+        p = Path(row.get("image3d") or row["image"])
         if not p.is_absolute() and image_dir is not None:
             p = image_dir / p
         x, _ = preprocess(str(p), spec)
+        if np.ndim(x) == 3:  # a 2D image [C, H, W] (spec kind "image") is a one-slice volume here
+            x = np.asarray(x)[:, None]
         if out is None:
             out = torch.empty((len(rows), *x.shape), dtype=torch.float32)
         out[n] = torch.from_numpy(np.asarray(x, dtype=np.float32))

@@ -35,7 +35,8 @@ from medmvl_core.client.launcher import WorkerLauncher
 from medmvl_core.client.model_identity import ModelIdentity
 from medmvl_core.client.protocol import (TASK_SPECS, TASKS, BoxError, GenerationSettings,
                                          validate_box)
-from medmvl_core.client.roi_geometry import lps_from_ijk_to_ras
+from medmvl_core.client.model_kinds import ModelKinds, WrongInputKindError, kind_problem, read_model_kinds
+from medmvl_core.client.roi_geometry import as_volume_box, lps_from_ijk_to_ras
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +111,13 @@ def format_memory(memory: dict | None) -> str:
 
 
 def unique_voxel_boxes(boxes: list[dict]) -> list[tuple[int, ...]]:
-    """The distinct ``voxel`` boxes of an answer, as int tuples, in order."""
+    """The distinct ``voxel`` boxes of an answer, as int tuples ``(k1, j1, i1, k2, j2, i2)``, in order;
+    a 2D image's pixel box ``(j1, i1, j2, i2)`` becomes the box on its one slice (k 0-1)."""
     out: list[tuple[int, ...]] = []
     for b in boxes or []:
         v = b.get("voxel") if isinstance(b, dict) else None
-        if v is not None and len(v) == 6:
-            t = tuple(int(round(float(x))) for x in v)
+        if v is not None and len(v) in (4, 6):
+            t = tuple(int(round(float(x))) for x in as_volume_box(v))
             if t not in out:
                 out.append(t)
     return out
@@ -180,6 +182,8 @@ class PanelController:
         self.conversations: dict[str, records.Conversation] = {}
         self._pending: dict[str, dict] = {}
         self._atexit = False
+        #: what the local worker's checkpoint takes (from its config.json, read before it starts)
+        self.model_kinds: ModelKinds | None = None
 
     @property
     def max_new_tokens(self) -> int:
@@ -307,6 +311,8 @@ class PanelController:
             raise errors.LaunchError(f"checkpoint folder {checkpoint!r} does not exist; choose a "
                                      "model folder or download a released model", code="bad_argument")
         self.stop()
+        has_config = os.path.isfile(os.path.join(checkpoint, "config.json"))
+        self.model_kinds = read_model_kinds(checkpoint) if has_config else None  # else the worker reports it
         if not self._atexit:
             atexit.register(self.shutdown)  # never leave a worker behind
             self._atexit = True
@@ -351,7 +357,7 @@ class PanelController:
             # close() also removes the launcher's temporary folder (token, log).
             getattr(self.launcher, "close", self.launcher.stop)()
             self.launcher = None
-        self.client, self._uploads, self.health = None, {}, {}
+        self.client, self._uploads, self.health, self.model_kinds = None, {}, {}, None
         if self.state != DISCONNECTED:
             self._set_state(DISCONNECTED, "")
 
@@ -457,6 +463,26 @@ class PanelController:
         """The answer streamed so far (while busy)."""
         return self._partial.get(key, "")
 
+    def input_problem(self, volume: VolumeData | Sequence[int], checkpoint: str | None = None) -> str | None:
+        """Why the model cannot take ``volume`` (or an array of that shape: a view may pass the shape
+        alone, without reading the voxels) (a message that names the model's kind and the model
+        that fits), or None when it can or its kinds are unknown. The model is the running worker's
+        (its checkpoint's config, or the kinds its health reports); without a worker, ``checkpoint``'s,
+        read from its config.json: nothing is started to find out."""
+        if self.client is not None:
+            kinds = self.model_kinds
+            if kinds is None and self.health.get("kinds"):
+                kinds = ModelKinds(str(self.health.get("model") or "the worker"), tuple(self.health["kinds"]))
+        elif checkpoint and os.path.isfile(os.path.join(checkpoint, "config.json")):
+            try:
+                kinds = read_model_kinds(checkpoint)
+            except errors.LaunchError:
+                return None  # an unreadable config is reported when the worker starts
+        else:
+            kinds = None
+        shape = np.shape(volume.array) if isinstance(volume, VolumeData) else tuple(volume)
+        return kind_problem(kinds, shape) if kinds is not None else None
+
     def run_task(self, volume: VolumeData, task: str, question: str | None = None,
                  box: Sequence[int] | None = None, region_source: str = "drawn",
                  region_label: str = "") -> None:
@@ -466,6 +492,9 @@ class PanelController:
         if self.client is None:
             raise errors.WorkerUnavailableError("no worker: start a local worker or connect to "
                                                 "a remote one first")
+        problem = self.input_problem(volume)
+        if problem:  # refused here, before anything is uploaded
+            raise WrongInputKindError(problem)
         task_prompt_check(task, question, box)
         try:
             generation = self.generation.replace().validate()  # this question's own copy

@@ -160,6 +160,19 @@ def roi_to_voxel_box(roi: RoiBox, ijk_to_ras: Sequence | np.ndarray, shape: Sequ
                                ijk_to_ras, shape)
 
 
+def as_volume_box(box: Sequence[float]) -> tuple[float, ...]:
+    """A worker voxel box as ``(k1, j1, i1, k2, j2, i2)``: a 2D image's pixel box ``(j1, i1, j2, i2)``
+    (rows, columns; what a 2D model's answer maps to) becomes the box on its one slice, ``k`` 0-1, so
+    views draw it as any box (an ROI on the single-slice volume in Slicer). 6 numbers pass unchanged."""
+    if len(box) == 4:
+        j1, i1, j2, i2 = box
+        return (0, j1, i1, 1, j2, i2)
+    if len(box) != 6:
+        raise RoiError(f"a voxel box has 6 numbers (k1, j1, i1, k2, j2, i2) or 4 for a 2D image "
+                       f"(j1, i1, j2, i2), got {len(box)}")
+    return tuple(box)
+
+
 def validate_voxel_box(box: Sequence[float], shape: Sequence[int]) -> tuple[int, ...]:
     """Check a worker voxel box against the array shape; returns it as ints, clipped."""
     if len(box) != 6:

@@ -8,6 +8,7 @@ NAME = "ask"
 HELP = "ask a question about an image or volume (starts a local worker, or uses --url)"
 EXAMPLES = ("medmvl ask --checkpoint Resources/demo_model --image phantoms/images/ct-test-00000.nii.gz "
             "--question \"Is there a cyst in the liver?\"",
+            "medmvl ask --checkpoint Resources/demo_model_2d --image chest.png --task find --question nodule",
             "medmvl ask --url http://127.0.0.1:8765 --token-file ~/.medmvl-token --image ct.nrrd --task report --json")
 DOCS = "docs/api.md"
 
@@ -19,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="the worker's token (with --url)")
     parser.add_argument("--token-file", help="file holding the worker's token (with --url)")
     parser.add_argument("--image", required=True,
-                        help="image or volume file (DICOM folder, NIfTI, NRRD, MHA, npy, PNG, JPEG)")
+                        help="image or volume file: DICOM folder or file (CT series, single-slice CT, CR, DX), "
+                             "NIfTI, NRRD, MHA, npy, PNG, JPEG; its kind (2D or 3D) must be one the model takes")
     parser.add_argument("--question", default=None, help="the question (or the thing to find)")
     parser.add_argument("--task", default="ask",
                         choices=["ask", "report", "describe", "find", "crop_ask"])
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from medmvl_core.client import WorkerClient, WorkerLauncher
+    from medmvl_core.client.model_kinds import ModelKinds, WrongInputKindError, check_input_kind, kind_problem
     from medmvl_core.errors import ConfigError
     from medmvl_core.imaging import read_image
 
@@ -60,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     vol = read_image(args.image)
     launcher = None
     if args.checkpoint:
+        # the checkpoint's input kinds come from its config.json: a wrong kind is refused before a worker starts
+        check_input_kind(args.checkpoint, vol.array.shape)
         launcher = WorkerLauncher(python=args.python or sys.executable, checkpoint=args.checkpoint,
                                   device=args.device, dtype=args.dtype, quantize=args.quantize)
         client = launcher.start()
@@ -70,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
         if not token:
             raise ConfigError("--url needs --token or --token-file")
         client = WorkerClient(args.url, token)
+        kinds = tuple(client.health().get("kinds") or ())
+        problem = kind_problem(ModelKinds(args.url, kinds), vol.array.shape) if kinds else None
+        if problem:
+            raise WrongInputKindError(problem)
     try:
         vid = client.upload_volume(vol.array, vol.spacing, vol.origin, vol.direction,
                                    modality=vol.modality or "CT")
@@ -80,15 +89,17 @@ def run(args: argparse.Namespace) -> int:
                          do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
                          seed=args.seed, timeout=args.timeout)
         client.delete_session(sid)
+        model = str(client.health().get("model") or args.checkpoint or args.url)
     finally:
         if launcher is not None:
             launcher.close()
     if args.json:
         print(json.dumps({"text": ans.text, "boxes": ans.boxes, "timings": ans.timings,
                           "num_tokens": ans.num_tokens, "finish_reason": ans.finish_reason,
-                          "task": ans.task, "question": ans.prompt_question}, indent=1))
+                          "task": ans.task, "question": ans.prompt_question, "model": model}, indent=1))
     else:
         print()
         for b in ans.boxes:
             print(f"box: voxel {b['voxel']}  LPS mm {[round(v, 1) for v in b['physical_lps']]}")
+        print(f"(answered by model {model})")
     return 0

@@ -1,9 +1,10 @@
-"""``medmvl demo``: a worker on the embedded demo model answers questions about unseen phantoms.
+"""``medmvl demo``: workers on the embedded demo models answer questions about unseen phantoms.
 
-Starts a local worker on the checkpoint (``Resources/demo_model`` by default) through
-:class:`medmvl_core.client.WorkerLauncher`, generates phantoms from the test split (never seen in
-training), and for each prints the model's report, answers, found box and region description with
-the truth next to them, plus the timings the worker reports.
+Without ``--checkpoint`` it runs both demo models, one after the other: ``Resources/demo_model`` on CT
+phantoms and ``Resources/demo_model_2d`` on radiograph phantoms. For each it starts a local worker
+through :class:`medmvl_core.client.WorkerLauncher`, generates phantoms from the test split (never seen
+in training), and for each prints the model's report, answers, found box and region description with
+the truth next to them, plus the timings the worker reports and the model that answered.
 """
 
 from __future__ import annotations
@@ -12,61 +13,81 @@ import argparse
 from pathlib import Path
 
 NAME = "demo"
-HELP = "run the demo: a worker on the embedded model answers about unseen phantoms, truth alongside"
-EXAMPLES = ("medmvl demo --n 1",)
+HELP = "run the demo: the embedded CT and radiograph models answer about unseen phantoms, truth alongside"
+EXAMPLES = ("medmvl demo --n 1", "medmvl demo --kind xray --n 2")
 DOCS = "docs/demo-model.md"
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "Resources" / "demo_model"
-REBUILD_HINT = ("rebuild it with the commands in its model card, Resources/demo_model/README.md "
-                "(medmvl phantoms + medmvl-train; docs/demo-model.md)")
+DEFAULT_CHECKPOINT_2D = DEFAULT_CHECKPOINT.parent / "demo_model_2d"
+REBUILD_HINT = ("rebuild it with the commands in its model card (Resources/demo_model/README.md or "
+                "Resources/demo_model_2d/README.md; medmvl phantoms + medmvl-train; docs/demo-model.md)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
-                        help="model folder (default: Resources/demo_model)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="model folder (default: both demo models, Resources/demo_model on CT phantoms "
+                             "and Resources/demo_model_2d on radiograph phantoms)")
     parser.add_argument("--n", type=int, default=3, help="number of phantoms (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (test split; default 0)")
     parser.add_argument("--start", type=int, default=0, help="first test-split index (default 0)")
     parser.add_argument("--kind", choices=["auto", "ct", "xray"], default="auto",
-                        help="phantom kind (default: what the checkpoint takes, CT first)")
+                        help="phantom kind (default: what the checkpoint takes, CT first; without "
+                             "--checkpoint: ct runs only the CT demo model, xray only the 2D one)")
     parser.add_argument("--device", default="auto", help="worker device (auto, cpu, cuda, cuda:1, ...)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the worker")
 
 
 def _checkpoint_kinds(ckpt: Path) -> list[str]:
     """Which phantom kinds the checkpoint takes, from its config.json (no torch needed)."""
-    import json
-
+    from medmvl_core.client.model_kinds import read_model_kinds
     from medmvl_core.errors import CheckpointError
 
-    cfg_file = ckpt / "config.json"
-    if not cfg_file.is_file():
+    if not (ckpt / "config.json").is_file():
         raise CheckpointError(f"no model at {ckpt} (config.json missing); {REBUILD_HINT}, "
                               "or pass --checkpoint DIR")
-    cfg = json.loads(cfg_file.read_text())
-    kinds = []
-    if cfg.get("encoder_image3d") or (cfg.get("preprocessing") or {}).get("image3d"):
-        kinds.append("ct")
-    if cfg.get("encoder_image") and (cfg.get("preprocessing") or {}).get("image"):
-        kinds.append("xray")
-    return kinds or ["ct"]
+    kinds = read_model_kinds(ckpt).kinds
+    return [name for name, kind in (("ct", "image3d"), ("xray", "image")) if kind in kinds] or ["ct"]
+
+
+def _runs(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    """(checkpoint, phantom kind) pairs to demonstrate, checked before any worker starts."""
+    from medmvl_core.errors import DataError
+
+    if args.checkpoint is None:
+        pairs = [(DEFAULT_CHECKPOINT, "ct"), (DEFAULT_CHECKPOINT_2D, "xray")]
+        pairs = [p for p in pairs if args.kind in ("auto", p[1])]
+    else:
+        ckpt = Path(args.checkpoint)
+        kinds = _checkpoint_kinds(ckpt)
+        kind = kinds[0] if args.kind == "auto" else args.kind
+        if kind not in kinds:
+            raise DataError(f"the checkpoint at {ckpt} does not take {kind} inputs (it takes {kinds})")
+        pairs = [(ckpt, kind)]
+    for ckpt, kind in pairs:
+        if kind not in _checkpoint_kinds(ckpt):
+            raise DataError(f"the checkpoint at {ckpt} does not take {kind} inputs")
+    return pairs
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
-    from medmvl_core.client import WorkerLauncher
-    from medmvl_core.data.phantoms import make_phantom
     from medmvl_core.errors import DataError
 
     if args.n < 1 or args.start < 0:
         raise DataError("--n must be >= 1 and --start >= 0")
-    ckpt = Path(args.checkpoint)
-    kinds = _checkpoint_kinds(ckpt)
-    kind = kinds[0] if args.kind == "auto" else args.kind
-    if kind not in kinds:
-        raise DataError(f"the checkpoint at {ckpt} does not take {kind} inputs (it takes {kinds})")
-    print(f"Starting a worker on {ckpt} ...", flush=True)
+    for ckpt, kind in _runs(args):
+        _demo_model(args, ckpt, kind)
+    return 0
+
+
+def _demo_model(args: argparse.Namespace, ckpt: Path, kind: str) -> None:
+    """One worker on ``ckpt``, asked about ``args.n`` test phantoms of ``kind``."""
+    import time
+
+    from medmvl_core.client import WorkerLauncher
+    from medmvl_core.data.phantoms import make_phantom
+
+    what = "CT phantoms" if kind == "ct" else "radiograph phantoms"
+    print(f"Starting a worker on {ckpt} ({what}) ...", flush=True)
     t0 = time.monotonic()
     launcher = WorkerLauncher(checkpoint=str(ckpt), device=args.device, start_timeout=args.timeout)
     client = launcher.start()
@@ -78,10 +99,9 @@ def run(args: argparse.Namespace) -> int:
         for index in range(args.start, args.start + args.n):
             ph = make_phantom(kind, args.seed, "test", index)
             _demo_one(client, ph, totals)
-        _print_summary(totals, args.n)
+        _print_summary(totals, args.n, str(health.get("model") or ckpt))
     finally:
         launcher.stop()
-    return 0
 
 
 def _mark(ok: bool) -> str:
@@ -149,8 +169,8 @@ def _demo_one(client, ph, totals: dict) -> None:
               + (f"   (voxels {a.boxes[0]['voxel']} vs {list(f.box)})" if a.boxes else ""))
     region_box = ph.findings[0].box if ph.findings else ph.normal_box
     region_kind = ph.findings[0].kind if ph.findings else "normal"
-    # the worker takes voxel boxes (k1, j1, i1, k2, j2, i2); a 2D image is one slice
-    vbox = region_box if is_ct else (0, region_box[0], region_box[1], 1, region_box[2], region_box[3])
+    # the worker takes voxel boxes: (k1, j1, i1, k2, j2, i2) on a volume, (j1, i1, j2, i2) on a 2D image
+    vbox = region_box
     a = ask("describe", box=list(vbox), n=24)
     ok = parse_kind(a.text) == region_kind
     totals["region"][0] += ok
@@ -169,9 +189,12 @@ def _timing(ans) -> str:
     return f"   [{', '.join(parts)}; {ans.num_tokens} tokens]" if parts else f"   [{ans.num_tokens} tokens]"
 
 
-def _print_summary(totals: dict, n: int) -> None:
+def _print_summary(totals: dict, n: int, model: str = "") -> None:
     c, r, ious = totals["closed"], totals["region"], totals["iou"]
+    if model:
+        print(f"Answers above by model {model}")
     print(f"Summary over {n} unseen phantoms: closed questions {c[0]}/{c[1]}, region descriptions "
           f"{r[0]}/{r[1]}, find mean IoU {sum(ious) / len(ious):.2f}" if ious else
           f"Summary over {n} unseen phantoms: closed questions {c[0]}/{c[1]}, region descriptions {r[0]}/{r[1]}")
-    print("Benchmark numbers on 200 test phantoms: see the model card, Resources/demo_model/README.md")
+    print("Benchmark numbers on 200 test phantoms: see the model cards, Resources/demo_model/README.md (CT) "
+          "and Resources/demo_model_2d/README.md (radiographs)\n")

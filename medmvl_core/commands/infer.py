@@ -91,7 +91,8 @@ def make_generate_batch(model, proc, args: argparse.Namespace, device):
         with torch.inference_mode():
             out = model.generate(**inputs, **gen_kwargs)
             texts = proc.batch_decode(out, skip_special_tokens=True)
-            return model.resolve_box_refs(texts, inputs.get("images3d"))  # box reference tokens -> boxes
+            ref = "images" if getattr(model, "box_ref_kind", None) == "image" else "images3d"
+            return model.resolve_box_refs(texts, inputs.get(ref))  # box reference tokens -> boxes
 
     return generate_batch
 

@@ -7,8 +7,8 @@ Layout of ``out``::
                                      (report, closed, choice, open, find, region), for training
     train_tasks.json, ...            one entry per question (single turn, the answer as the gpt
                                      turn) with "task", "truth" and "phantom" keys, for evaluation
-    train_boxes.json, ...            CT phantoms' findings as model-space boxes with label and location,
-                                     for dense encoder pretraining (``medmvl-train encoder``)
+    train_boxes.json, ...            the findings as model-space boxes with label and location (CT and
+                                     radiographs), for dense encoder pretraining (``medmvl-train encoder``)
     manifest.json                    seed, counts, box convention, per-phantom ground truth
 
 Image paths in the JSON are relative to ``out`` (use it as the image folder).
@@ -108,17 +108,23 @@ def phantom_entries(ph: Phantom, image_name: str, spec: dict | None, train: bool
 
 
 def box_rows(truths: list[dict], spec: dict | None = None) -> list[dict]:
-    """Box-file rows (see ``training/encoder_pretrain.py``) for the CT phantoms among ``truths``
-    (manifest entries): each finding's voxel box in the model's box format, with its label and location."""
+    """Box-file rows (see ``training/encoder_pretrain.py``) for the phantoms among ``truths`` (manifest
+    entries): each finding's voxel box in 0-1 of the model input, with its label and location. A CT row
+    names its ``image3d``; a radiograph row its ``image``, with the pixel box ``(j1, i1, j2, i2)`` as the
+    one-slice box ``[0, y1, x1, 1, y2, x2]`` that a 2D convvit3d encoder (img_size [1, H, W]) learns."""
     if spec and (spec.get("crop_foreground") or spec.get("orientation", "native") not in ("native", "LPS")):
         raise DataError("box files need a spec without cropping or reorientation (the phantoms are LPS)")
     rows = []
     for t in truths:
-        if t["modality"] != "CT":
-            continue
-        rows.append({"id": t["id"], "image3d": t["image"], "boxes": [
-            {"label": f["kind"], "location": f["location"], "box": unit_box_3d(f["box"], t["shape"], 4)}
-            for f in t["findings"]]})
+        if t["modality"] == "CT":
+            rows.append({"id": t["id"], "image3d": t["image"], "boxes": [
+                {"label": f["kind"], "location": f["location"], "box": unit_box_3d(f["box"], t["shape"], 4)}
+                for f in t["findings"]]})
+        else:
+            rows.append({"id": t["id"], "image": t["image"], "boxes": [
+                {"label": f["kind"], "location": f["location"],
+                 "box": unit_box_3d((0, *f["box"][:2], 1, *f["box"][2:]), (1, *t["shape"]), 4)}
+                for f in t["findings"]]})
     return rows
 
 
@@ -140,6 +146,7 @@ def generate_dataset(out: Path, counts: dict[str, int], seed: int = 0, kind: str
     if bad:
         raise DataError(f"unknown split(s) {bad}; use {list(SPLITS)}")
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)  # also when a split has no phantoms
     img_dir = out / "images"
     kinds = ["ct", "xray"] if kind == "both" else [kind]
     manifest = {"generator_version": GENERATOR_VERSION, "seed": seed, "kind": kind, "counts": counts,

@@ -101,7 +101,7 @@ class FeatureCache:
                     embeds = self.model.encode_images(images3d=entry.tensor[None])
                 else:
                     embeds = self.model.encode_images(images=entry.tensor[None])
-                if kind == "image3d" and getattr(self.model.config, "box_refs", None):
+                if getattr(self.model.config, "box_refs", None) and kind == getattr(self.model, "box_ref_kind", None):
                     entry.boxes = self.model.find_boxes(entry.tensor[None])[0].float().cpu()
             entry.embeds = embeds
             if self.use_cache:
@@ -116,5 +116,5 @@ class FeatureCache:
             return None
         from medmvl_core.model.box_refs import resolve_box_refs
 
-        boxes = entry.boxes
-        return lambda text: resolve_box_refs(text, boxes, labels)
+        boxes, kind = entry.boxes, self.model.box_ref_kind
+        return lambda text: resolve_box_refs(text, boxes, labels, kind)

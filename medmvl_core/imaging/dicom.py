@@ -123,8 +123,7 @@ def _read_radiograph(ds, name: str) -> Volume:
     """Modality LUT, VOI LUT or window, MONOCHROME1 inversion -> uint8 [1, H, W] (or RGB)."""
     apply_modality_lut, apply_voi_lut = _lut_functions()
     arr = _pixels(ds, name)
-    ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or [1.0, 1.0]
-    spacing = (float(ps[1]), float(ps[0]), 1.0)
+    spacing = _radiograph_spacing(ds, name)
     if arr.ndim == 3 and arr.shape[-1] == 3:
         rgb = arr if arr.dtype == np.uint8 else _to_u8(arr, float(arr.min()), float(arr.max()))
         return Volume(rgb[None], spacing, modality="XR", source="dicom-radiograph")
@@ -139,6 +138,23 @@ def _read_radiograph(ds, name: str) -> Volume:
         values = hi + lo - values  # display convention: high values dark -> invert
     u8 = _to_u8(values, lo, hi)
     return Volume(u8[None], spacing, modality="XR", source="dicom-radiograph")
+
+
+def _radiograph_spacing(ds, name: str) -> tuple[float, float, float]:
+    """(column, row, 1) spacing in mm: PixelSpacing, else ImagerPixelSpacing (at the detector), else 1 mm.
+    A value that is not two positive numbers is skipped (real CR files carry ``PixelSpacing`` 0\\0,
+    e.g. pydicom-data's RG1_UNCR.dcm), so such a radiograph still opens; its mm are then pixels."""
+    for key in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            ps = [float(v) for v in (ds.get(key) or [])]
+        except (TypeError, ValueError):
+            continue
+        if len(ps) == 2 and all(np.isfinite(v) and v > 0 for v in ps):
+            return (ps[1], ps[0], 1.0)
+        if key in ds:
+            logger.info("%s: %s %s is not a usable pixel spacing; ignored", name, key, ds.get(key))
+    logger.info("%s: no pixel spacing; 1 mm per pixel assumed", name)
+    return (1.0, 1.0, 1.0)
 
 
 def _voi_range(ds, values: np.ndarray) -> tuple[float, float]:

@@ -7,7 +7,7 @@ to a region token instead and decode the reference to the proposer's box. Here t
 ``convvit3d`` encoder's box head (``box_refs: true``): per finding label, the stem classifier's peak
 cell and the box regressed there. With ``MedMVLConfig.box_refs`` (the encoder's labels, in its order)
 the tokenizer holds one token per label, ``<|box:LABEL|>``; a stage-2 run trains answers that are a
-3D box as that token (:func:`refer_box_answers`), and every decode path (``medmvl infer``, the
+box as that token (:func:`refer_box_answers`), and every decode path (``medmvl infer``, the
 engine and worker) replaces the token in the answer by the box as text (:func:`resolve_box_refs`), in
 the model's box format, so callers see an ordinary answer. The conversation the LLM continues keeps
 the token (what it was trained on).
@@ -19,9 +19,20 @@ import re
 from typing import Any, Sequence
 
 from medmvl_core.errors import ConfigError
-from medmvl_core.processing.boxes import format_box_3d
+from medmvl_core.processing.boxes import format_box_2d, format_box_3d
 
 _BOX3D = re.compile(r"^\s*\[\s*(-?\d+(?:\.\d+)?\s*,\s*){5}-?\d+(?:\.\d+)?\s*\]\s*\.?\s*$")
+_BOX2D = re.compile(r"^\s*\{(\s*<\s*\d{1,3}\s*>){4}\s*\}\s*\.?\s*$")
+
+
+def box_text(box: Sequence[float], kind: str = "image3d") -> str:
+    """A box head's box ``[z1, y1, x1, z2, y2, x2]`` (0-1 of the model input) as the model's box text:
+    3D ``[z1, y1, x1, z2, y2, x2]`` for ``image3d``, 2D ``{<x1><y1><x2><y2>}`` (0-100) for ``image``
+    (a 2D encoder's box spans its one slice, so z is dropped)."""
+    b = [float(v) for v in box]
+    if kind == "image":
+        return format_box_2d([b[2] * 100, b[1] * 100, b[5] * 100, b[4] * 100])
+    return format_box_3d(b)
 
 
 def box_ref_token(label: str) -> str:
@@ -54,16 +65,16 @@ def add_box_ref_tokens(tokenizer: Any, labels: Sequence[str] | None, vocab_size:
     return tokenizer.add_tokens(missing, special_tokens=False) if missing else 0
 
 
-def resolve_box_refs(text: str, boxes: Any, labels: Sequence[str]) -> str:
+def resolve_box_refs(text: str, boxes: Any, labels: Sequence[str], kind: str = "image3d") -> str:
     """Replace each ``<|box:LABEL|>`` in ``text`` by the box of that label (``boxes`` [K, 6], the
-    labels' order) in the model's 3D box text (:func:`medmvl_core.processing.boxes.format_box_3d`);
-    text without references is returned unchanged."""
+    labels' order) in the model's box text for inputs of ``kind`` (:func:`box_text`: 3D for a CT,
+    2D for a radiograph); text without references is returned unchanged."""
     if "<|box:" not in text:
         return text
     for k, label in enumerate(labels):
         tok = box_ref_token(label)
         if tok in text:
-            text = text.replace(tok, format_box_3d([float(v) for v in boxes[k]]))
+            text = text.replace(tok, box_text(boxes[k], kind))
     return text
 
 
@@ -73,14 +84,15 @@ def _named_labels(question: str, labels: Sequence[str]) -> list[str]:
 
 
 def refer_box_answers(conversations: list[dict], labels: Sequence[str]) -> tuple[list[dict], int]:
-    """Training rows for ``box_refs``: each answer that is a 3D box (six numbers in brackets) after a
-    question naming exactly one label becomes that label's reference token. Returns (a new list of
-    turns, how many answers changed); other turns are kept as they are."""
+    """Training rows for ``box_refs``: each answer that is a box (3D: six numbers in brackets; 2D:
+    ``{<x1><y1><x2><y2>}``) after a question naming exactly one label becomes that label's reference
+    token. Returns (a new list of turns, how many answers changed); other turns are kept as they are."""
     out = list(conversations)
     n = 0
     for t in range(1, len(out)):
         a, q = out[t], out[t - 1]
-        if a.get("from") != "gpt" or q.get("from") != "human" or not _BOX3D.match(str(a.get("value", ""))):
+        value = str(a.get("value", ""))
+        if a.get("from") != "gpt" or q.get("from") != "human" or not (_BOX3D.match(value) or _BOX2D.match(value)):
             continue
         named = _named_labels(str(q.get("value", "")), labels)
         if len(named) == 1:

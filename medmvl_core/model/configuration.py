@@ -177,9 +177,9 @@ class MedMVLConfig(PretrainedConfig):
             from medmvl_core.model.box_refs import check_labels
 
             box_refs = check_labels(box_refs)
-            if self.encoder_image3d is None or self.encoder_image3d.get("type") != "convvit3d":
-                raise ConfigError("box_refs needs a convvit3d encoder_image3d with box_refs: true (its box head "
-                                  "gives the boxes)")
+            if box_ref_kind(self) is None:
+                raise ConfigError("box_refs needs a convvit3d encoder (encoder_image3d, or encoder_image for a 2D "
+                                  "model) with box_refs: true (its box head gives the boxes)")
         self.box_refs = box_refs
         kwargs.pop("max_length", None)
         if llm_config is not None:
@@ -211,3 +211,14 @@ class MedMVLConfig(PretrainedConfig):
         if isinstance(self.llm_config, PretrainedConfig):
             out["llm_config"] = self.llm_config.to_dict()
         return out
+
+
+def box_ref_kind(config: "MedMVLConfig") -> str | None:
+    """The input kind whose encoder gives a ``box_refs`` model's boxes: ``"image3d"`` (a convvit3d
+    encoder_image3d, the CT demo) or ``"image"`` (a convvit3d encoder_image, the radiograph demo);
+    None when neither encoder is a convvit3d."""
+    for kind in ("image3d", "image"):
+        spec = getattr(config, f"encoder_{kind}", None)
+        if spec is not None and spec.get("type") == "convvit3d":
+            return kind
+    return None

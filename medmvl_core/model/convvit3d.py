@@ -144,7 +144,10 @@ def _ints(v, n: int, what: str) -> list[int]:
 
 
 class ConvViT3D(nn.Module):
-    """Input [B, C, D, H, W] -> (normed [B, 1+N, C'], list of [B, 1+N, C'], stem grid [B, c, d, h, w])."""
+    """Input [B, C, D, H, W] -> (normed [B, 1+N, C'], list of [B, 1+N, C'], stem grid [B, c, d, h, w]).
+
+    With ``img_size`` [1, H, W] it is a 2D encoder (the radiograph demo model): it also takes [B, C, H, W],
+    the depth axis is never pooled, and its boxes are ``[0, y1, x1, 1, y2, x2]`` (z spans the one slice)."""
 
     def __init__(self, img_size, in_channels: int = 1, stem_channels=(16, 32, 64), token_pool=(1, 2, 2),
                  hidden_size: int = 128, mlp_dim: int = 256, num_layers: int = 2, num_heads: int = 4,
@@ -173,31 +176,35 @@ class ConvViT3D(nn.Module):
         if not 1 <= dense_stage <= len(chans):
             raise ConfigError(f"convvit3d dense_stage must be between 1 and {len(chans)}, got {dense_stage}")
         pw = [int(c) for c in pointwise_channels]
-        down = 2 ** (len(chans) + (1 if pw else 0))
+        # An axis of size 1 (img_size [1, H, W]: a 2D image as a one-slice volume) is never pooled, so
+        # the same encoder reads radiographs; the 3x3x3 convolutions then see only their middle plane.
+        self._pool_kernel = tuple(1 if s == 1 else 2 for s in img)
+        levels = len(chans) + (1 if pw else 0)
         grid = []
         for s, p in zip(img, pool):
+            down = 1 if s == 1 else 2 ** levels
             if s % (down * p):
                 raise ConfigError(f"convvit3d img_size {img} must be divisible by 2**len(stem_channels) * "
-                                  f"token_pool = {down} * {pool}")
+                                  f"token_pool = {down} * {pool} (an axis of size 1 is not pooled)")
             grid.append(s // down // p)
         if cls_pool not in ("token", "max"):
             raise ConfigError(f"convvit3d cls_pool must be 'token' or 'max', got {cls_pool!r}")
         self.cls_pool = cls_pool
         self.img_size, self.grid, self.hidden_size, self.dense_stage = img, grid, hidden_size, dense_stage
         self.dense_channels = chans[dense_stage - 1]
-        self.dense_grid = [m // 2 ** (dense_stage + (1 if pw else 0)) for m in img]  # the stem grid it returns
+        self.dense_grid = [1 if m == 1 else m // 2 ** (dense_stage + (1 if pw else 0)) for m in img]  # the stem grid
         stages, prev = [], in_channels * (1 + len(windows))  # the input, then each window of it
         if pw:  # per-voxel intensity features ("learned HU bands") at full resolution, then a 2x2x2 max pool
             layers = []
             for c in pw:
                 layers += [nn.Conv3d(prev, c, 1), nn.ReLU()]
                 prev = c
-            self.pointwise = nn.Sequential(*layers, nn.MaxPool3d(2))
+            self.pointwise = nn.Sequential(*layers, nn.MaxPool3d(self._pool_kernel))
         else:
             self.pointwise = nn.Identity()
         for c in chans:
             stages.append(nn.Sequential(nn.Conv3d(prev, c, 3, padding=1), nn.GroupNorm(groups, c), nn.ReLU(),
-                                        nn.MaxPool3d(2)))
+                                        nn.MaxPool3d(self._pool_kernel)))
             prev = c
         self.stem = nn.ModuleList(stages)
         self.to_tokens = nn.Conv3d(prev, hidden_size, kernel_size=pool, stride=pool)
@@ -296,6 +303,8 @@ class ConvViT3D(nn.Module):
     def _stem_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input checked, with its re-windowed channels (window-major) and the pointwise layers:
         what the first stem stage takes."""
+        if x.dim() == 4 and self.img_size[0] == 1:  # a 2D image [B, C, H, W]: the one-slice volume it is
+            x = x.unsqueeze(2)
         if list(x.shape[2:]) != self.img_size:
             raise ConfigError(f"convvit3d expects input of spatial size {self.img_size}, got {list(x.shape[2:])}")
         if self.input_windows:  # each input channel, then each channel re-windowed

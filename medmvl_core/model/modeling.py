@@ -72,9 +72,9 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
                 config.connector_image3d, self.encoder_image3d.hidden_size, hidden, self.encoder_image3d.patch_grid()
             )
         if config.box_refs is not None:
-            enc = self.encoder_image3d.encoder.vision_encoder
+            enc = self._box_ref_encoder()
             if not enc.box_refs or enc.dense_tokens != len(config.box_refs):
-                raise ConfigError(f"box_refs names {len(config.box_refs)} labels; the 3D encoder needs box_refs: true "
+                raise ConfigError(f"box_refs names {len(config.box_refs)} labels; the convvit3d encoder needs box_refs: true "
                                   f"and dense_tokens {len(config.box_refs)} (it has box_refs {enc.box_refs}, "
                                   f"dense_tokens {enc.dense_tokens})")
         self._no_split_modules = list(getattr(self.llm, "_no_split_modules", None) or [])
@@ -117,6 +117,9 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
                 enc, con, sel = self.encoder_image3d, self.connector_image3d, self.config.encoder_image3d
                 return con.num_tokens(enc.num_tokens(sel["select_feature"]))
             if self.encoder_image is not None:
+                if self.config.encoder_image.get("type") == "convvit3d":  # a 2D-only encoder (the radiograph demo)
+                    raise ConfigError("this model's 2D encoder (convvit3d) takes single images only; it cannot take "
+                                      "<image3d> inputs")
                 self._check_per_slice_connector()
                 per_slice = self.encoder_image.num_tokens(self.config.encoder_image["select_feature"])
                 if self.config.image3d_slice_fusion == "concat":
@@ -182,28 +185,42 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
             raise PlaceholderError("encode_images needs images or images3d")
         return next(iter(out.values())) if len(out) == 1 else out
 
-    @torch.no_grad()
-    def find_boxes(self, images3d: torch.Tensor) -> torch.Tensor:
-        """The boxes that ``box_refs`` tokens stand for: [B, K, 6] (``[z1, y1, x1, z2, y2, x2]`` in 0-1 of
-        the model input) for images3d [B, C, D, H, W], one per label of ``config.box_refs``."""
-        if self.config.box_refs is None:
-            raise ConfigError("this model has no box_refs (its boxes are plain text)")
-        enc = self.encoder_image3d.encoder.vision_encoder
-        return enc.find_boxes(images3d.to(enc.cls_token.dtype))[1]
+    @property
+    def box_ref_kind(self) -> str | None:
+        """The input kind ("image3d" or "image") whose encoder's box head gives the ``box_refs`` boxes;
+        None for a model without ``box_refs``."""
+        from medmvl_core.model.configuration import box_ref_kind
 
-    def resolve_box_refs(self, texts: list[str], images3d: torch.Tensor | None) -> list[str]:
-        """``texts`` (one per volume of ``images3d``) with each box reference replaced by its box;
-        unchanged without ``box_refs`` or references."""
+        return box_ref_kind(self.config) if self.config.box_refs is not None else None
+
+    def _box_ref_encoder(self) -> nn.Module:
+        kind = self.box_ref_kind
+        if kind is None:
+            raise ConfigError("this model has no box_refs (its boxes are plain text)")
+        return getattr(self, f"encoder_{kind}").encoder.vision_encoder
+
+    @torch.no_grad()
+    def find_boxes(self, images: torch.Tensor) -> torch.Tensor:
+        """The boxes that ``box_refs`` tokens stand for: [B, K, 6] (``[z1, y1, x1, z2, y2, x2]`` in 0-1 of
+        the model input; a 2D model's span z 0-1) for the inputs of :attr:`box_ref_kind` (images3d
+        [B, C, D, H, W] or images [B, C, H, W]), one per label of ``config.box_refs``."""
+        enc = self._box_ref_encoder()
+        return enc.find_boxes(images.to(enc.cls_token.dtype))[1]
+
+    def resolve_box_refs(self, texts: list[str], images: torch.Tensor | None) -> list[str]:
+        """``texts`` (one per input of ``images``, of :attr:`box_ref_kind`) with each box reference replaced
+        by its box in the model's box text (3D for a CT model, 2D for a radiograph model); unchanged
+        without ``box_refs`` or references."""
         from medmvl_core.model.box_refs import resolve_box_refs
 
         labels = self.config.box_refs
-        if labels is None or images3d is None or not any("<|box:" in t for t in texts):
+        if labels is None or images is None or not any("<|box:" in t for t in texts):
             return texts
-        if images3d.shape[0] != len(texts):
-            raise ConfigError(f"resolve_box_refs needs one volume per answer, got {images3d.shape[0]} volumes for "
+        if images.shape[0] != len(texts):
+            raise ConfigError(f"resolve_box_refs needs one image per answer, got {images.shape[0]} images for "
                               f"{len(texts)} answers")
-        boxes = self.find_boxes(images3d).float().cpu()
-        return [resolve_box_refs(t, b, labels) for t, b in zip(texts, boxes)]
+        boxes = self.find_boxes(images).float().cpu()
+        return [resolve_box_refs(t, b, labels, self.box_ref_kind) for t, b in zip(texts, boxes)]
 
     # -- text ------------------------------------------------------------------------------------
     def embed_inputs(

@@ -140,6 +140,7 @@ class ViewerWindow(QtWidgets.QMainWindow, FileActions, ctl.ControllerListener):
         self.pythonEdit = QtWidgets.QLineEdit(sys.executable)
         f.addRow("Python:", self.pythonEdit)
         self.checkpointEdit = QtWidgets.QLineEdit()
+        self.checkpointEdit.textChanged.connect(self._update_task)
         browse = QtWidgets.QPushButton("…")
         browse.clicked.connect(self._browse_checkpoint)
         f.addRow("Checkpoint:", _hbox((self.checkpointEdit, 1), browse))
@@ -257,6 +258,7 @@ class ViewerWindow(QtWidgets.QMainWindow, FileActions, ctl.ControllerListener):
         self.labelRow.setVisible(False)
         self._region = ("drawn", "")
         self.setWindowTitle(f"MedM-VL viewer — {Path(key).name}")
+        self._update_task()
         self.render_chat()
 
     def views(self) -> list[SliceView]:
@@ -377,12 +379,27 @@ class ViewerWindow(QtWidgets.QMainWindow, FileActions, ctl.ControllerListener):
             w.setEnabled(not local)
         self.startButton.setText("Start" if local else "Connect")
 
+    def input_problem(self) -> str | None:
+        """Why the model (the running worker's, else the checkpoint field's, read from its config.json)
+        cannot take the open image, or None."""
+        if self.volume is None:
+            return None
+        ckpt = self.checkpointEdit.text() if self.localRadio.isChecked() else None
+        return self.controller.input_problem(self.volume, ckpt)
+
     def _update_task(self, *_a) -> None:
         spec = ctl.TASK_SPECS[self.current_task()]
         self.questionEdit.setEnabled(spec.needs_question)
         self.askButton.setText(spec.label)
-        self.askButton.setToolTip("Draw a box on the image first"
-                                  if spec.needs_box and not self.view.user_box() else "")
+        problem = self.input_problem()
+        self.askButton.setToolTip(problem or ("Draw a box on the image first"
+                                              if spec.needs_box and not self.view.user_box() else ""))
+        if problem:
+            self.askButton.setEnabled(False)
+        elif self.controller.state == ctl.READY:
+            self.askButton.setEnabled(True)
+        if problem:
+            self.statusLabel.setText(f"Cannot ask: {problem}")
 
     def render_chat(self) -> None:
         if self.volume is None:
@@ -407,7 +424,7 @@ class ViewerWindow(QtWidgets.QMainWindow, FileActions, ctl.ControllerListener):
     def on_state(self, state: str, detail: str) -> None:
         busy = state in (ctl.BUSY, ctl.STARTING)
         self.stateLabel.setText(state + (f": {detail}" if detail else ""))
-        self.askButton.setEnabled(state == ctl.READY)
+        self.askButton.setEnabled(state == ctl.READY and not self.input_problem())
         self.cancelButton.setEnabled(busy)
         self.startButton.setEnabled(not busy)
         self.stopButton.setEnabled(state != ctl.DISCONNECTED)
