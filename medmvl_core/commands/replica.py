@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 
 NAME = "replica"
-HELP = ("write a full-size (or tiny) replica of a released MedM-VL checkpoint with random weights, "
-        "e.g. `medmvl replica ct-chest-3b ./ct-chest-3b-replica`")
+HELP = "write a full-size (or tiny) replica of a released MedM-VL checkpoint with random weights"
+EXAMPLES = ("medmvl replica ct-chest-3b ./ct-chest-3b-replica",
+            "medmvl replica ct-3b /tmp/ct3b-tiny --scale tiny")
+DOCS = "docs/full-size-models.md"
 
 
 #: recipe -> released model (kept here, not imported, so `medmvl --help` never loads torch;
