@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 TESTING_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTING_DIR.parent
 REFERENCE_DIR = TESTING_DIR / "data" / "medmvl_reference"
+# Tests live in Testing/<area>/; their shared helpers (slicer_stubs, toy_worker, ...) live here.
+if str(TESTING_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTING_DIR))
 
 
 @pytest.fixture(scope="session")
