@@ -73,10 +73,10 @@ def load_engine(checkpoint: str | Path, device: str = "auto", dtype: str | None 
     """An Engine over the loaded checkpoint (``engine_kwargs`` go to :class:`Engine`)."""
     from medmvl_core.engine import Engine
     from medmvl_core.worker.admission import admit
-    if not (Path(checkpoint) / TOY_MARKER).exists():  # refuse before reading a weight if it will not fit
-        dev = resolve_device(device)
-        admit(checkpoint, dev, resolve_dtype(dtype, dev), resolve_quantize(quantize, dev, dtype),
-              int(engine_kwargs.get("kv_cache_bytes", 4 << 30)))
+    # refuse before reading a weight if it will not fit (a folder without safetensors: no plan)
+    dev = resolve_device(device)
+    admit(checkpoint, dev, resolve_dtype(dtype, dev), resolve_quantize(quantize, dev, dtype),
+          int(engine_kwargs.get("kv_cache_bytes", 4 << 30)))
     model, proc = load_model(checkpoint, device, dtype, quantize)
     engine = Engine(model, proc, **engine_kwargs)
     if engine.fast_path.enabled:
