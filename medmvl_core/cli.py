@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     A command module may set ``EXAMPLES`` (command lines shown under its options) and ``DOCS``
     (the docs page that explains it); ``--help`` of every command is checked to have both an
-    example and a one-line description (Testing/docs/test_cli_help.py)."""
+    example and a one-line description (Testing/docs_tests/test_cli_help.py)."""
     parser = argparse.ArgumentParser(
         prog="medmvl",
         description="MedM-VL medical vision-language models: inference, serving, evaluation.",

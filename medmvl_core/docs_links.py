@@ -1,7 +1,7 @@
 """Where the documentation explains what an error message is about (paths from the repository root).
 
 Error messages a newcomer meets first name one of these pages, so the fix is one click away.
-Torch-free; ``Testing/docs/test_docs_site.py`` checks that every page and anchor exists.
+Torch-free; ``Testing/docs_tests/test_docs_site.py`` checks that every page and anchor exists.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ A docs page asks for a generated part with a marker line (an HTML comment, invis
 
 ``scripts/mkdocs_hooks.py`` replaces the markers while ``mkdocs build`` runs, so ``--help``, the
 worker and the site cannot drift apart. ``python scripts/docs_reference.py cli medmvl`` prints a
-part to stdout. ``Testing/docs/test_docs_site.py`` checks the output against the parsers.
+part to stdout. ``Testing/docs_tests/test_docs_site.py`` checks the output against the parsers.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# dciodvfy (Debian's dicom3tools) validates the DICOM SR the export writes (Testing/results/test_export_sr.py).
+# dciodvfy (Debian's dicom3tools) validates the DICOM SR the export writes (Testing/results_tests/test_export_sr.py).
 # Optional: without it that one check reports "skipped" with the reason.
 set -u
 command -v dciodvfy >/dev/null 2>&1 && exit 0

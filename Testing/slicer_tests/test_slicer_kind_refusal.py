@@ -16,7 +16,7 @@ if not hasattr(slicer_core, "vtkMRMLScene"):
 import vtk  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import test_slicer_stubs as stubs  # noqa: E402
+import slicer_stubs as stubs  # noqa: E402
 from test_slicer_module import _widget, env  # noqa: E402,F401  (the stub environment fixture)
 
 from medmvl_core.client import controller as ctl  # noqa: E402

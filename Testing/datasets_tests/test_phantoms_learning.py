@@ -6,7 +6,7 @@ negative log-likelihood of ln(V) on the answers of held-out (test-split) phantom
 architecture, untrained, stays near ln(V) and never produces a parseable yes/no; after a short
 run the NLL is a fraction of chance and every answer parses. What this 2-minute test shows is
 that the pipeline learns the phantom answers; whether a model reads the image is checked on the
-shipped demo model (Testing/demo/test_demo_model.py), whose training takes longer than a unit test.
+shipped demo model (Testing/demo_tests/test_demo_model.py), whose training takes longer than a unit test.
 The balanced yes/no accuracy is printed for information.
 """
 
