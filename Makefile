@@ -13,6 +13,8 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# UTF-8 text I/O whatever the machine's locale (Qt sets the process locale from the environment)
+export PYTHONUTF8 := 1
 
 .PHONY: setup demo test docs bench clean help
 
