@@ -8,150 +8,52 @@ networking, no Python threads), and results come back as events on a queue that 
 on its GUI thread with :meth:`PanelController.poll` (a ``QTimer`` in both bindings). Listener
 methods are only ever called from ``poll``, so views may touch Qt / MRML there. Standard
 library + numpy.
+
+This module holds the controller's events and the asking flow; its parts live beside it and are
+re-exported here, so views import only this module: ``panel_types`` (states, ``VolumeData``,
+``ChatEntry``, ``ControllerListener``, helpers), ``runners`` (``ThreadRunner``), ``worker_jobs``
+(start / connect / stop / download) and ``chat_log`` (history, records, transcript).
 """
 
 from __future__ import annotations
 
-import atexit
-import hashlib
 import logging
 import os
 import queue
-import re
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from medmvl_core import __version__
+from medmvl_core import __version__  # noqa: F401  (re-exported)
 from medmvl_core.client import errors, records
-from medmvl_core.client.client import Answer, WorkerClient
+from medmvl_core.client.chat_log import ChatLogMixin
+from medmvl_core.client.client import Answer, WorkerClient  # noqa: F401
 from medmvl_core.client.launcher import WorkerLauncher
-from medmvl_core.client.model_identity import ModelIdentity
-from medmvl_core.client.protocol import (TASK_SPECS, TASKS, BoxError, GenerationSettings,
-                                         validate_box)
-from medmvl_core.client.model_kinds import ModelKinds, WrongInputKindError, kind_problem, read_model_kinds
-from medmvl_core.client.roi_geometry import as_volume_box, lps_from_ijk_to_ras
+from medmvl_core.client.model_identity import ModelIdentity  # noqa: F401
+from medmvl_core.client.model_kinds import (ModelKinds, WrongInputKindError, kind_problem,
+                                            read_model_kinds)
+# The panel's vocabulary, re-exported: views and tests use ``controller.X`` for all of it.
+from medmvl_core.client.panel_types import (API_VERSION, BUSY, DEAD, DISCONNECTED,  # noqa: F401
+                                            ERROR, READY, RELEASED_MODELS, STARTING, ChatEntry,
+                                            ControllerListener, VolumeData, content_key,
+                                            format_memory, shown_question, task_prompt_check,
+                                            unique_voxel_boxes)
+from medmvl_core.client.protocol import (TASK_SPECS, TASKS, BoxError,  # noqa: F401
+                                         GenerationSettings, validate_box)
+from medmvl_core.client.roi_geometry import as_volume_box, lps_from_ijk_to_ras  # noqa: F401
+from medmvl_core.client.runners import ThreadRunner, split_progress
+from medmvl_core.client.worker_jobs import WorkerJobsMixin
 
 logger = logging.getLogger(__name__)
 
-#: The worker API version this client speaks (``health()["api"]``).
-API_VERSION = 1
-#: Released checkpoints offered by "Download a released model".
-RELEASED_MODELS = ("shiym2000/MedM-VL-CT-Chest-3B-en", "shiym2000/MedM-VL-2D-3B-en")
-
-# Controller states.
-DISCONNECTED, STARTING, READY, BUSY, DEAD, ERROR = (
-    "disconnected", "starting", "ready", "busy", "dead", "error")
+# The names these helpers had when they lived here.
+_shown_question = shown_question
+_split_progress = split_progress
 
 
-@dataclass
-class VolumeData:
-    """What a view hands over: voxels and geometry only (no names from DICOM, no tags).
-
-    key: a stable view-side id (Slicer node ID, file path) that keys history and uploads.
-    array: [k, j, i] or [1, H, W(, 3)]; ijk_to_ras: 4x4 (parent transforms included).
-    """
-
-    key: str
-    array: np.ndarray
-    ijk_to_ras: np.ndarray
-    modality: str = "CT"
-    #: the source series' UIDs when the input was DICOM (kept in the records, never uploaded)
-    dicom: dict = field(default_factory=dict)
-
-
-@dataclass
-class ChatEntry:
-    """One line of a volume's history. role: "user" | "assistant" | "error"."""
-
-    role: str
-    text: str
-    task: str = "ask"
-    boxes: list = field(default_factory=list)
-    in_context: bool = True  # False once the worker dropped the conversation it belonged to
-
-
-class ControllerListener:
-    """What a view implements (all optional). Called on the GUI thread from ``poll``."""
-
-    def on_state(self, state: str, detail: str) -> None: ...
-    def on_health(self, health: dict) -> None: ...
-    def on_token(self, key: str, piece: str) -> None: ...
-    def on_answer(self, key: str, answer: Answer) -> None: ...
-    def on_error(self, key: str | None, message: str) -> None: ...
-    def on_progress(self, text: str, fraction: float | None) -> None: ...
-
-
-def content_key(array: np.ndarray) -> str:
-    """A cheap fingerprint of the voxels (shape, dtype, bytes) to know when to re-upload."""
-    a = np.ascontiguousarray(array)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((a.shape, a.dtype.str)).encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def format_memory(memory: dict | None) -> str:
-    """Health's ``memory`` dict as a short line (``*_bytes`` shown in MiB)."""
-    if not memory:
-        return "-"
-    parts = []
-    for k, v in sorted(memory.items()):
-        if k.endswith("_bytes") and isinstance(v, (int, float)):
-            parts.append(f"{k[:-6].replace('_', ' ')}: {v / 2**20:.0f} MiB")
-        else:
-            parts.append(f"{k.replace('_', ' ')}: {v}")
-    return ", ".join(parts)
-
-
-def unique_voxel_boxes(boxes: list[dict]) -> list[tuple[int, ...]]:
-    """The distinct ``voxel`` boxes of an answer, as int tuples ``(k1, j1, i1, k2, j2, i2)``, in order;
-    a 2D image's pixel box ``(j1, i1, j2, i2)`` becomes the box on its one slice (k 0-1)."""
-    out: list[tuple[int, ...]] = []
-    for b in boxes or []:
-        v = b.get("voxel") if isinstance(b, dict) else None
-        if v is not None and len(v) in (4, 6):
-            t = tuple(int(round(float(x))) for x in as_volume_box(v))
-            if t not in out:
-                out.append(t)
-    return out
-
-
-def task_prompt_check(task: str, question: str | None, box: Sequence[int] | None) -> None:
-    """Raise a clear error, worded for the panel's user, when a task (``TASK_SPECS``, the
-    protocol's table) misses its question or box."""
-    spec = TASK_SPECS.get(task)
-    if spec is None:
-        raise errors.BadRequestError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}",
-                                     code="bad_task")
-    if spec.needs_question and not (question or "").strip():
-        what = "what to find" if spec.question_use == "target" else "a question"
-        raise errors.BadRequestError(f"{spec.label} needs {what}: type it in the question box",
-                                     code="missing_question")
-    if spec.needs_box and box is None:
-        raise errors.BadRequestError(f"{spec.label} needs a region: select or draw an ROI first",
-                                     code="missing_box")
-
-
-class ThreadRunner:
-    """Runs the controller's jobs on daemon threads (``job`` returns an unstarted
-    ``threading.Thread``) and pauses with ``time.sleep``. Another runner (``QtRunner``) gives
-    objects with the same ``start`` / ``is_alive``."""
-
-    def job(self, target: Callable[[], None], name: str) -> Any:
-        return threading.Thread(target=target, name=name, daemon=True)
-
-    def pause(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-
-class PanelController:
+class PanelController(WorkerJobsMixin, ChatLogMixin):
     """State, history and background work of the MedM-VL panel (see the module docstring)."""
 
     def __init__(self, listener: ControllerListener | None = None,
@@ -293,176 +195,7 @@ class PanelController:
         else:
             self._emit("state", READY if self.client is not None else DISCONNECTED, "")
 
-    # ------------------------------------------------------------------ worker
-    def _check_health(self, client: WorkerClient) -> dict:
-        h = client.health()
-        if int(h.get("api", -1)) != API_VERSION:
-            raise errors.WorkerError(
-                f"the worker speaks API {h.get('api')!r}, this panel speaks {API_VERSION}; "
-                "install matching versions of the worker and the module", code="api_mismatch")
-        if h.get("version") and str(h["version"]).split(".")[:2] != __version__.split(".")[:2]:
-            logger.warning("worker version %s differs from client %s", h["version"], __version__)
-        return h
-
-    def start_local(self, python: str, checkpoint: str, device: str = "auto",
-                    quantize: str = "auto", env: dict[str, str] | None = None) -> None:
-        """Start (or restart) a local worker in the background."""
-        if not checkpoint or not os.path.isdir(checkpoint):
-            raise errors.LaunchError(f"checkpoint folder {checkpoint!r} does not exist; choose a "
-                                     "model folder or download a released model", code="bad_argument")
-        self.stop()
-        has_config = os.path.isfile(os.path.join(checkpoint, "config.json"))
-        self.model_kinds = read_model_kinds(checkpoint) if has_config else None  # else the worker reports it
-        if not self._atexit:
-            atexit.register(self.shutdown)  # never leave a worker behind
-            self._atexit = True
-        self._set_state(STARTING, f"starting the worker on {device}")
-
-        def job() -> None:
-            t0 = time.monotonic()
-            launcher = self._launcher_factory(python=python or sys.executable,
-                                              checkpoint=checkpoint, device=device,
-                                              quantize=quantize, env=env)
-            self.launcher = launcher
-            client = launcher.start()
-            h = self._check_health(client)
-            self.client, self._uploads = client, {}
-            logger.info("worker ready in %.1f s (device %s)", time.monotonic() - t0, h.get("device"))
-            self._emit("health", h)
-            self._emit("state", READY, f"{h.get('model', '')} on {h.get('device', '?')}")
-
-        self._run("start", job)
-
-    def connect_remote(self, url: str, token: str) -> None:
-        """Use a running worker (token kept in memory only); checks health in the background."""
-        self.stop()
-        self._set_state(STARTING, f"connecting to {url}")
-
-        def job() -> None:
-            client = self._client_factory(url, token)
-            h = self._check_health(client)
-            if h.get("status") != "ready":
-                client.wait_ready(timeout=300)
-                h = self._check_health(client)
-            self.client, self._uploads = client, {}
-            self._emit("health", h)
-            self._emit("state", READY, f"{h.get('model', '')} on {h.get('device', '?')} at {url}")
-
-        self._run("connect", job)
-
-    def stop(self) -> None:
-        """Stop the local worker (if this panel started one) and forget the connection."""
-        self._cancel.set()
-        if self.launcher is not None:
-            # close() also removes the launcher's temporary folder (token, log).
-            getattr(self.launcher, "close", self.launcher.stop)()
-            self.launcher = None
-        self.client, self._uploads, self.health, self.model_kinds = None, {}, {}, None
-        if self.state != DISCONNECTED:
-            self._set_state(DISCONNECTED, "")
-
-    def shutdown(self) -> None:
-        """Stop everything (application exit)."""
-        if self._download is not None and self._download.poll() is None:
-            self._download.kill()
-        self.stop()
-
-    # ------------------------------------------------------------------ download
-    def download(self, python: str, repo_id: str, local_dir: str,
-                 env: dict[str, str] | None = None) -> None:
-        """Run ``medmvl download REPO_ID --local-dir DIR`` in the worker's interpreter (with
-        ``env``, e.g. Slicer's startup environment), with progress events from its output."""
-        cmd = [python or sys.executable, "-m", "medmvl_core.cli", "download", repo_id,
-               "--local-dir", local_dir]
-        self._emit("progress", f"downloading {repo_id}", 0.0)
-
-        def job() -> None:
-            # Output goes to a temporary file read as it grows (never a pipe that could fill up
-            # while nobody reads it), so the same loop serves threads and the inline Qt runner.
-            with tempfile.TemporaryFile() as out:
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env)
-                self._download = proc
-                tail: list[str] = []
-                for line in _split_progress(out, proc.poll, self.runner.pause):
-                    tail = (tail + [line])[-5:]
-                    pct = re.findall(r"(\d{1,3})%", line)
-                    self._emit("progress", line[-120:], int(pct[-1]) / 100.0 if pct else None)
-            if proc.wait() != 0:
-                raise errors.WorkerError(f"download of {repo_id} failed:\n" + "\n".join(tail),
-                                         code="download_failed")
-            self._emit("progress", f"downloaded {repo_id} to {local_dir}", 1.0)
-
-        self._run("download", job)
-
     # ------------------------------------------------------------------ asking
-    def history(self, key: str) -> list[ChatEntry]:
-        return list(self.histories.get(key, []))
-
-    def model_identity(self) -> ModelIdentity:
-        """The connected model's name, revision/hash and intended use (from health)."""
-        return ModelIdentity.from_health(self.health)
-
-    def _record(self, key: str, ans: Answer) -> None:
-        p = self._pending.pop(key, None)
-        conv = self.conversations.get(key)
-        if p is None or conv is None:
-            return
-        status = "cancelled" if ans.finish_reason == "cancelled" else "answered"
-        conv.turns.append(records.Turn(
-            task=p["task"], question=p["question"], answer=ans.text, model=self.model_identity(),
-            generation={**p["generation"].to_dict(), "finish_reason": ans.finish_reason,
-                        "num_tokens": ans.num_tokens},
-            asked_at=p["asked_at"], answered_at=records.now_iso(), region=p["region"],
-            boxes=records.found_boxes(ans.boxes, p["label"]), status=status))
-
-    def restore(self, key: str, conversation: records.Conversation) -> None:
-        """Show a stored conversation (e.g. from a loaded scene) as the volume's history.
-        The worker does not see restored turns: the next question starts a new session."""
-        self.conversations[key] = conversation
-        entries: list[ChatEntry] = []
-        for t in conversation.turns:
-            box = t.region.voxel if t.region is not None else None
-            entries.append(ChatEntry("user", _shown_question(t.task, t.question, box), t.task))
-            entries.append(ChatEntry("assistant", t.answer, t.task,
-                                     [{"voxel": b.voxel, "model": b.model,
-                                       "physical_lps": b.physical_lps} for b in t.boxes]))
-        self.histories[key] = entries
-
-    def clear_history(self, key: str) -> None:
-        """Forget the volume's conversation here and on the worker: the next question starts a
-        new worker session (the uploaded volume is kept), so the model no longer sees the
-        cleared turns and they stop taking room in its context."""
-        self.histories.pop(key, None)
-        self.conversations.pop(key, None)
-        cached = self._uploads.get(key)
-        if cached is not None:
-            self._uploads[key] = (cached[0], cached[1], None)
-            old, client = cached[2], self.client
-            # Free the old conversation on the worker now (its KV cache and turns), in the
-            # background so the panel never waits on the network. Not while it is answering: that
-            # answer finishes (or is cancelled) first and the worker's idle eviction frees it.
-            if old is not None and client is not None and old != self._session:
-                self.runner.job(lambda: self._forget_session(client, old), "medmvl-forget").start()
-
-    @staticmethod
-    def _forget_session(client: WorkerClient, session_id: str) -> None:
-        try:
-            client.delete_session(session_id)
-        except errors.WorkerError as exc:  # gone already (evicted, worker restarted): fine
-            logger.info("delete of a cleared session: %s", exc)
-
-    def transcript(self, key: str) -> str:
-        """The volume's conversation as plain text (Copy / Save)."""
-        names = {"user": "You", "assistant": "MedM-VL", "error": "Error"}
-        return "\n\n".join(f"{names.get(e.role, e.role)}: {e.text}"
-                           + ("" if e.in_context else "  (no longer in the model's context)")
-                           for e in self.history(key))
-
-    def partial(self, key: str) -> str:
-        """The answer streamed so far (while busy)."""
-        return self._partial.get(key, "")
-
     def input_problem(self, volume: VolumeData | Sequence[int], checkpoint: str | None = None) -> str | None:
         """Why the model cannot take ``volume`` (or an array of that shape: a view may pass the shape
         alone, without reading the voxels) (a message that names the model's kind and the model
@@ -508,7 +241,7 @@ class PanelController:
         label = TASK_SPECS[task].label
         q = (question or "").strip()
         self.histories.setdefault(volume.key, []).append(
-            ChatEntry("user", _shown_question(task, q, box), task))
+            ChatEntry("user", shown_question(task, q, box), task))
         self.last_question[volume.key] = question.strip() if question and question.strip() else label
         conv = self.conversations.setdefault(volume.key, records.Conversation())
         conv.volume = records.VolumeRef(
@@ -593,24 +326,6 @@ class PanelController:
             logger.info("health after answer: %s", exc)
         self._emit("state", READY, f"answered in {timings['client_total_s']:.1f} s")
 
-    def _conversation_lost(self, key: str, exc: errors.SessionEvictedError) -> errors.WorkerError:
-        """The worker closed the session (cap or volume eviction): never re-open one silently.
-        Mark the visible turns as out of the model's context, forget the session (and, for an
-        evicted volume, the upload), and return the error the panel shows."""
-        for entry in self.histories.get(key, []):
-            entry.in_context = False
-        cached = self._uploads.get(key)
-        if cached is not None:
-            if exc.code == "volume_evicted":
-                self._uploads.pop(key, None)
-            else:
-                self._uploads[key] = (cached[0], cached[1], None)
-        return errors.SessionEvictedError(
-            "The worker closed this conversation (" + ("its copy of the image was evicted"
-            if exc.code == "volume_evicted" else "too many open sessions") + "): the turns above "
-            "are no longer in the model's context. Ask again to start over with this image.",
-            code=exc.code, status=exc.status)
-
     def cancel(self) -> None:
         """Stop the running answer (the worker stops generating) or the download."""
         self._cancel.set()
@@ -625,37 +340,3 @@ class PanelController:
                     logger.info("cancel: %s", exc)
 
             self.runner.job(job, "medmvl-cancel").start()
-
-
-def _shown_question(task: str, question: str, box: Sequence[int] | None) -> str:
-    """The user's line in the transcript: the question, the task's label, the region."""
-    spec = TASK_SPECS.get(task)
-    label = spec.label if spec is not None else task
-    shown = question if task == "ask" else (f"{label}: {question}" if question else label)
-    if box is not None:
-        shown += f"  [box {list(int(v) for v in box)}]"
-    return shown
-
-
-def _split_progress(out, finished: Callable[[], Any], pause: Callable[[float], None],
-                    ) -> Iterator[str]:
-    """Lines written to the file ``out`` by a running subprocess, also split on carriage returns
-    (tqdm redraws), until ``finished()`` returns not None and the file is read to its end."""
-    buf, pos = b"", 0
-    while True:
-        done = finished() is not None  # checked before reading: nothing written after is lost
-        out.seek(pos)
-        chunk = out.read()
-        pos += len(chunk)
-        buf += chunk
-        parts = re.split(rb"[\r\n]", buf)
-        buf = parts.pop()
-        for p in parts:
-            if p.strip():
-                yield p.decode("utf-8", "replace").strip()
-        if done:
-            break
-        if not chunk:
-            pause(0.1)
-    if buf.strip():
-        yield buf.decode("utf-8", "replace").strip()
