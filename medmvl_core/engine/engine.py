@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from medmvl_core.engine import tasks as T
 from medmvl_core.client.protocol import GenerationSettings, SettingsError, TaskError, task_spec
+from medmvl_core.engine import tasks as T
 from medmvl_core.engine.batch import BatchRunner
 from medmvl_core.engine.decode import TextStreamer
 from medmvl_core.engine.errors import (CancelledError, EngineOutOfMemoryError, RequestError,
