@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from medmvl_core.client.protocol import GenerationSettings
 from medmvl_core.engine import Engine
 from medmvl_core.engine.cache import LRUCache
-from medmvl_core.engine.decode import SamplingParams, choose_token
+from medmvl_core.engine.decode import choose_token
 from medmvl_core.engine.errors import (CancelledError, EngineOutOfMemoryError, RequestError,
                                        RequestTimeoutError)
 from medmvl_core.engine.hashing import content_hash, geometry_dict, volume_hash
@@ -58,10 +59,10 @@ def test_content_hash_depends_on_bytes_and_geometry():
 def test_top_p_sampling_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
     gen = torch.Generator().manual_seed(0)
-    draws = {int(choose_token(logits, SamplingParams(do_sample=True, top_p=0.8), gen)[0])
+    draws = {int(choose_token(logits, GenerationSettings(do_sample=True, top_p=0.8), gen)[0])
              for _ in range(200)}
     assert draws == {0, 1}
-    assert int(choose_token(logits, SamplingParams())[0]) == 0
+    assert int(choose_token(logits, GenerationSettings())[0]) == 0
 
 
 def test_first_turn_matches_transformers_generate(toy, volume):
@@ -148,16 +149,37 @@ def test_deadline_and_validation_errors(toy, volume):
     eng = Engine(model, proc)
     with pytest.raises(RequestTimeoutError):
         eng.answer(volume, QUESTIONS[0], deadline=0.0)
-    with pytest.raises(RequestError, match="max_new_tokens"):
-        eng.answer(volume, QUESTIONS[0], max_new_tokens=0)
-    with pytest.raises(RequestError, match="non-empty question"):
-        eng.answer(volume, "  ")
-    with pytest.raises(RequestError, match="unknown task"):
-        eng.answer(volume, "x", task="segment")
-    with pytest.raises(RequestError, match="needs a box"):
-        eng.answer(volume, None, task="describe")
-    with pytest.raises(RequestError, match="6 numbers"):
-        eng.answer(volume, "x", task="crop_ask", box=[0, 0, 0, 1])
+    # the protocol's task / settings errors arrive as RequestError with the worker's codes
+    for kwargs, match, code in [
+            (dict(question=QUESTIONS[0], max_new_tokens=0), "max_new_tokens", "bad_max_new_tokens"),
+            (dict(question=QUESTIONS[0], max_new_tokens=4096), "in 1..2048", "bad_max_new_tokens"),
+            (dict(question=QUESTIONS[0], do_sample=True, temperature=0.0), "temperature",
+             "bad_sampling"),
+            (dict(question=QUESTIONS[0], top_q=0.5), "unknown generation setting", "unknown_setting"),
+            (dict(question="  "), "non-empty question", "empty_question"),
+            (dict(question="x", task="segment"), "unknown task", "bad_task"),
+            (dict(question=None, task="describe"), "needs a box", "bad_box"),
+            (dict(question="x", task="crop_ask", box=[0, 0, 0, 1]), "6 numbers", "bad_box")]:
+        with pytest.raises(RequestError, match=match) as info:
+            eng.answer(volume, **kwargs)
+        assert info.value.code == code, kwargs
+
+
+def test_generation_settings_pass_through(toy, volume):
+    """The protocol's settings object is what the engine decodes with; keywords apply on top
+    and the caller's object is not changed (the context cap is the answer's own copy)."""
+    model, proc = toy
+    eng = Engine(model, proc, use_cache=False)
+    g = GenerationSettings(max_new_tokens=5, do_sample=True, temperature=0.8, top_k=4, seed=11)
+    a = eng.answer(volume, QUESTIONS[0], generation=g)
+    b = eng.answer(volume, QUESTIONS[0], max_new_tokens=5, do_sample=True, temperature=0.8,
+                   top_k=4, seed=11)
+    assert a.token_ids == b.token_ids and len(a.token_ids) <= 5
+    greedy = eng.answer(volume, QUESTIONS[0], max_new_tokens=5).token_ids
+    assert eng.answer(volume, QUESTIONS[0], generation=g, do_sample=False).token_ids == greedy
+    assert len(eng.answer(volume, QUESTIONS[0], generation=g, max_new_tokens=2).token_ids) <= 2
+    assert g == GenerationSettings(max_new_tokens=5, do_sample=True, temperature=0.8, top_k=4,
+                                   seed=11)
 
 
 def test_simulated_oom_fails_that_request_only(toy, volume):
@@ -261,14 +283,15 @@ def test_sampling_is_opt_in_and_seeded(toy, volume):
 
 
 def test_engine_refuses_the_tasks_the_protocol_says_need_a_box(toy, volume):
-    """The engine's own box rule (checked before its prompt is built) is the protocol's task
-    table: a task the table says needs a box is refused without one (the others are answered
-    without a box above). The prompts themselves are compared in test_protocol.py."""
+    """A task the protocol's table says needs a box is refused without one, before anything is
+    preprocessed (the others are answered without a box above)."""
     from medmvl_core.client.protocol import TASK_SPECS
 
     eng = Engine(*toy)
     needing = [spec.name for spec in TASK_SPECS.values() if spec.needs_box]
     assert needing == ["describe", "crop_ask"]
     for task in needing:
-        with pytest.raises(RequestError, match="needs a box"):
+        with pytest.raises(RequestError, match="needs a box") as info:
             eng.answer(volume, "nodule", task=task, max_new_tokens=1)
+        assert info.value.code == "bad_box"
+    assert len(eng.images) == 0

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from medmvl_core.client.protocol import GenerationSettings
 from medmvl_core.engine.batch import PrefillRow, prefill_batch
-from medmvl_core.engine.decode import SamplingParams, run_batch_decode
+from medmvl_core.engine.decode import run_batch_decode
 from medmvl_core.engine.errors import CancelledError, NotFoundError
 from medmvl_core.engine.fast_path import FastPath
 from medmvl_core.engine.kv import dynamic_from, row_cache, stack_caches
@@ -25,7 +26,7 @@ class _Row:
     """What run_batch_decode reads of a prepared request."""
 
     def __init__(self, max_new: int, cancel_at: int | None = None, stream: bool = False):
-        self.params = SamplingParams(max_new_tokens=max_new)
+        self.params = GenerationSettings(max_new_tokens=max_new)
         self.generator = None
         self.calls = 0
         self.cancel_at = cancel_at
@@ -84,7 +85,7 @@ def test_batch_loop_samples_sampled_rows_with_their_own_generator():
         return first.clone()
 
     rows = [_Row(3), _Row(3)]
-    rows[1].params = SamplingParams(max_new_tokens=3, do_sample=True, seed=7)
+    rows[1].params = GenerationSettings(max_new_tokens=3, do_sample=True, seed=7)
     rows[1].generator = torch.Generator().manual_seed(7)
     out = run_batch_decode(rows, first, step, set(), 0)
     gen = torch.Generator().manual_seed(7)

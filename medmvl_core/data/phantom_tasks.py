@@ -27,8 +27,8 @@ KIND_TEXT = {"nodule": "nodule", "mass": "mass", "calcification": "calcification
              "effusion": "pleural effusion"}
 CHOICE_OPTIONS = ("nodule", "mass", "calcification", "cyst", "pleural effusion", "no abnormality")
 NORMAL_REGION = "normal lung"
-# The worker's task prompts (medmvl_core.engine.tasks), so "describe" / "find" requests from the
-# plugin reach the demo model worded exactly as in its training data.
+# The protocol's task prompts (medmvl_core.client.protocol.TASK_SPECS), so "describe" / "find"
+# requests from the plugin reach the demo model worded exactly as in its training data.
 DESCRIBE_PROMPT = "What is in the region {box}? Describe it."
 FIND_PROMPT = "Where is the {target} in this image? Please output the bounding box."
 

@@ -1,40 +1,19 @@
 """The token loops (one sequence, or a batch sharing its steps): greedy or sampled choice,
-streaming text pieces, cancel, KV bookkeeping."""
+streaming text pieces, cancel, KV bookkeeping.
+
+How a token is chosen is the protocol's :class:`~medmvl_core.client.protocol.GenerationSettings`
+(validated by the engine before a request gets here)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from medmvl_core.engine.errors import RequestError
+from medmvl_core.client.protocol import GenerationSettings
 
 
-@dataclass
-class SamplingParams:
-    """Decoding settings. Greedy unless ``do_sample``; ``seed`` makes sampling repeatable."""
-
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-
-    def validate(self, max_new_tokens_limit: int = 4096) -> None:
-        if not 1 <= int(self.max_new_tokens) <= max_new_tokens_limit:
-            raise RequestError(f"max_new_tokens must be in 1..{max_new_tokens_limit}, "
-                               f"got {self.max_new_tokens}")
-        if self.do_sample and not self.temperature > 0:
-            raise RequestError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0, got {self.top_k}")
-
-
-def choose_token(logits: torch.Tensor, params: SamplingParams,
+def choose_token(logits: torch.Tensor, params: GenerationSettings,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row. logits: [B, V] -> LongTensor [B]."""
     if not params.do_sample:
@@ -98,7 +77,7 @@ class TextStreamer:
 
 
 def run_decode(first_logits: torch.Tensor, step: Callable[[int], torch.Tensor],
-               params: SamplingParams, eos_ids: set[int], streamer: TextStreamer,
+               params: GenerationSettings, eos_ids: set[int], streamer: TextStreamer,
                check: Callable[[], None], generator: torch.Generator | None = None,
                on_token_id: Callable[[int], None] | None = None,
                ) -> tuple[list[int], str, int]:

@@ -17,17 +17,19 @@ prefill, decode, record the turn.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from medmvl_core.client.protocol import GenerationSettings, SettingsError, TaskError, task_spec
 from medmvl_core.engine import tasks as T
 from medmvl_core.engine.batch import BatchRunner
-from medmvl_core.engine.decode import SamplingParams, TextStreamer
+from medmvl_core.engine.decode import TextStreamer
 from medmvl_core.engine.errors import (CancelledError, EngineOutOfMemoryError, RequestError,
                                        RequestTimeoutError, SessionBusyError)
 from medmvl_core.engine.fast_decode import llm_config
@@ -42,6 +44,17 @@ logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN_INDEX, IMAGE3D_TOKEN_INDEX = -200, -201
 _PLACEHOLDER_ID = {"image": IMAGE_TOKEN_INDEX, "image3d": IMAGE3D_TOKEN_INDEX}
+PLACEHOLDERS = {"image": "<image>", "image3d": "<image3d>"}
+
+
+@contextmanager
+def _as_request_error() -> Iterator[None]:
+    """The protocol's task / settings errors as the engine's :class:`RequestError`, same code
+    and message (the engine's callers catch one error type for a bad request)."""
+    try:
+        yield
+    except (TaskError, SettingsError) as exc:
+        raise RequestError(str(exc), code=exc.code) from None
 
 
 class Engine:
@@ -160,7 +173,7 @@ class Engine:
     def conversation(self, turns: Sequence[tuple[str, str]], question: str,
                      kind: str = "image3d") -> list[dict]:
         """MedM-VL conversation JSON: placeholder + newline + first question, then the turns."""
-        ph = T.PLACEHOLDERS[kind]
+        ph = PLACEHOLDERS[kind]
         conv: list[dict] = []
         for i, (q, a) in enumerate(turns):
             conv.append({"from": "human", "value": f"{ph}\n{q}" if i == 0 else q})
@@ -180,20 +193,30 @@ class Engine:
 
     # ------------------------------------------------------------------ answer
     def answer(self, volume_or_image: Any = None, question: str | None = None, task: str = "ask",
-               box: Sequence[float] | None = None, max_new_tokens: int = 256,
-               do_sample: bool = False, on_token: Callable[[str], None] | None = None,
+               box: Sequence[float] | None = None, max_new_tokens: int | None = None,
+               do_sample: bool | None = None, on_token: Callable[[str], None] | None = None,
                cancel: Any = None, *, session: Session | None = None,
-               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-               seed: int | None = None, deadline: float | None = None) -> Answer:
+               generation: GenerationSettings | None = None, deadline: float | None = None,
+               **settings: Any) -> Answer:
         """Answer one question and, with a ``session``, extend its conversation.
 
+        task: a task of the protocol's table (:data:`~medmvl_core.client.protocol.TASK_SPECS`).
         box: voxel box (k1, j1, i1, k2, j2, i2) (2D: (j1, i1, j2, i2)), inclusive-exclusive,
-        for "describe" and "crop_ask". on_token(piece) streams text. cancel: an Event-like
-        (``is_set()``) or a callable returning True; checked before every decode step.
-        deadline: ``time.monotonic()`` value after which the request fails with a timeout.
+        for "describe" and "crop_ask". generation: the
+        :class:`~medmvl_core.client.protocol.GenerationSettings` (defaults when None); the
+        settings may also be given as keywords (``max_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_p``, ``top_k``, ``seed``), applied on top of ``generation``.
+        on_token(piece) streams text. cancel: an Event-like (``is_set()``) or a callable
+        returning True; checked before every decode step. deadline: ``time.monotonic()`` value
+        after which the request fails with a timeout. A bad task, question, box or setting
+        raises :class:`RequestError` (its ``code`` as the worker sends it).
         """
-        req = Request(volume_or_image, question, task, box, max_new_tokens, do_sample, on_token,
-                      cancel, session, temperature, top_p, top_k, seed, deadline)
+        given = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
+        settings.update({k: v for k, v in given.items() if v is not None})
+        with _as_request_error():  # an unknown setting name
+            req = Request(volume_or_image, question, task, box, generation=generation,
+                          on_token=on_token, cancel=cancel, session=session, deadline=deadline,
+                          **settings)
         s = self._session_for(req)
         if not s.lock.acquire(blocking=False):
             raise SessionBusyError(f"session {s.id[:8]} is already answering; wait or cancel")
@@ -319,13 +342,13 @@ class Engine:
         return check
     def _prepare_request(self, s: Session, req: Request) -> Prepared:
         """Validate, preprocess/encode (cached), build the prompt ids, pick the reusable prefix."""
-        params = SamplingParams(req.max_new_tokens, req.do_sample, req.temperature, req.top_p,
-                                req.top_k, req.seed)
-        params.validate(self.max_new_tokens_limit)
         task, box = req.task, req.box
-        if task not in T.TASKS:
-            raise RequestError(f"unknown task {task!r}; use one of {', '.join(T.TASKS)}",
-                               code="bad_task")
+        with _as_request_error():
+            # a copy: the context limit below caps max_new_tokens for this answer only
+            params = copy.copy(req.generation).validate(self.max_new_tokens_limit)
+            spec = task_spec(task)
+            spec.check_question(req.question)
+            spec.check_box(box)
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         check = self._check_factory(req.cancel, req.deadline)
@@ -334,17 +357,14 @@ class Engine:
         if box is not None and len(box) != (6 if kind == "image3d" else 4):
             raise RequestError(f"box must have {6 if kind == 'image3d' else 4} numbers "
                                f"(voxel, inclusive-exclusive), got {len(box)}", code="bad_box")
-        ephemeral = task == "crop_ask"
-        if task in ("crop_ask", "describe") and box is None:
-            raise RequestError(f"task {task!r} needs a box in voxels: "
-                               + ("(k1, j1, i1, k2, j2, i2)" if kind == "image3d" else "(j1, i1, j2, i2)"),
-                               code="bad_box")
+        ephemeral = task == "crop_ask"  # the model sees the region cropped, without the history
         entry = self.prepare(s.volume, roi=box if ephemeral else None, timings=timings,
                              vhash=s.volume_id)
         box_text = None
-        if task == "describe":
+        if box is not None and any("{box}" in p for p in spec.default_prompts.values()):
             box_text = T.format_box(T.voxel_box_to_model(box, entry.geom, kind), kind)
-        q = T.build_question(task, kind, req.question, box_text)
+        with _as_request_error():
+            q = spec.prompt(kind, req.question, box_text)
         turns = [] if ephemeral else s.turns
         ids = self.encode_prompt(self.conversation(turns, q, kind), kind)
         if self.context_limit and len(ids) >= self.context_limit:

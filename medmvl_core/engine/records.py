@@ -8,7 +8,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from medmvl_core.engine.decode import SamplingParams, TextStreamer
+from medmvl_core.client.protocol import GenerationSettings
+from medmvl_core.engine.decode import TextStreamer
 from medmvl_core.engine.session import Session
 
 
@@ -25,24 +26,37 @@ class Answer:
     task: str = "ask"
 
 
-@dataclass
+@dataclass(init=False)
 class Request:
-    """One question for :meth:`Engine.answer_batch` (same fields as :meth:`Engine.answer`)."""
+    """One question for :meth:`Engine.answer_batch` (same fields as :meth:`Engine.answer`).
+
+    generation: how the answer is decoded (the protocol's settings object, passed through as
+    given; the engine validates it when the request is answered, so a bad setting fails that
+    request only). The settings may also be given one by one as keywords
+    (``Request(..., max_new_tokens=16)``); they are applied on top of ``generation``.
+    """
 
     volume: Any = None
     question: str | None = None
     task: str = "ask"
     box: Sequence[float] | None = None
-    max_new_tokens: int = 256
-    do_sample: bool = False
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     on_token: Callable[[str], None] | None = None
     cancel: Any = None
     session: Session | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
     deadline: float | None = None
+
+    def __init__(self, volume: Any = None, question: str | None = None, task: str = "ask",
+                 box: Sequence[float] | None = None, *,
+                 generation: GenerationSettings | None = None,
+                 on_token: Callable[[str], None] | None = None, cancel: Any = None,
+                 session: Session | None = None, deadline: float | None = None,
+                 **settings: Any) -> None:
+        self.volume, self.question, self.task, self.box = volume, question, task, box
+        base = generation if generation is not None else GenerationSettings()
+        # unknown keywords raise SettingsError (code unknown_setting) naming the settings there are
+        self.generation = base.replace(**settings) if settings else base
+        self.on_token, self.cancel, self.session, self.deadline = on_token, cancel, session, deadline
 
 
 @dataclass
@@ -77,7 +91,7 @@ class Prepared:
     timings: dict
     t_start: float
     check: Callable[[], None]
-    params: SamplingParams
+    params: GenerationSettings  # a copy of req.generation, max_new_tokens capped to the context
     generator: torch.Generator | None
     streamer: TextStreamer
     t_decode: float = 0.0

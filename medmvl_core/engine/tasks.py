@@ -1,8 +1,9 @@
-"""What each task sends to the model, and how boxes in answers map back to voxels and mm.
+"""Box geometry for the tasks: voxel boxes to the model's box text, and boxes in answers back
+to voxels and mm.
 
-A free question reaches the model as MedM-VL's data writes it: ``<image3d>\\n{question}`` (or
-``<image>\\n...``) in the first human turn, later turns the bare question. Box text follows the
-training data (``medmvl_core.processing.boxes``): 2D ``{<x1><y1><x2><y2>}`` integers 0-100, 3D
+The tasks themselves (which there are, what each needs, the prompt it sends) are the protocol's
+task table (:func:`medmvl_core.client.protocol.task_spec`). Box text follows the training data
+(``medmvl_core.processing.boxes``): 2D ``{<x1><y1><x2><y2>}`` integers 0-100, 3D
 ``[z1, y1, x1, z2, y2, x2]`` floats 0-1 in model-input array order.
 """
 
@@ -14,16 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medmvl_core.engine.errors import RequestError
-
 logger = logging.getLogger(__name__)
-
-TASKS = ("ask", "report", "describe", "find", "crop_ask")
-PLACEHOLDERS = {"image": "<image>", "image3d": "<image3d>"}
-REPORT_PROMPTS = {"image3d": "Generate radiology report for the CT.",
-                  "image": "Generate radiology report for the chest X-ray."}
-DESCRIBE_PROMPT = "What is in the region {box}? Describe it."
-FIND_PROMPT = "Where is the {target} in this image? Please output the bounding box."
 
 _BOX3D = re.compile(r"\[\s*([-+]?\d*\.?\d+)\s*,\s*([-+]?\d*\.?\d+)\s*,\s*([-+]?\d*\.?\d+)\s*,"
                     r"\s*([-+]?\d*\.?\d+)\s*,\s*([-+]?\d*\.?\d+)\s*,\s*([-+]?\d*\.?\d+)\s*\]")
@@ -98,23 +90,3 @@ def voxel_box_to_model(box: Sequence[float], geom: Any, kind: str) -> list[float
     j1, i1, j2, i2 = box
     z1, y1, x1, z2, y2, x2 = geom.voxel_box_to_model([0, j1, i1, 1, j2, i2])
     return [x1 * 100, y1 * 100, x2 * 100, y2 * 100]
-
-
-def build_question(task: str, kind: str, question: str | None, box_text: str | None) -> str:
-    """The user-turn text (without the image placeholder) for a task."""
-    q = (question or "").strip()
-    if task == "ask" or task == "crop_ask":
-        if not q:
-            raise RequestError(f"task {task!r} needs a non-empty question")
-        return q
-    if task == "report":
-        return q or REPORT_PROMPTS[kind]
-    if task == "describe":
-        if box_text is None:
-            raise RequestError("task 'describe' needs a box (k1, j1, i1, k2, j2, i2) in voxels")
-        return q.replace("{box}", box_text) if "{box}" in q else DESCRIBE_PROMPT.format(box=box_text)
-    if task == "find":
-        if not q:
-            raise RequestError("task 'find' needs the thing to find as the question, e.g. 'nodule'")
-        return FIND_PROMPT.format(target=q)
-    raise RequestError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")

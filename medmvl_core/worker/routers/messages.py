@@ -86,7 +86,7 @@ async def message(sid: str, body: MessageIn, state: WorkerState = Depends(get_st
             if err is not None:
                 raise err
         return Request(session=session, question=body.question, task=body.task, box=body.box,
-                       **generation_of(body).to_dict(),
+                       generation=generation_of(body),
                        on_token=lambda piece: emit("token", {"text": piece}),
                        cancel=job.cancel, deadline=job.deadline)
 
@@ -128,5 +128,4 @@ async def message(sid: str, body: MessageIn, state: WorkerState = Depends(get_st
 def _answer_kwargs(r: Any) -> dict:
     """An engine Request as :meth:`Engine.answer` keyword arguments."""
     return dict(session=r.session, question=r.question, task=r.task, box=r.box,
-                **{name: getattr(r, name) for name in GenerationSettings.names()},
-                on_token=r.on_token, cancel=r.cancel, deadline=r.deadline)
+                generation=r.generation, on_token=r.on_token, cancel=r.cancel, deadline=r.deadline)
