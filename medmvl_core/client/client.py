@@ -169,7 +169,11 @@ class WorkerClient:
             if time.monotonic() > deadline:
                 raise errors.WorkerTimeoutError(
                     f"the worker at {self.url} was not ready after {timeout:.0f} s")
-            time.sleep(poll)
+            self._pause(poll)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait between health polls (the Qt client processes GUI events meanwhile)."""
+        time.sleep(seconds)
 
     def upload_volume(self, array: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
                       origin: Sequence[float] = (0.0, 0.0, 0.0),

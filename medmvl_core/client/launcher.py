@@ -150,19 +150,24 @@ class WorkerLauncher:
         deadline = time.monotonic() + self.start_timeout
         assert self.process is not None
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if self.process is None or self.process.poll() is not None:  # exited, or stopped meanwhile
+                code = None if self.process is None else self.process.returncode
                 raise errors.LaunchError(
-                    f"the worker exited with code {self.process.returncode} before it was ready; "
+                    f"the worker exited with code {code} before it was ready; "
                     f"last log lines:\n{self.log_tail()}")
             if ready.exists():
                 try:
                     return json.loads(ready.read_text())
                 except ValueError:
                     pass  # being written
-            time.sleep(0.05)
+            self._pause(0.05)
         self.stop()
         raise errors.LaunchError(f"the worker did not start within {self.start_timeout:.0f} s; "
                                  f"log:\n{self.log_tail()}")
+
+    def _pause(self, seconds: float) -> None:
+        """Wait between checks of the ready file (the Qt launcher processes GUI events meanwhile)."""
+        time.sleep(seconds)
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -22,12 +22,9 @@ The Qt binding is passed in (Slicer's ``qt`` module) or found: ``qt`` when it ha
 from __future__ import annotations
 
 import http.client
-import json
 import logging
 import socket
-import time
 import types
-from pathlib import Path
 from typing import Any, Callable
 
 from medmvl_core.client import errors
@@ -309,22 +306,8 @@ class QtWorkerClient(WorkerClient):
     def _connect(self, timeout: float) -> QtConnection:  # type: ignore[override]
         return QtConnection(self._ns, self._manager, self.url, timeout)
 
-    def wait_ready(self, timeout: float = 120.0, poll: float = 0.2) -> dict:
-        """Poll health until the model is loaded, the application processing events between polls."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                h = self.health()
-                if h.get("status") == "ready":
-                    return h
-                if h.get("status") == "error":
-                    raise errors.LaunchError(f"the worker failed to load the model: {h.get('error')}")
-            except errors.WorkerUnavailableError:
-                pass
-            if time.monotonic() > deadline:
-                raise errors.WorkerTimeoutError(
-                    f"the worker at {self.url} was not ready after {timeout:.0f} s")
-            qt_sleep(poll, self._ns)
+    def _pause(self, seconds: float) -> None:
+        qt_sleep(seconds, self._ns)  # health polls with the application processing events
 
 
 class QtWorkerLauncher(WorkerLauncher):
@@ -349,24 +332,8 @@ class QtWorkerLauncher(WorkerLauncher):
                 raise
         return self.client
 
-    def _wait_ready_file(self, ready: Path) -> dict:
-        deadline = time.monotonic() + self.start_timeout
-        assert self.process is not None
-        while time.monotonic() < deadline:
-            if self.process is None or self.process.poll() is not None:
-                code = None if self.process is None else self.process.returncode
-                raise errors.LaunchError(
-                    f"the worker exited with code {code} before it was ready; "
-                    f"last log lines:\n{self.log_tail()}")
-            if ready.exists():
-                try:
-                    return json.loads(ready.read_text())
-                except ValueError:
-                    pass  # being written
-            qt_sleep(0.05, self._ns)
-        self.stop()
-        raise errors.LaunchError(f"the worker did not start within {self.start_timeout:.0f} s; "
-                                 f"log:\n{self.log_tail()}")
+    def _pause(self, seconds: float) -> None:
+        qt_sleep(seconds, self._ns)  # ready-file checks with the application processing events
 
 
 class InlineJob:
