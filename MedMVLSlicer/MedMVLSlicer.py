@@ -26,7 +26,7 @@ from slicer.util import VTKObservationMixin
 # The client (standard library + numpy) comes from a source checkout or the extension's bundle,
 # found without touching sys.path (MedMVLSlicerLib/clientlib.py); a clear ImportError otherwise.
 from MedMVLSlicerLib import launch, mrml_geometry, scene_records, segment_region  # noqa: E402
-from MedMVLSlicerLib.clientlib import client_module  # noqa: E402
+from MedMVLSlicerLib.clientlib import RoiError, client_module  # noqa: E402
 from MedMVLSlicerLib.clientlib import controller as ctl  # noqa: E402
 
 records = client_module("records")
@@ -139,6 +139,10 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
         self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
         self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.updateTaskWidgets)
         self.ui.roiSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onRoiChanged)
+        self.ui.segmentRadioButton.connect("toggled(bool)", self.updateRegionWidgets)
+        # the selector re-announces the node after refilling its segment list: both signals matter
+        self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateTaskWidgets)
+        self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.updateTaskWidgets)
 
         # Results of the background work reach the GUI only through this timer.
         self._pollTimer = qt.QTimer()
@@ -150,7 +154,7 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
 
         self.initializeParameterNode()
         self.updateModeWidgets()
-        self.updateTaskWidgets()
+        self.updateRegionWidgets()
         self.on_state(self.logic.controller.state, "")
 
     def cleanup(self) -> None:
@@ -235,13 +239,48 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
         ckpt = self.ui.checkpointPathLineEdit.currentPath if self.ui.localRadioButton.checked else None
         return self.logic.controller.input_problem((k, j, i, comps) if comps > 1 else (k, j, i), ckpt) or ""
 
+    def regionFromSegment(self) -> bool:
+        """True when the region tasks use the chosen segment's box instead of the drawn ROI."""
+        return bool(self.ui.segmentRadioButton.checked)
+
+    def segmentProblem(self) -> str:
+        """Why the current task cannot run on the chosen segment yet, or "" (also "" when the task
+        needs no region or the region is the drawn ROI). Only the selection is checked here; an
+        empty segment or one outside the image is found when the button is pressed."""
+        if not (TASK_SPECS[self.currentTask()].needs_box and self.regionFromSegment()):
+            return ""
+        node = self.ui.segmentSelector.currentNode()
+        if node is None:
+            return _("Select a segmentation and a segment first.")
+        segmentation = node.GetSegmentation()
+        if segmentation.GetNumberOfSegments() == 0:
+            return _("'{name}' has no segments: add one in the Segment Editor.").format(name=node.GetName())
+        # the selector keeps its last segment ID while its list is empty: an ID not in the node is none
+        segment_id = self.ui.segmentSelector.currentSegmentID()
+        if not segment_id or segmentation.GetSegment(segment_id) is None:
+            return _("Select a segment of '{name}'.").format(name=node.GetName())
+        return ""
+
+    def canAsk(self, state: str) -> bool:
+        """The task button's state: a ready worker, a volume the model takes and, for a segment
+        region, a chosen segment (a missing drawn ROI is said on pressing, as before)."""
+        return state == ctl.READY and not self.inputProblem() and not self.segmentProblem()
+
+    def updateRegionWidgets(self, _checked=None) -> None:
+        segment = self.regionFromSegment()
+        self.ui.roiSelector.enabled = self.ui.roiPlaceWidget.enabled = not segment
+        self.ui.segmentSelector.enabled = segment
+        self.updateTaskWidgets()
+
     def updateTaskWidgets(self, _index=None) -> None:
         spec = TASK_SPECS[self.currentTask()]
         self.ui.questionLineEdit.enabled = spec.needs_question
         self.ui.askButton.text = _(spec.label)
-        problem = self.inputProblem()  # the task buttons say why they are disabled for this volume
-        self.ui.askButton.toolTip = problem or (_("Select an ROI first.") if spec.needs_box
-                                                and not self.ui.roiSelector.currentNode() else "")
+        # the task button says why it is disabled: the volume, then the segment
+        problem = self.inputProblem() or self.segmentProblem()
+        self.ui.askButton.toolTip = problem or (
+            _("Select an ROI first.") if spec.needs_box and not self.regionFromSegment()
+            and not self.ui.roiSelector.currentNode() else "")
         if problem:
             self.ui.askButton.enabled = False
         elif self.logic.controller.state == ctl.READY:
@@ -294,10 +333,23 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
     def onAskButton(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to ask the model."), waitCursor=False):
             spec = TASK_SPECS[self.currentTask()]
-            self.logic.runTask(self.ui.inputSelector.currentNode(), spec.name,
-                               self.ui.questionLineEdit.text if spec.needs_question else None,
-                               self.ui.roiSelector.currentNode() if spec.needs_box else None)
+            question = self.ui.questionLineEdit.text if spec.needs_question else None
+            if spec.needs_box and self.regionFromSegment():
+                self.askAboutSegment(spec.name, question)
+            else:
+                self.logic.runTask(self.ui.inputSelector.currentNode(), spec.name, question,
+                                   self.ui.roiSelector.currentNode() if spec.needs_box else None)
             self.renderChat()
+
+    def askAboutSegment(self, task: str, question) -> None:
+        """Run ``task`` on the chosen segment's box. A segment that cannot be a region (empty,
+        outside the image, made on another image) is said in the status line; nothing is sent."""
+        selector = self.ui.segmentSelector
+        try:
+            self.logic.runTaskOnSegment(self.ui.inputSelector.currentNode(), task, question,
+                                        selector.currentNode(), selector.currentSegmentID())
+        except RoiError as exc:
+            self.ui.statusLabel.text = _("This segment cannot be the region: {reason}").format(reason=exc)
 
     def onCancelButton(self) -> None:
         self.logic.cancel()
@@ -337,7 +389,7 @@ class MedMVLSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin, Cont
     def on_state(self, state: str, detail: str) -> None:
         busy = state in (ctl.BUSY, ctl.STARTING)
         self.ui.workerStatusLabel.text = state + (f": {detail}" if detail else "")
-        self.ui.askButton.enabled = state == ctl.READY and not self.inputProblem()
+        self.ui.askButton.enabled = self.canAsk(state)
         self.ui.cancelButton.enabled = busy
         self.ui.startButton.enabled = not busy
         self.ui.stopButton.enabled = state != ctl.DISCONNECTED
@@ -503,6 +555,7 @@ class MedMVLSlicerLogic(ScriptedLoadableModuleLogic):
         name = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
         self.controller.run_task(self.volumeData(volumeNode), task, question, region.box,
                                  region_source="segment", region_label=name)
+        self._regionRois[volumeNode.GetID()] = None  # no ROI node: the record keeps the box and name
 
     # ---------------------------------------------------------------- history
     def transcript(self, volumeNode) -> str:

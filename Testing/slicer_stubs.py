@@ -2,7 +2,8 @@
 (a test helper: no tests here).
 
 Widgets are built from the module's real ``.ui`` file (every ``<widget name=...>`` becomes a
-:class:`FakeWidget`), so code that uses a widget the .ui lacks fails. MRML classes and the
+:class:`FakeWidget`; a ``qMRMLSegmentSelectorWidget`` becomes the copy of it in
+``slicer_stub_segments.py``), so code that uses a widget the .ui lacks fails. MRML classes and the
 scene are the real ones from the ``slicer-core`` package (headless), so the Logic's geometry
 runs for real; ``vtk`` is slicer-core's VTK.
 
@@ -173,7 +174,10 @@ def load_ui_widgets(path: str) -> FakeUI:
                 props[name] = child.text == "true"
             elif child.tag == "stringlist" and name == "nodeTypes":
                 props[name] = tuple(s.text for s in child.findall("string"))
-        widgets[w.get("name")] = FakeWidget(w.get("name"), w.get("class"), props)
+        factory = FakeWidget
+        if w.get("class") == "qMRMLSegmentSelectorWidget":
+            from slicer_stub_segments import FakeSegmentSelectorWidget as factory
+        widgets[w.get("name")] = factory(w.get("name"), w.get("class"), props)
     return FakeUI(**widgets)
 
 
@@ -258,8 +262,8 @@ def install(recorder: _Recorder | None = None, module_dir: str | os.PathLike | N
     # ---- slicer
     sl = types.ModuleType("slicer")
     sl.__path__ = []  # a package, for "from slicer.x import y"
-    for name in dir(real_slicer):
-        if name.startswith("vtkMRML"):
+    for name in dir(real_slicer):  # MRML and segmentation classes, as Slicer's own module has them
+        if name.startswith(("vtkMRML", "vtkSegment", "vtkOrientedImageData")):
             setattr(sl, name, getattr(real_slicer, name))
     sl.mrmlScene = scene
 

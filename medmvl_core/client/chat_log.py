@@ -58,7 +58,8 @@ class ChatLogMixin:
         entries: list[ChatEntry] = []
         for t in conversation.turns:
             box = t.region.voxel if t.region is not None else None
-            entries.append(ChatEntry("user", shown_question(t.task, t.question, box), t.task))
+            label = t.region.label if t.region is not None else ""
+            entries.append(ChatEntry("user", shown_question(t.task, t.question, box, label), t.task))
             entries.append(ChatEntry("assistant", t.answer, t.task,
                                      [{"voxel": b.voxel, "model": b.model,
                                        "physical_lps": b.physical_lps} for b in t.boxes]))

@@ -241,7 +241,7 @@ class PanelController(WorkerJobsMixin, ChatLogMixin):
         label = TASK_SPECS[task].label
         q = (question or "").strip()
         self.histories.setdefault(volume.key, []).append(
-            ChatEntry("user", shown_question(task, q, box), task))
+            ChatEntry("user", shown_question(task, q, box, region_label), task))
         self.last_question[volume.key] = question.strip() if question and question.strip() else label
         conv = self.conversations.setdefault(volume.key, records.Conversation())
         conv.volume = records.VolumeRef(

@@ -116,11 +116,13 @@ def task_prompt_check(task: str, question: str | None, box: Sequence[int] | None
                                      code="missing_box")
 
 
-def shown_question(task: str, question: str, box: Sequence[int] | None) -> str:
-    """The user's line in the transcript: the question, the task's label, the region."""
+def shown_question(task: str, question: str, box: Sequence[int] | None, region_label: str = "") -> str:
+    """The user's line in the transcript: the question, the task's label, the region (named
+    ``region_label`` when it has a name, e.g. the segment it came from)."""
     spec = TASK_SPECS.get(task)
     label = spec.label if spec is not None else task
     shown = question if task == "ask" else (f"{label}: {question}" if question else label)
     if box is not None:
-        shown += f"  [box {list(int(v) for v in box)}]"
+        name = f"{region_label}: " if region_label else ""
+        shown += f"  [{name}box {list(int(v) for v in box)}]"
     return shown
