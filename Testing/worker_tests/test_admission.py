@@ -114,13 +114,69 @@ def test_int8_load_quantizes_while_reading_and_stays_close_to_float(ckpt):
     assert len(Engine(q, proc).answer(Volume(ct, modality="CT"), "Findings?", max_new_tokens=2).token_ids) == 2
 
 
-def test_int8_needs_float32_and_auto_picks_int8_on_cpu(ckpt):
+def test_int8_compute_dtypes_and_auto_picks_int8_only_for_a_large_llm_on_cpu(ckpt, monkeypatch, tmp_path):
     from medmvl_core.model import load_checkpoint
-    from medmvl_core.worker.loading import resolve_quantize
+    from medmvl_core.worker import loading
+    from medmvl_core.worker.loading import resolve_dtype, resolve_quantize
 
-    with pytest.raises(ConfigError, match="float32"):
-        load_checkpoint(ckpt, dtype=torch.bfloat16, quantize="int8")
+    with pytest.raises(ConfigError, match="bf16"):
+        load_checkpoint(ckpt, dtype=torch.float16, quantize="int8")
     assert resolve_quantize("auto", "cpu") == "int8"
     assert resolve_quantize("auto", "cpu", "bf16") == "none"
     assert resolve_quantize("auto", "cuda") == "none"
     assert resolve_quantize("4bit", "cuda") == "4bit"
+    # the tiny replica's LLM is far below the threshold: auto keeps it in float (exact answers)
+    assert loading.llm_linear_params(ckpt) < loading.AUTO_INT8_MIN_PARAMS
+    assert resolve_quantize("auto", "cpu", None, ckpt) == "none"
+    monkeypatch.setattr(loading, "AUTO_INT8_MIN_PARAMS", 1)
+    assert resolve_quantize("auto", "cpu", None, ckpt) == "int8"
+    assert resolve_quantize("auto", "cpu", None, tmp_path) == "int8"  # no headers: not judged by size
+    # int8 computes in bf16 where the CPU has bf16 units, float32 elsewhere; explicit dtypes win
+    monkeypatch.setattr(loading, "cpu_has_bf16_units", lambda: True)
+    assert resolve_dtype(None, "cpu", "int8") == torch.bfloat16 and resolve_dtype(None, "cpu") == torch.float32
+    assert resolve_dtype("fp32", "cpu", "int8") == torch.float32
+    monkeypatch.setattr(loading, "cpu_has_bf16_units", lambda: False)
+    assert resolve_dtype(None, "cpu", "int8") == torch.float32
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+def test_weight_only_int8_linear_matches_the_dequantized_float_product(rows):
+    from medmvl_core.engine.quantize import WO_MAX_ROWS, Int8WeightOnlyLinear
+
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 64, generator=g) * torch.linspace(0.1, 3.0, 96)[:, None]  # rows of different scale
+    b = torch.randn(96, generator=g)
+    x = torch.randn(2, rows, 64, generator=g)
+    lin = Int8WeightOnlyLinear.from_float(w, b, torch.bfloat16)
+    assert lin.qweight.dtype == torch.int8 and int(lin.qweight.abs().max()) == 127
+    # reference: the same int8 weight and scales, dequantized and multiplied in float64
+    deq = lin.qweight.double() * lin.scales.double()[:, None]
+    ref = x.bfloat16().double() @ deq.T + lin.bias.double()
+    y = lin(x.bfloat16())
+    assert y.shape == (2, rows, 96) and y.dtype == torch.bfloat16
+    # both kernels (rows <= WO_MAX_ROWS: int8 weight-only; more: widened bf16) round to bf16
+    err = (y.double() - ref).abs().max() / ref.abs().max()
+    assert err < 1e-2, (rows, rows <= WO_MAX_ROWS, float(err))
+    # and the int8 weights stay close to the float ones (per-row scales)
+    assert (deq.float() - w).abs().max() <= lin.scales.float().max() * 0.51 + 1e-3
+
+
+def test_bf16_int8_load_uses_weight_only_layers_and_stays_close_to_float(ckpt):
+    from medmvl_core.engine import Engine
+    from medmvl_core.engine.quantize import Int8WeightOnlyLinear, int8_kind
+    from medmvl_core.imaging import Volume
+    from medmvl_core.model import load_checkpoint
+
+    ref, proc = load_checkpoint(ckpt, dtype=torch.float32)
+    q, _ = load_checkpoint(ckpt, dtype=torch.bfloat16, quantize="int8")
+    layer = q.llm.model.layers[0]
+    assert isinstance(layer.mlp.down_proj, Int8WeightOnlyLinear) and isinstance(q.llm.lm_head, Int8WeightOnlyLinear)
+    assert int8_kind(q) == "weight-only" and int8_kind(ref) == "none"
+    ids = torch.tensor([proc.tokenizer("Is there a nodule in the right lung?")["input_ids"]])
+    with torch.inference_mode():
+        a, b = ref.llm(input_ids=ids).logits[0], q.llm(input_ids=ids).logits[0].float()
+        step = q.llm(input_ids=ids[:, :1]).logits[0, -1].float()  # one row: the weight-only kernel
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.99
+    assert torch.corrcoef(torch.stack([a[0], step]))[0, 1] > 0.99
+    ct = np.random.default_rng(1).integers(-1000, 1000, (12, 40, 40)).astype(np.int16)
+    assert len(Engine(q, proc).answer(Volume(ct, modality="CT"), "Findings?", max_new_tokens=2).token_ids) == 2

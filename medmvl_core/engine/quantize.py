@@ -1,11 +1,20 @@
-"""Quantized LLM weights: bitsandbytes 8-bit / 4-bit for GPUs with little memory, and torch's
-dynamic int8 for CPUs (``"int8"``, the CPU default: see docs/full-size-models.md).
+"""Quantized LLM weights: bitsandbytes 8-bit / 4-bit for GPUs with little memory, and int8 for
+CPUs (``"int8"``, the CPU default: see docs/full-size-models.md).
 
-``"int8"`` replaces every ``nn.Linear`` of the LLM's decoder layers, and the LM head, with a
-``torch.ao.nn.quantized.dynamic.Linear`` (int8 weights with one scale per output row, activations
-quantized per call, fbgemm/oneDNN int8 matrix products, float32 in and out). The embeddings,
-norms and the vision side stay float32. During loading :class:`Int8Filler` quantizes each layer
-as soon as its float weights have been read, so the float32 model never exists as a whole.
+``"int8"`` replaces every ``nn.Linear`` of the LLM's decoder layers, and the LM head, with int8
+weights and one scale per output row. How it computes follows the model's dtype:
+
+* bfloat16 (the CPU default where the CPU has bf16 units): :class:`Int8WeightOnlyLinear`, int8
+  weights read by ATen's weight-only kernel (``_weight_int8pack_mm``, bf16 activations) for a
+  few rows (decoding: memory-bound, so half the bytes of bf16 is about twice the speed), and for
+  many rows (prefill) the int8 weight widened into a reused bf16 buffer and multiplied as bf16
+  (compute-bound: the CPU's bf16 matrix units), the scales applied to the output.
+* float32: ``torch.ao.nn.quantized.dynamic.Linear`` (activations quantized per call,
+  fbgemm/oneDNN int8 matrix products, float32 in and out), for CPUs without bf16 units.
+
+The embeddings, norms and the vision side stay in the model's dtype. During loading
+:class:`Int8Filler` quantizes each layer as soon as its float weights have been read, so the
+float model never exists as a whole.
 
 ``quantize_model(model, "8bit" | "4bit" | "none")`` replaces every ``nn.Linear`` of the LLM's
 decoder layers with a bitsandbytes ``Linear8bitLt`` (LLM.int8, threshold 6.0) or ``Linear4bit``
@@ -18,6 +27,7 @@ CPU (slow; for tests). The model is modified in place and returned.
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from typing import Any
 
@@ -141,9 +151,78 @@ def weight_bytes(model: Any) -> int:
 
 
 # --------------------------------------------------------------------------- CPU int8
-def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A dynamic-quantized int8 ``Linear`` from a float weight [out, in] (symmetric, one scale per
-    output row when ``INT8_PER_CHANNEL``) and an optional bias [out] (kept float32)."""
+#: at most this many rows (tokens) go through the weight-only int8 kernel; more rows widen the
+#: weight to bf16 and use the bf16 matrix product (measured crossover on a 2-core AVX-512 CPU: 8-16)
+WO_MAX_ROWS = 8
+_scratch = threading.local()
+
+
+def _widen_buffer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer of ``shape`` reused across layers and calls: widening into it costs
+    one pass over the weight, a fresh tensor per call costs page faults (about 4x slower)."""
+    buf = getattr(_scratch, "buf", None)
+    n = shape[0] * shape[1]
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = _scratch.buf = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
+
+
+def row_scales(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scales, one per output row of ``w`` [out, in] (float32 [out]); computed in
+    blocks of rows so that no full-size temporary of a large matrix (the LM head) is made."""
+    amax = torch.cat([blk.abs().amax(dim=1).float() for blk in w.split(4096, dim=0)])
+    return (amax / 127.0).clamp(min=1e-12)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """``y = x W^T + b`` with W stored as int8 [out, in] and one scale per output row; x and y in
+    ``compute_dtype`` (bf16). Inference only."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.to(compute_dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(compute_dtype))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None,
+                   compute_dtype: torch.dtype = torch.bfloat16) -> "Int8WeightOnlyLinear":
+        w = weight.detach()
+        # quantize against the scales as stored (rounded to the compute dtype), so that q * scale
+        # is the nearest int8 multiple of the scale the kernels use
+        scales = row_scales(w).to(compute_dtype).float()
+        q = torch.empty(w.shape, dtype=torch.int8)
+        # in blocks of rows: no full-size float temporary of a large matrix
+        for rows, blk, s in zip(q.split(4096, dim=0), w.split(4096, dim=0), scales.split(4096)):
+            rows.copy_(torch.round(blk.float() / s[:, None]).clamp_(-127, 127))
+        return cls(q, scales, bias, compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        if x2.shape[0] <= WO_MAX_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
+        else:
+            w = _widen_buffer(self.qweight.shape, x2.dtype)
+            w.copy_(self.qweight)  # exact: |q| <= 127 is representable in bf16
+            y = torch.mm(x2, w.t()).mul_(self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None,
+                compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An int8 ``Linear`` from a float weight [out, in] and an optional bias [out]: weight-only
+    int8 computing in ``compute_dtype`` when it is bf16 / fp16, otherwise torch's dynamic int8
+    (symmetric, one scale per output row when ``INT8_PER_CHANNEL``; bias kept float32)."""
+    if compute_dtype in (torch.bfloat16, torch.float16):
+        return Int8WeightOnlyLinear.from_float(weight, bias, compute_dtype)
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     w = weight.detach().to(torch.float32)
@@ -182,7 +261,7 @@ def quantize_int8_head(model: Any) -> None:
     head = llm.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         return
-    llm.lm_head = int8_linear(head.weight, head.bias)
+    llm.lm_head = int8_linear(head.weight, head.bias, head.weight.dtype)
     # the head is no longer the embedding matrix: never re-tie it (save/reload would break it)
     llm.config.tie_word_embeddings = False
     if hasattr(model, "config") and hasattr(model.config, "llm_config"):
@@ -199,10 +278,20 @@ def quantize_int8(model: Any) -> Any:
     if not targets:
         raise QuantizationError("the LLM has no nn.Linear layers to quantize (already quantized?)")
     for prefix, lin in targets.items():
-        _set_module(model, prefix, int8_linear(lin.weight, lin.bias))
+        _set_module(model, prefix, int8_linear(lin.weight, lin.bias, lin.weight.dtype))
     quantize_int8_head(model)
-    logger.info("quantized %d LLM linear layers and the LM head to dynamic int8", len(targets))
+    logger.info("quantized %d LLM linear layers and the LM head to int8 (%s)", len(targets), int8_kind(model))
     return model
+
+
+def int8_kind(model: Any) -> str:
+    """"weight-only" (bf16 compute), "dynamic" (float32) or "none": how the model's int8 layers compute."""
+    for m in model.modules():
+        if isinstance(m, Int8WeightOnlyLinear):
+            return "weight-only"
+        if hasattr(m, "_packed_params"):
+            return "dynamic"
+    return "none"
 
 
 class Int8Filler:
@@ -223,6 +312,7 @@ class Int8Filler:
         got = self.parts.setdefault(prefix, {})
         got[attr] = tensor
         if "weight" in got and ("bias" in got or lin.bias is None):
-            _set_module(self.model, prefix, int8_linear(got["weight"], got.get("bias")))
+            # the tensors arrive in the load dtype, which is the dtype the layer computes in
+            _set_module(self.model, prefix, int8_linear(got["weight"], got.get("bias"), got["weight"].dtype))
             del self.parts[prefix], self.targets[prefix]
         return True

@@ -163,9 +163,9 @@ def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or _default_dtype(device)
-    if quantize == "int8" and dtype != torch.float32:
-        raise ConfigError("--quantize int8 (torch dynamic int8, CPU) computes in float32; leave --dtype out "
-                          "or use --quantize none with --dtype bf16")
+    if quantize == "int8" and dtype not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"--quantize int8 (CPU) computes in bf16 (weight-only int8) or float32 (dynamic int8), "
+                          f"not {dtype}; use --dtype bf16 or fp32, or leave --dtype out")
     fmt = detect_format(json.loads(cfg_file.read_text()))
     if fmt == "medmvl":
         config = MedMVLConfig.from_pretrained(str(path))

@@ -25,12 +25,28 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str | None, device: str):
+def cpu_has_bf16_units() -> bool:
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 matrix
+    products run ~3x faster than float32; elsewhere they are emulated and far slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_dtype(dtype: str | None, device: str, quantize: str = "none"):
+    """The torch dtype for ``dtype`` (None: the device's default). On the CPU the default is
+    float32, except with int8 weights on a CPU with bf16 units: bf16 (weight-only int8 kernels)."""
     import torch
     if dtype is None:
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if quantize == "int8" and cpu_has_bf16_units() else torch.float32
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return getattr(torch, DTYPES[dtype])
@@ -39,12 +55,41 @@ def resolve_dtype(dtype: str | None, device: str):
 QUANTIZE_CHOICES = ("auto", "none", "int8", "8bit", "4bit")
 
 
-def resolve_quantize(quantize: str, device: str, dtype: str | None = None) -> str:
-    """``auto``: torch dynamic int8 on the CPU (the fastest CPU path measured, see
-    docs/full-size-models.md) unless a float dtype is asked for; no quantization on a GPU."""
+#: ``auto`` quantizes on the CPU only an LLM with at least this many linear weights: a small model
+#: (the demo models) is bound by per-layer overheads, not by reading its weights, so int8 would
+#: cost accuracy and save nothing
+AUTO_INT8_MIN_PARAMS = 100_000_000
+
+
+def llm_linear_params(checkpoint: str | Path) -> int | None:
+    """Weights in the LLM decoder's linear layers, from the safetensors headers (None: no headers)."""
+    from medmvl_core.worker.admission import _LLM_LINEAR, checkpoint_tensors
+
+    tensors = checkpoint_tensors(checkpoint)
+    if not tensors:
+        return None
+    total = 0
+    for name, (shape, _dt) in tensors.items():
+        if len(shape) == 2 and _LLM_LINEAR.match(name):
+            total += shape[0] * shape[1]
+    return total
+
+
+def resolve_quantize(quantize: str, device: str, dtype: str | None = None,
+                     checkpoint: str | Path | None = None) -> str:
+    """``auto``: int8 LLM weights on the CPU (the fastest CPU path measured, see
+    docs/full-size-models.md; computing in bf16 or float32 as :func:`resolve_dtype` picks) unless
+    bf16 or fp16 is asked for or the checkpoint's LLM is small (< ``AUTO_INT8_MIN_PARAMS``
+    linear weights); no quantization on a GPU."""
     if quantize != "auto":
         return quantize
-    return "int8" if device == "cpu" and dtype in (None, "fp32") else "none"
+    if device != "cpu" or dtype not in (None, "fp32"):
+        return "none"
+    if checkpoint is not None:
+        n = llm_linear_params(checkpoint)
+        if n is not None and n < AUTO_INT8_MIN_PARAMS:
+            return "none"
+    return "int8"
 
 
 def load_model(checkpoint: str | Path, device: str = "auto", dtype: str | None = None,
@@ -57,11 +102,11 @@ def load_model(checkpoint: str | Path, device: str = "auto", dtype: str | None =
     if quantize not in QUANTIZE_CHOICES:
         raise ConfigError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}")
     dev = resolve_device(device)
-    quantize = resolve_quantize(quantize, dev, dtype)
-    torch_dtype = resolve_dtype(dtype, dev)
+    quantize = resolve_quantize(quantize, dev, dtype, path)
+    torch_dtype = resolve_dtype(dtype, dev, quantize)
     from medmvl_core.model import load_checkpoint
-    if quantize == "none":
-        model, proc = load_checkpoint(str(path), device=dev, dtype=torch_dtype)
+    if quantize in ("none", "int8"):  # int8: each layer quantized as it is read (no float copy of the model)
+        model, proc = load_checkpoint(str(path), device=dev, dtype=torch_dtype, quantize=quantize)
         return model.eval(), proc
     from medmvl_core.engine.quantize import quantize_model
     model, proc = load_checkpoint(str(path), device="cpu", dtype=torch_dtype)
@@ -75,8 +120,8 @@ def load_engine(checkpoint: str | Path, device: str = "auto", dtype: str | None 
     from medmvl_core.worker.admission import admit
     # refuse before reading a weight if it will not fit (a folder without safetensors: no plan)
     dev = resolve_device(device)
-    admit(checkpoint, dev, resolve_dtype(dtype, dev), resolve_quantize(quantize, dev, dtype),
-          int(engine_kwargs.get("kv_cache_bytes", 4 << 30)))
+    quant = resolve_quantize(quantize, dev, dtype, checkpoint)
+    admit(checkpoint, dev, resolve_dtype(dtype, dev, quant), quant, int(engine_kwargs.get("kv_cache_bytes", 4 << 30)))
     model, proc = load_model(checkpoint, device, dtype, quantize)
     engine = Engine(model, proc, **engine_kwargs)
     if engine.fast_path.enabled:
