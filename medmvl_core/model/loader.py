@@ -51,9 +51,17 @@ def _fix_attn(config: MedMVLConfig, device: str | torch.device) -> None:
 def _load_tokenizer(dirs: list[Path], max_length: int, padding_side: str):
     from transformers import AutoTokenizer
 
+    from transformers import PreTrainedTokenizerBase
+
+    extra = {}
+    if hasattr(PreTrainedTokenizerBase, "_patch_mistral_regex"):
+        # transformers 4.57+ takes a local folder whose config.json has no model_type (MedM-VL's) for a
+        # Mistral tokenizer with a known-bad regex and warns; MedM-VL's tokenizers are Qwen / Llama ones
+        extra["fix_mistral_regex"] = False
     for d in dirs:
         if any((d / f).is_file() for f in _TOKENIZER_FILES):
-            tok = AutoTokenizer.from_pretrained(str(d), model_max_length=max_length, padding_side=padding_side)
+            tok = AutoTokenizer.from_pretrained(str(d), model_max_length=max_length, padding_side=padding_side, **extra)
+            tok.init_kwargs.pop("fix_mistral_regex", None)  # not written into a saved tokenizer_config.json
             logger.info("tokenizer from %s (%s)", d, type(tok).__name__)
             return tok
     raise CheckpointError(
