@@ -45,18 +45,6 @@ def _chunked(pieces):
     yield b"0\r\n\r\n"
 
 
-def _send_answered(port, head, make_chunks, tries: int = 3):
-    """``send_raw`` until a whole answer (status line and body) is read: a server that refuses a body it has not read closes
-    the connection with that body unread, and the kernel's reset can discard the answer before
-    this client reads it (the server's lingering close is not solved yet; see the closing note)."""
-    for _ in range(tries):
-        out = send_raw(port, head, make_chunks())
-        status, headers, raw = out
-        if status and len(raw) >= int(headers.get("content-length", "0") or 0):
-            return out
-    return out
-
-
 def _measure(pid: int, fn):
     """Run ``fn()``; return (its result, growth of the peak RSS in MB, RSS after in MB)."""
     if not reset_peak(pid):
@@ -80,11 +68,12 @@ def test_json_body_over_the_limit_is_refused_before_it_is_read(toy_worker, chunk
     hdrs = {"Content-Type": "application/json"}
     if chunked:
         hdrs["Transfer-Encoding"] = "chunked"
+        chunks = _chunked(body)
     else:
         hdrs["Content-Length"] = str(sum(len(b) for b in body))
-    head = _head("POST", "/v1/sessions", client.token, hdrs)
-    (status, _h, raw), growth, _ = _measure(pid, lambda: _send_answered(
-        port, head, lambda: _chunked(body) if chunked else iter(body)))
+        chunks = iter(body)
+    (status, _h, raw), growth, _ = _measure(pid, lambda: send_raw(
+        port, _head("POST", "/v1/sessions", client.token, hdrs), chunks))
     print(f"json body {size // MB} MB ({'chunked' if chunked else 'content-length'}): "
           f"HTTP {status}, worker peak RSS +{growth:.1f} MB")
     assert status == 413 and json.loads(raw)["error"]["code"] == "too_large"
@@ -116,18 +105,16 @@ def test_chunked_upload_past_its_declared_size_or_the_limit_stops_early(toy_work
     # declares 8 MB, then keeps sending: refused once the 8 MB are passed
     hdrs = {"Content-Type": "application/octet-stream", "Transfer-Encoding": "chunked",
             "X-MedMVL-Meta": _meta((8, 512, 1024))}
-    head = _head("POST", "/v1/volumes", client.token, hdrs)
-    (status, _h, raw), growth, _ = _measure(pid, lambda: _send_answered(
-        port, head, lambda: _chunked([piece] * 64)))
+    (status, _h, raw), growth, _ = _measure(pid, lambda: send_raw(
+        port, _head("POST", "/v1/volumes", client.token, hdrs), _chunked([piece] * 64)))
     print(f"chunked upload declaring 8 MB, sending 64 MB: HTTP {status}, peak RSS +{growth:.1f} MB")
     assert (status, json.loads(raw)["error"]["code"]) == (400, "shape_mismatch")
     assert growth < 8 + 8
     # declares more than the limit: refused before a byte of the body is read
     big = (UPLOAD_LIMIT_MB + 28, 512, 1024)
     hdrs["X-MedMVL-Meta"] = _meta(big)
-    head = _head("POST", "/v1/volumes", client.token, hdrs)
-    (status, _h, raw), growth, _ = _measure(pid, lambda: _send_answered(
-        port, head, lambda: _chunked([piece] * 256)))
+    (status, _h, raw), growth, _ = _measure(pid, lambda: send_raw(
+        port, _head("POST", "/v1/volumes", client.token, hdrs), _chunked([piece] * 256)))
     print(f"chunked upload declaring {big[0]} MB over a {UPLOAD_LIMIT_MB} MB limit: "
           f"HTTP {status}, peak RSS +{growth:.1f} MB")
     assert (status, json.loads(raw)["error"]["code"]) == (413, "too_large")

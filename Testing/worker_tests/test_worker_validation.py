@@ -1,6 +1,7 @@
 """A real worker on loopback (uvicorn in a thread, tiny model): every bad field is a 4xx in the
 worker's own error shape before anything streams, boxes are checked by the one shared function,
-closed sessions answer 410, stalled bodies 408, and the OpenAPI schema matches the client."""
+closed sessions answer 410, stalled bodies 408, a refused body that is still arriving gets its
+answer (lingering close, bounded), and the OpenAPI schema matches the client."""
 
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def sid(client):
     return client.create_session(client.upload_volume(arr))
 
 
-def _post(worker, path: str, body: bytes, headers: dict | None = None, token: str = TOKEN):
+def _post(worker, path: str, body, headers: dict | None = None, token: str = TOKEN):
+    """POST ``body`` (bytes, or an iterable of bytes: sent chunked) as ``http.client`` does: the
+    whole body first, then the answer is read. GET when ``body`` is None."""
     conn = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=10)
     hdrs = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     hdrs.update(headers or {})
@@ -167,6 +170,65 @@ def test_a_stalled_body_gets_408_and_is_closed(worker):
     status, _, raw = send_raw(worker.port, head, [b'{"volume_id": '], read_timeout=10)
     assert time.monotonic() - t0 < 5
     assert (status, json.loads(raw)["error"]["code"]) == (408, "body_timeout")
+
+
+def _meta_header(shape) -> dict:
+    return {"Content-Type": "application/octet-stream", "X-MedMVL-Meta": json.dumps(
+        {"dtype": "int16", "shape": list(shape), "spacing": [1, 1, 1], "origin": [0, 0, 0],
+         "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]})}
+
+
+MB = 1 << 20
+
+
+@pytest.mark.parametrize("path,body,headers,status,code", [
+    ("/v1/sessions", b"a" * 4 * MB, {}, 413, "too_large"),                      # JSON, Content-Length
+    ("/v1/sessions", [b"a" * MB] * 4, {}, 413, "too_large"),                    # JSON, chunked
+    ("/v1/volumes", b"\0" * 4 * MB, _meta_header((32, 256, 256)), 413, "too_large"),  # upload over the limit
+    ("/v1/volumes", [b"\0" * MB] * 4, _meta_header(SHAPE), 400, "shape_mismatch"),   # chunked, past its shape
+], ids=["json-length", "json-chunked", "upload-length", "upload-chunked"])
+def test_a_refused_body_still_arriving_gets_its_answer(worker, path, body, headers, status, code):
+    """The worker answers as soon as it refuses, while http.client is still sending 4 MB it will
+    not read. Closing then would make the kernel reset the connection, discarding the answer
+    (before the lingering close every one of these lost its answer to a reset); the worker
+    reads and discards the rest first, so the client gets the refusal every time."""
+    for _ in range(3):
+        got, _, out = _post(worker, path, iter(body) if isinstance(body, list) else body, headers)
+        assert (got, out["error"]["code"]) == (status, code), out
+
+
+def test_lingering_close_is_bounded_in_time_and_bytes(worker, monkeypatch):
+    """A client that stops sending (without closing) is closed after LINGER_S, its answer read at
+    once; one that keeps sending is cut off after LINGER_BYTES, not read to the end of 64 MB."""
+    from medmvl_core.worker import guard
+
+    monkeypatch.setattr(guard, "LINGER_S", 1.0)
+    monkeypatch.setattr(guard, "LINGER_BYTES", 1 * MB)
+    hdrs = {"Authorization": f"Bearer {TOKEN}", **_meta_header((512, 256, 256)),
+            "Content-Length": str(64 * MB)}
+    head = ("POST /v1/volumes HTTP/1.1\r\nHost: x\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
+            + "\r\n").encode()
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
+        t0 = time.monotonic()
+        sock.sendall(head + b"\0" * 1000)             # then nothing more
+        answer = part = sock.recv(65536)
+        while part and b"too_large" not in answer:
+            answer += (part := sock.recv(65536))
+        answered = time.monotonic() - t0
+        while sock.recv(65536):                       # until the worker closes
+            pass
+        closed = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 413") and answered < 0.8, (answer[:40], answered)
+    assert 0.9 < closed < 5, closed
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
+        sent = 0
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            sock.sendall(head)
+            for _ in range(64):
+                sock.sendall(b"\0" * MB)
+                sent += MB
+    # the worker read about 1 MB; the rest is what the two sockets' buffers held
+    assert sent < 32 * MB, sent
 
 
 def test_openapi_schema_is_served_and_matches_the_client(worker):

@@ -14,7 +14,8 @@ folder                 DICOM series (pydicom, GDCM fallback; several series: the
 ``.npy``               MedM-VL's data: a [D, H, W] HU array (or [1, D, H, W]); no geometry,
                        so spacing 1 mm, origin 0, identity direction (LPS axes)
 ``.png`` ``.jpg``      Pillow: 8-bit grey -> [1, H, W] uint8, colour -> [1, H, W, 3] uint8
-``.bmp`` ``.tif``      (as ``convert("RGB")``), 16-bit / float kept as is -> [1, H, W]
+``.bmp`` ``.tif``      (as ``convert("RGB")``), 16-bit / float kept as is -> [1, H, W]; no pixel
+                       size is read (spacing 1); CMYK and 12-bit / lossless JPEG are refused
 =====================  ===========================================================
 """
 
@@ -187,6 +188,11 @@ def read_2d(p: Path) -> Volume:
                     "save the volume as NIfTI or a DICOM series")
             im.load()
             mode = im.mode
+            if mode == "CMYK":
+                # print separations: without the file's colour profile the grey levels are a guess
+                raise InvalidImageError(
+                    f"{p.name} is a CMYK (print) image, whose grey levels cannot be recovered reliably; "
+                    "save it as greyscale or RGB (e.g. PNG) and try again")
             if mode in ("L", "1"):
                 arr = np.asarray(im.convert("L"))
             elif mode.startswith("I") or mode == "F":
@@ -198,8 +204,48 @@ def read_2d(p: Path) -> Volume:
     except InvalidImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        frame = _jpeg_frame(p) if p.name.lower().endswith((".jpg", ".jpeg")) else None
+        if frame is not None and (frame[1] != 8 or frame[0] in _JPEG_LOSSLESS):
+            kind = "lossless " if frame[0] in _JPEG_LOSSLESS else ""
+            raise ImageReadError(
+                f"{p.name} is a {frame[1]}-bit {kind}JPEG (a kind found inside DICOM files); only "
+                "8-bit JPEG can be read: convert it to a 16-bit PNG or TIFF first") from exc
         raise ImageReadError(f"cannot read {p.name} as an image ({exc}); the file may be truncated "
                              "or not an image") from exc
     if arr.ndim == 3 and arr.shape[-1] > 3:
         arr = arr[..., :3]
     return Volume(np.ascontiguousarray(arr)[None], modality="image", source=p.suffix.lower().lstrip("."))
+
+
+# JPEG start-of-frame markers (ITU T.81 table B.1): SOF0-3, 5-7, 9-11, 13-15; 3/7/11/15 are lossless
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_LOSSLESS = frozenset({0xC3, 0xC7, 0xCB, 0xCF})
+
+
+def _jpeg_frame(p: Path) -> tuple[int, int] | None:
+    """(SOF marker, sample precision in bits) of a JPEG file, or None when it has no frame header
+    before its first scan (not a JPEG, or truncated). Reads at most 1 MB (the header segments)."""
+    try:
+        with open(p, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError:
+        return None
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 < len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker in _JPEG_SOF:
+            return marker, data[pos + 4]
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header came first
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
