@@ -4,7 +4,9 @@ model answering on a synthetic test phantom (CPU is enough):
 - ``viewer_three_views.png``: the whole window: axial / coronal / sagittal views, the box the
   demo model found for "nodule" (green) and a drawn region (yellow), the conversation;
 - ``panel_conversation.png``: the MedM-VL panel: model identity and intended use, a report, a
-  Find with its box in words, a question about the drawn region.
+  Find with its box in words, a question about the drawn region;
+- ``viewer_radiograph_find.png``: the radiograph demo model (Resources/demo_model_2d) on an unseen
+  radiograph phantom (PNG): a report and the box it found for the phantom's finding.
 
 Run from the repository root: ``python scripts/make_screenshots.py [--out Resources/Screenshots]``.
 Relative paths are used for the model and the interpreter, and the script refuses to write a
@@ -23,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PHANTOM = ("test", 151)  # a test-split phantom with a nodule in the left lower lobe
+XRAY_PHANTOM = ("test", 3)  # a test-split radiograph phantom with a finding
 
 
 def _wait(app, cond, timeout: float) -> bool:
@@ -45,13 +48,77 @@ def _visible_texts(win) -> list[str]:
     return out
 
 
+def _start(app, win, checkpoint: str, timeout: float) -> None:
+    """Start a local worker on ``checkpoint`` (relative to the repository) with a relative interpreter."""
+    from medmvl_core.client import controller as ctl
+
+    python = os.path.relpath(sys.executable)
+    win.pythonEdit.setText(python if not python.startswith("..") else sys.executable)
+    win.checkpointEdit.setText(checkpoint)
+    win.deviceCombo.setCurrentText("cpu")
+    win._start()
+    if not _wait(app, lambda: win.controller.state in (ctl.READY, ctl.DEAD, ctl.ERROR), timeout) \
+            or win.controller.state != ctl.READY:
+        raise RuntimeError(f"the demo worker did not start: {win.stateLabel.text()}")
+    if python.startswith(".."):
+        win.pythonEdit.setText(Path(sys.executable).name)
+
+
+def _ask(app, win, task: str, question: str, timeout: float) -> None:
+    win.set_task(task)
+    win.questionEdit.setText(question)
+    if not win.ask() or not _wait(app, win.controller.idle, timeout):
+        raise RuntimeError(f"{task} failed: {win.statusLabel.text()}")
+
+
+def _check_no_paths(win, tmp: Path) -> None:
+    leaks = [t for t in _visible_texts(win) if str(REPO) in t or str(tmp) in t
+             or os.path.expanduser("~") + "/" in t]
+    if leaks:
+        raise RuntimeError(f"a machine path is visible: {leaks[0][:200]!r}")
+
+
+def make_radiograph(out_dir: Path, timeout: float = 300.0) -> Path:
+    """The radiograph scenario: report + find on an unseen radiograph phantom; returns the PNG."""
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    os.chdir(REPO)
+    from qtpy import QtWidgets
+
+    from medmvl_core.data.phantom_tasks import KIND_TEXT
+    from medmvl_core.data.phantoms import make_xray_phantom, write_phantom
+    from medmvl_core.viewer.window import ViewerWindow
+
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
+    tmp = Path(tempfile.mkdtemp(prefix="medmvl-shots-"))
+    ph = make_xray_phantom(0, *XRAY_PHANTOM)
+    name = write_phantom(ph, tmp)
+    win = ViewerWindow()
+    win.resize(1280, 760)
+    win.show()
+    try:
+        win.load_path(tmp / name)
+        _start(app, win, "Resources/demo_model_2d", timeout)
+        win.controller.max_new_tokens = 96
+        _ask(app, win, "report", "", timeout)
+        _ask(app, win, "find", KIND_TEXT[ph.findings[0].kind], timeout)
+        app.processEvents()
+        _check_no_paths(win, tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shot = out_dir / "viewer_radiograph_find.png"
+        win.grab().save(str(shot))
+        return shot
+    finally:
+        win.close()
+        win.controller.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def make(out_dir: Path, timeout: float = 300.0) -> list[Path]:
-    """Run the scenario and write both PNGs into ``out_dir``; returns their paths."""
+    """Run the CT scenario and write both PNGs into ``out_dir``; returns their paths."""
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     os.chdir(REPO)  # relative model / interpreter paths: nothing of this machine on screen
     from qtpy import QtWidgets
 
-    from medmvl_core.client import controller as ctl
     from medmvl_core.data.phantoms import make_ct_phantom, write_phantom
     from medmvl_core.viewer.window import ViewerWindow
 
@@ -63,22 +130,10 @@ def make(out_dir: Path, timeout: float = 300.0) -> list[Path]:
     win.show()
     try:
         win.load_path(tmp / name)
-        python = os.path.relpath(sys.executable)
-        win.pythonEdit.setText(python if not python.startswith("..") else sys.executable)
-        win.checkpointEdit.setText("Resources/demo_model")
-        win.deviceCombo.setCurrentText("cpu")
-        win._start()
-        if not _wait(app, lambda: win.controller.state in (ctl.READY, ctl.DEAD, ctl.ERROR), timeout) \
-                or win.controller.state != ctl.READY:
-            raise RuntimeError(f"the demo worker did not start: {win.stateLabel.text()}")
-        if python.startswith(".."):
-            win.pythonEdit.setText(Path(sys.executable).name)
+        _start(app, win, "Resources/demo_model", timeout)
         win.controller.max_new_tokens = 96
         for task, question in (("report", ""), ("find", "nodule")):
-            win.set_task(task)
-            win.questionEdit.setText(question)
-            if not win.ask() or not _wait(app, win.controller.idle, timeout):
-                raise RuntimeError(f"{task} failed: {win.statusLabel.text()}")
+            _ask(app, win, task, question, timeout)
         found = [o.box for o in win.view.overlays if o.kind == "found"]
         # A region drawn around the found box with a margin, then "describe".
         f = found[0] if found else (win.view.k - 2, 38, 60, win.view.k + 3, 46, 70)
@@ -92,10 +147,7 @@ def make(out_dir: Path, timeout: float = 300.0) -> list[Path]:
             win.view.set_position([(found[0][a] + found[0][a + 3] - 1) // 2 for a in range(3)])
         win.wlCombo.setCurrentText("Lung")
         app.processEvents()
-        leaks = [t for t in _visible_texts(win) if str(REPO) in t or str(tmp) in t
-                 or os.path.expanduser("~") + "/" in t]
-        if leaks:
-            raise RuntimeError(f"a machine path is visible: {leaks[0][:200]!r}")
+        _check_no_paths(win, tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
         shots = [out_dir / "viewer_three_views.png", out_dir / "panel_conversation.png"]
         win.grab().save(str(shots[0]))
@@ -110,8 +162,12 @@ def make(out_dir: Path, timeout: float = 300.0) -> list[Path]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(REPO / "Resources" / "Screenshots"))
+    p.add_argument("--only", choices=["ct", "radiograph"], default=None, help="one scenario only")
     args = p.parse_args()
-    for path in make(Path(args.out)):
+    paths = [] if args.only == "radiograph" else make(Path(args.out))
+    if args.only != "ct":
+        paths.append(make_radiograph(Path(args.out)))
+    for path in paths:
         print(f"wrote {path}")
     return 0
 

@@ -75,6 +75,18 @@ def test_describe_box_reads_as_ranges_and_millimetres():
         "drawn region: rows 5–14, columns 6–25 (10.0 × 20.0 mm)")
 
 
+def test_readable_answer_replaces_3d_and_2d_box_numbers_with_words():
+    box3 = rec.BoxRecord(voxel=[10, 30, 22, 14, 38, 29], label="nodule")
+    text = rec.readable_answer("[0.31, 0.47, 0.34, 0.44, 0.59, 0.45]", [box3], (0.7, 0.7, 2.5))
+    assert text == "found 1 box\n  nodule: slices 10–13, rows 30–37, columns 22–28 (4.9 × 5.6 × 10.0 mm), shown in the views"
+    # MedM-VL's 2D box format (x1, y1, x2, y2 on a 0-100 grid) on a radiograph of 2.6 mm pixels
+    box2 = rec.BoxRecord(voxel=[102, 48, 114, 62], label="cyst")
+    text = rec.readable_answer("The cyst is at {<38><80><48><89>}.", [box2], (2.6, 2.6))
+    assert "<38>" not in text and text.startswith("The cyst is at")
+    assert text.endswith("cyst: rows 102–113, columns 48–61 (36.4 × 31.2 mm), shown in the views")
+    assert rec.readable_answer("{<38><80><48><89>}", [], (1.0, 1.0)) == "{<38><80><48><89>}"  # no box: as written
+
+
 def test_box_corners_are_voxel_edges_in_lps():
     conv = _conversation()
     corners = rec.box_corners_lps([10, 30, 22, 14, 38, 29], np.asarray(conv.volume.ijk_to_lps))

@@ -29,7 +29,8 @@ FORMAT = "medmvl.conversation"
 VERSION = 1
 AI_FLAG = "AI-generated, not reviewed"
 # A 3D box as a model writes it: [z1, y1, x1, z2, y2, x2], normalised to 0-1.
-_BOX_TEXT = re.compile(r"\[\s*-?[\d.]+(?:\s*,\s*-?[\d.]+){5}\s*\]")
+#: a box as the model writes it: 3D ``[z1, y1, x1, z2, y2, x2]`` (0-1) or MedM-VL's 2D ``{<x1><y1><x2><y2>}``
+_BOX_TEXT = re.compile(r"\[\s*-?[\d.]+(?:\s*,\s*-?[\d.]+){5}\s*\]|\{\s*(?:<\s*-?\d+\s*>\s*){4}\}")
 #: task -> the heading of its turns in Markdown and SR (the protocol's task table)
 TASK_LABELS = {t.name: t.record_label for t in TASK_SPECS.values()}
 
@@ -225,7 +226,7 @@ def describe_box(box: BoxRecord, spacing: Sequence[float] = (1.0, 1.0, 1.0),
 
 
 def _without_box_numbers(text: str, n_boxes: int) -> str:
-    rest = _BOX_TEXT.sub("", text).strip(" ,;\n")
+    rest = re.sub(r"\s+([.,;])", r"\1", _BOX_TEXT.sub("", text)).strip(" ,;\n")
     return rest or f"found {n_boxes} box" + ("es" if n_boxes > 1 else "")
 
 
