@@ -180,3 +180,15 @@ def test_bf16_int8_load_uses_weight_only_layers_and_stays_close_to_float(ckpt):
     assert torch.corrcoef(torch.stack([a[0], step]))[0, 1] > 0.99
     ct = np.random.default_rng(1).integers(-1000, 1000, (12, 40, 40)).astype(np.int16)
     assert len(Engine(q, proc).answer(Volume(ct, modality="CT"), "Findings?", max_new_tokens=2).token_ids) == 2
+
+
+@pytest.mark.parametrize("threshold, warmed", [(1, True), (10**12, False)])
+def test_load_engine_warms_up_a_large_model_on_cpu(ckpt, monkeypatch, threshold, warmed):
+    from medmvl_core.engine import Engine
+    from medmvl_core.worker import loading
+
+    calls = []
+    monkeypatch.setattr(loading, "AUTO_INT8_MIN_PARAMS", threshold)
+    monkeypatch.setattr(Engine, "warmup", lambda self, **kw: calls.append(kw) or 0.0)
+    loading.load_engine(ckpt, "cpu", quantize="none")
+    assert bool(calls) is warmed

@@ -124,8 +124,11 @@ def load_engine(checkpoint: str | Path, device: str = "auto", dtype: str | None 
     admit(checkpoint, dev, resolve_dtype(dtype, dev, quant), quant, int(engine_kwargs.get("kv_cache_bytes", 4 << 30)))
     model, proc = load_model(checkpoint, device, dtype, quantize)
     engine = Engine(model, proc, **engine_kwargs)
-    if engine.fast_path.enabled:
-        # compile / capture the decode step now rather than in the first user's question
+    params = llm_linear_params(checkpoint)
+    if engine.fast_path.enabled or (params is not None and params >= AUTO_INT8_MIN_PARAMS):
+        # compile / capture the decode step (GPU), create the oneDNN kernels of the encoder's and the
+        # LLM's shapes (CPU: a first encode of a full-size model is ~2x slower) now rather than in the
+        # first user's question
         sizes = tuple(range(1, max(1, warmup_batch) + 1))
         logger.info("warm-up took %.1f s", engine.warmup(batch_sizes=sizes))
     return engine
