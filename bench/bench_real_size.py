@@ -31,7 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = {"int8": ("fp32", "int8"), "bf16": ("bf16", "none"), "fp32": ("fp32", "none")}
+#: mode -> (dtype, quantize): int8 weight-only computing in bf16 (the CPU default where the CPU
+#: has bf16 units), torch dynamic int8 in float32 (the default elsewhere), plain bf16 and float32
+MODES = {"int8-bf16": ("bf16", "int8"), "int8": ("fp32", "int8"), "bf16": ("bf16", "none"), "fp32": ("fp32", "none")}
 QUESTION = "Generate radiology report for the CT."
 FOLLOW_UP = "Where is the nodule located and how large is it?"
 
@@ -50,6 +52,8 @@ def _rss() -> int:
 def llm_bytes_per_token(model) -> int:
     """Bytes of LLM weights one decode step reads: decoder layers, final norm and the LM head
     (int8 layers at their packed size); the input embedding is read one row per token."""
+    import torch
+
     total = 0
     llm = model.llm
     for name, mod in llm.named_modules():
@@ -60,6 +64,8 @@ def llm_bytes_per_token(model) -> int:
             total += w.numel() + w.shape[0] * 8
         else:
             total += sum(p.numel() * p.element_size() for p in mod.parameters(recurse=False))
+            total += sum(b.numel() * b.element_size() for b in mod.buffers(recurse=False)
+                         if b.dtype != torch.int64 and not name.endswith("rotary_emb"))
     return total
 
 
@@ -86,11 +92,15 @@ def run_mode(args) -> int:
                peak_rss_load=_rss())
     packed = sum(m.weight().numel() + m.weight().shape[0] * 8 for m in model.modules()
                  if hasattr(m, "_packed_params") and callable(getattr(m, "weight", None)))
+    wo = sum(b.numel() * b.element_size() for m in model.modules() if type(m).__name__ == "Int8WeightOnlyLinear"
+             for b in m.buffers(recurse=False))
     # parameters() counts a tied head once (weight_bytes would count it per module)
-    out["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters()) + packed
+    out["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters()) + packed + wo
     out["llm_bytes_per_token"] = llm_bytes_per_token(model)
     eng = Engine(model, proc, max_new_tokens_limit=max(64, args.new_tokens))
     eng.eos_ids = set()  # fixed-length answers: fair token counts
+    # as the worker does before it reports ready (worker/loading.py load_engine)
+    out["warmup_s"] = eng.warmup() if args.warmup else 0.0
     with tempfile.TemporaryDirectory() as tmp:
         path = synthetic_ct((args.slices, 512, 512), Path(tmp))
         t0 = time.perf_counter()
@@ -191,7 +201,8 @@ def demo_agreement(n_phantoms: int, rows: list, max_new_tokens: int = 48) -> Non
 
     demo = ROOT / "Resources" / "demo_model"
     models = {"bf16": load_checkpoint(demo, dtype=torch.bfloat16), "fp32": load_checkpoint(demo, dtype=torch.float32),
-              "int8": load_checkpoint(demo, quantize="int8")}
+              "int8": load_checkpoint(demo, quantize="int8"),
+              "int8-bf16": load_checkpoint(demo, dtype=torch.bfloat16, quantize="int8")}
     answers: dict[str, list[list[int]]] = {k: [] for k in models}
     for index in range(n_phantoms):
         ph = make_ct_phantom(0, "test", index)
@@ -209,7 +220,7 @@ def demo_agreement(n_phantoms: int, rows: list, max_new_tokens: int = 48) -> Non
                                          eos_token_id=proc.tokenizer.eos_token_id)
                 answers[name].append(out[0].tolist())
     n = len(answers["bf16"])
-    for name, ref in (("int8", "bf16"), ("fp32", "bf16"), ("int8", "fp32")):
+    for name, ref in (("int8", "bf16"), ("int8-bf16", "bf16"), ("fp32", "bf16"), ("int8", "fp32"), ("int8-bf16", "fp32")):
         same = sum(a == b for a, b in zip(answers[name], answers[ref]))
         rows.append((f"demo model: {name} answers identical to {ref}", 100 * same / n, "%",
                      f"{same}/{n} greedy answers (<= {max_new_tokens} tokens) on {n_phantoms} test phantoms x every task"))
@@ -218,10 +229,12 @@ def demo_agreement(n_phantoms: int, rows: list, max_new_tokens: int = 48) -> Non
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="replica folder (medmvl replica ct-chest-3b DIR)")
-    ap.add_argument("--modes", default="int8,bf16", help="comma-separated of int8, bf16, fp32")
+    ap.add_argument("--modes", default="int8-bf16,int8,bf16", help="comma-separated of int8-bf16, int8, bf16, fp32")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--slices", type=int, default=300, help="CT depth D of the 512x512xD test volume")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="ask the first question without the worker's warm-up (first-call kernel creation included)")
     ap.add_argument("--user-path", action="store_true", help="also time medmvl ask on a DICOM series")
     ap.add_argument("--demo-agreement", type=int, default=0, metavar="N",
                     help="also compare greedy answers of the demo model (bf16 / fp32 / int8) on N phantoms")
@@ -246,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         res = subprocess.run([sys.executable, __file__, "--checkpoint", args.checkpoint, "--_mode", mode,
                               "--new-tokens", str(args.new_tokens), "--slices", str(args.slices),
-                              "--threads", str(args.threads)], capture_output=True, text=True, cwd=ROOT)
+                              "--threads", str(args.threads)] + ([] if args.warmup else ["--no-warmup"]),
+                             capture_output=True, text=True, cwd=ROOT)
         last = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
         if res.returncode != 0 or not last:
             rows.append((f"{mode}", float("nan"), "", f"failed: {res.stderr.strip()[-300:]}"))
@@ -257,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += [
             (f"{mode}: load", r["load_s"], "s", f"cpu {r['load_cpu_s']:.1f} s; weights {r['weights_bytes'] / 1e9:.2f} GB; "
              f"peak RSS during load {r['peak_rss_load'] / 1e9:.2f} GB = {r['peak_rss_load'] / r['weights_bytes']:.2f}x weights "
-             f"(process before loading: {r['rss_before_load'] / 1e9:.2f} GB)"),
+             f"(process before loading: {r['rss_before_load'] / 1e9:.2f} GB); then the worker's warm-up {r['warmup_s']:.1f} s"),
             (f"{mode}: cold TTFT", r["read_s"] + r["ttft_s"], "s",
              f"{args.slices}x512x512 CT: read {r['read_s']:.2f} s, preprocess {r['preprocess_s']:.2f} s, encode "
              f"{r['encode_s']:.1f} s, prefill {r['prefill_tokens']:.0f} tokens {r['prefill_s']:.1f} s"),
