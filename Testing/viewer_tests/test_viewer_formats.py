@@ -89,6 +89,9 @@ def test_2d_images(win, tmp_path, suffix):
     if suffix == ".png":
         np.testing.assert_array_equal(a[0], rgb)
     assert win.view.num_slices == 1
+    # one view only, given the whole width (no empty column where the coronal/sagittal views were)
+    assert not win.coronalView.isVisibleTo(win) and not win.sagittalView.isVisibleTo(win)
+    assert win._viewGrid.columnStretch(1) == 0
     win.view.resize(400, 300)
     shot = win.view.grab().toImage().convertToFormat(QtGui.QImage.Format_RGB32)
     assert not shot.isNull()

@@ -316,3 +316,4 @@ class Int8Filler:
             _set_module(self.model, prefix, int8_linear(got["weight"], got.get("bias"), got["weight"].dtype))
             del self.parts[prefix], self.targets[prefix]
         return True
+

@@ -102,7 +102,7 @@ class ViewerWindow(QtWidgets.QMainWindow, FileActions, ctl.ControllerListener):
         lr.addWidget(self.labelCombo, 1)
         lr.addWidget(self.labelButton)
         self.labelRow.setVisible(False)
-        grid = QtWidgets.QGridLayout()
+        grid = self._viewGrid = QtWidgets.QGridLayout()
         grid.setSpacing(3)
         grid.addWidget(self.view, 0, 0, 2, 1)
         grid.addWidget(self.coronalView, 0, 1)
@@ -247,6 +247,7 @@ class ViewerWindow(QtWidgets.QMainWindow, FileActions, ctl.ControllerListener):
         three_d = self.volume.array.ndim == 3 and self.volume.array.shape[0] > 1
         self.coronalView.setVisible(three_d)
         self.sagittalView.setVisible(three_d)
+        self._viewGrid.setColumnStretch(1, 2 if three_d else 0)  # a 2D image takes the whole width
         is_rgb = self.volume.array.ndim == 4
         self.wlCombo.setEnabled(not is_rgb)
         preset = "Auto" if is_rgb else choose_preset(self.volume.array, modality or "")
