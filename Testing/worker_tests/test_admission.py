@@ -131,12 +131,38 @@ def test_int8_compute_dtypes_and_auto_picks_int8_only_for_a_large_llm_on_cpu(ckp
     monkeypatch.setattr(loading, "AUTO_INT8_MIN_PARAMS", 1)
     assert resolve_quantize("auto", "cpu", None, ckpt) == "int8"
     assert resolve_quantize("auto", "cpu", None, tmp_path) == "int8"  # no headers: not judged by size
-    # int8 computes in bf16 where the CPU has bf16 units, float32 elsewhere; explicit dtypes win
-    monkeypatch.setattr(loading, "cpu_has_bf16_units", lambda: True)
-    assert resolve_dtype(None, "cpu", "int8") == torch.bfloat16 and resolve_dtype(None, "cpu") == torch.float32
-    assert resolve_dtype("fp32", "cpu", "int8") == torch.float32
-    monkeypatch.setattr(loading, "cpu_has_bf16_units", lambda: False)
-    assert resolve_dtype(None, "cpu", "int8") == torch.float32
+    # the CPU default computes in float32; a GPU in bf16 / fp16
+    assert resolve_dtype(None, "cpu") == torch.float32 and resolve_dtype("bf16", "cpu") == torch.bfloat16
+
+
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_cpu_int8_default_puts_the_vision_encoder_in_bf16_where_the_cpu_has_bf16_units(ckpt, monkeypatch, bf16_units):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from medmvl_core.engine import Engine
+    from medmvl_core.imaging import Volume
+    from medmvl_core.model import load_checkpoint
+    from medmvl_core.worker import loading
+
+    monkeypatch.setattr(loading, "AUTO_INT8_MIN_PARAMS", 1)  # the tiny replica counts as large
+    monkeypatch.setattr(loading, "cpu_has_bf16_units", lambda: bf16_units)
+    model, proc = loading.load_model(ckpt, "cpu", quantize="auto")  # dtype default
+    vision = {p.dtype for p in model.encoder_image.parameters()}
+    assert vision == ({torch.bfloat16} if bf16_units else {torch.float32})
+    assert isinstance(model.llm.model.layers[0].mlp.up_proj, DynamicLinear)
+    assert {p.dtype for p in model.connector_image.parameters()} == {torch.float32}
+    eng = Engine(model, proc)
+    assert eng.dtype == torch.float32  # the LLM's dtype, whatever the encoder's
+    ct = np.random.default_rng(2).integers(-1000, 1000, (12, 40, 40)).astype(np.int16)
+    assert len(eng.answer(Volume(ct, modality="CT"), "Findings?", max_new_tokens=2).token_ids) == 2
+    # the image tokens differ from a float32 encoder's only by bf16 rounding
+    ref, _ = load_checkpoint(ckpt, dtype=torch.float32)
+    x = torch.as_tensor(proc.preprocess_volume(Volume(ct, modality="CT"))[0])[None].float()
+    with torch.inference_mode():
+        a = ref.project("image3d", ref.vision_features("image3d", x), 1)
+        b = model.project("image3d", model.vision_features("image3d", x), 1)
+    assert b.dtype == torch.float32
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > (0.99 if bf16_units else 0.999999)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])

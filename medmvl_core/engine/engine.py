@@ -85,7 +85,9 @@ class Engine:
         self.tokenizer = getattr(processor, "tokenizer", None)
         params = list(model.parameters())
         self.device = params[0].device if params else torch.device("cpu")
-        floats = [p.dtype for p in params if p.dtype.is_floating_point]
+        # the LLM's dtype: the vision encoders may run in another one (bf16 on a CPU, with an int8 LLM)
+        llm_params = list(getattr(model, "llm", model).parameters())
+        floats = [p.dtype for p in llm_params + params if p.dtype.is_floating_point]
         self.dtype = floats[0] if floats else torch.float32
         self.use_cache = use_cache
         self.decode_mode = decode_mode

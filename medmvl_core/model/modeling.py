@@ -156,6 +156,10 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
 
     def project(self, kind: str, features: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Connector output [B, N, hidden] for ``vision_features(kind, x)``."""
+        connector = self.connector_image if kind == "image" or self.encoder_image3d is None else self.connector_image3d
+        param = next(connector.parameters(), None)
+        if param is not None and param.is_floating_point() and features.dtype != param.dtype:
+            features = features.to(param.dtype)  # an encoder kept in another dtype (bf16 vision on a CPU)
         if kind == "image":
             return self.connector_image(features)
         if self.encoder_image3d is not None:

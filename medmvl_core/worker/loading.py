@@ -39,14 +39,30 @@ def cpu_has_bf16_units() -> bool:
     return False
 
 
-def resolve_dtype(dtype: str | None, device: str, quantize: str = "none"):
-    """The torch dtype for ``dtype`` (None: the device's default). On the CPU the default is
-    float32, except with int8 weights on a CPU with bf16 units: bf16 (weight-only int8 kernels)."""
+def vision_to_bf16(model: Any) -> int:
+    """Cast the vision encoders of a CPU model to bf16 (the CPU default with int8 LLM weights on a
+    CPU with bf16 units): the encoder is compute-bound (a 3B CT model encodes 32 SigLIP slices per
+    volume) and bf16 matrix units run it ~2x faster than float32; the connector and the LLM keep
+    their dtype (the encoder output is cast to the connector's). Returns the parameters cast."""
+    import torch
+    n = 0
+    for name in ("encoder_image", "encoder_image3d"):
+        enc = getattr(model, name, None)
+        if enc is not None:
+            enc.to(torch.bfloat16)
+            n += sum(p.numel() for p in enc.parameters())
+    logger.info("vision encoders in bf16 (%d parameters); LLM int8, float32 elsewhere", n)
+    return n
+
+
+def resolve_dtype(dtype: str | None, device: str):
+    """The torch dtype for ``dtype`` (None: the device's default: bf16 / fp16 on a GPU, float32 on
+    the CPU)."""
     import torch
     if dtype is None:
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if quantize == "int8" and cpu_has_bf16_units() else torch.float32
+        return torch.float32
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return getattr(torch, DTYPES[dtype])
@@ -77,8 +93,8 @@ def llm_linear_params(checkpoint: str | Path) -> int | None:
 
 def resolve_quantize(quantize: str, device: str, dtype: str | None = None,
                      checkpoint: str | Path | None = None) -> str:
-    """``auto``: int8 LLM weights on the CPU (the fastest CPU path measured, see
-    docs/full-size-models.md; computing in bf16 or float32 as :func:`resolve_dtype` picks) unless
+    """``auto``: int8 LLM weights on the CPU (torch dynamic int8, the fastest CPU path measured,
+    see docs/full-size-models.md; with bf16 vision encoders where the CPU has bf16 units) unless
     bf16 or fp16 is asked for or the checkpoint's LLM is small (< ``AUTO_INT8_MIN_PARAMS``
     linear weights); no quantization on a GPU."""
     if quantize != "auto":
@@ -103,10 +119,12 @@ def load_model(checkpoint: str | Path, device: str = "auto", dtype: str | None =
         raise ConfigError(f"unknown quantize {quantize!r}; use one of {', '.join(QUANTIZE_CHOICES)}")
     dev = resolve_device(device)
     quantize = resolve_quantize(quantize, dev, dtype, path)
-    torch_dtype = resolve_dtype(dtype, dev, quantize)
+    torch_dtype = resolve_dtype(dtype, dev)
     from medmvl_core.model import load_checkpoint
     if quantize in ("none", "int8"):  # int8: each layer quantized as it is read (no float copy of the model)
         model, proc = load_checkpoint(str(path), device=dev, dtype=torch_dtype, quantize=quantize)
+        if quantize == "int8" and dtype is None and cpu_has_bf16_units():
+            vision_to_bf16(model)
         return model.eval(), proc
     from medmvl_core.engine.quantize import quantize_model
     model, proc = load_checkpoint(str(path), device="cpu", dtype=torch_dtype)
@@ -121,7 +139,7 @@ def load_engine(checkpoint: str | Path, device: str = "auto", dtype: str | None 
     # refuse before reading a weight if it will not fit (a folder without safetensors: no plan)
     dev = resolve_device(device)
     quant = resolve_quantize(quantize, dev, dtype, checkpoint)
-    admit(checkpoint, dev, resolve_dtype(dtype, dev, quant), quant, int(engine_kwargs.get("kv_cache_bytes", 4 << 30)))
+    admit(checkpoint, dev, resolve_dtype(dtype, dev), quant, int(engine_kwargs.get("kv_cache_bytes", 4 << 30)))
     model, proc = load_model(checkpoint, device, dtype, quantize)
     engine = Engine(model, proc, **engine_kwargs)
     params = llm_linear_params(checkpoint)
