@@ -82,15 +82,16 @@ def run_mode(args) -> int:
     from medmvl_core.engine import Engine
     from medmvl_core.imaging import read_image
     from medmvl_core.model import load_checkpoint
-    from medmvl_core.worker.loading import cpu_has_bf16_units, resolve_dtype, vision_to_bf16
+    from medmvl_core.worker.loading import cpu_has_bf16_units, resolve_dtype
 
     dtype_name, quant = MODES[args.mode]
     out: dict = {"mode": args.mode}
     rss0 = _rss()
     t0, c0 = time.perf_counter(), time.process_time()
-    model, proc = load_checkpoint(args.checkpoint, dtype=resolve_dtype(dtype_name, "cpu"), quantize=quant)
-    if args.mode == "int8" and cpu_has_bf16_units():  # the worker's CPU default (worker/loading.py load_model)
-        vision_to_bf16(model)
+    # "int8" as the worker's CPU default (worker/loading.py load_model): bf16 vision where the CPU has bf16 units
+    vision = torch.bfloat16 if args.mode == "int8" and cpu_has_bf16_units() else None
+    model, proc = load_checkpoint(args.checkpoint, dtype=resolve_dtype(dtype_name, "cpu"), quantize=quant,
+                                  vision_dtype=vision)
     out["vision_dtype"] = str(next(model.encoder_image.parameters()).dtype) if model.encoder_image is not None else ""
     out.update(load_s=time.perf_counter() - t0, load_cpu_s=time.process_time() - c0, rss_before_load=rss0,
                peak_rss_load=_rss())

@@ -14,12 +14,12 @@ from medmvl_core.model.modeling import (
 )
 
 
-def load_checkpoint(path, device="cpu", dtype=None, quantize="none"):  # noqa: ANN001 - typed in loader.load_checkpoint
+def load_checkpoint(path, device="cpu", dtype=None, quantize="none", vision_dtype=None):  # noqa: ANN001 - typed in loader
     """Load our format or a MedM-VL folder (HEAD or v1.0 schema), offline; returns
     ``(model, processor)``. See :func:`medmvl_core.model.loader.load_checkpoint`."""
     from medmvl_core.model.loader import load_checkpoint as _load
 
-    return _load(path, device=device, dtype=dtype, quantize=quantize)
+    return _load(path, device=device, dtype=dtype, quantize=quantize, vision_dtype=vision_dtype)
 
 
 __all__ = [

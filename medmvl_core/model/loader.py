@@ -89,11 +89,16 @@ def make_processor(model: MedMVLForConditionalGeneration, tokenizer: Any) -> Any
                            preprocessing=cfg.preprocessing, padding_side=cfg.padding_side, max_length=cfg.model_max_length)
 
 
-def load_medmvl_folder(path: Path, dtype: torch.dtype = torch.float32,
-                       quantize: str = "none") -> tuple[MedMVLForConditionalGeneration, ImportedConfig]:
+#: state-dict prefixes of the vision encoders (``vision_dtype``)
+VISION_PREFIXES = ("encoder_image.", "encoder_image3d.")
+
+
+def load_medmvl_folder(path: Path, dtype: torch.dtype = torch.float32, quantize: str = "none",
+                       vision_dtype: torch.dtype | None = None) -> tuple[MedMVLForConditionalGeneration, ImportedConfig]:
     """Load a MedM-VL (HEAD or v1) checkpoint folder into our model class on the CPU, reading the
-    weights tensor by tensor straight into ``dtype`` (peak memory: the model plus one tensor);
-    ``quantize="int8"`` quantizes the LLM's linear layers as they are read."""
+    weights tensor by tensor straight into ``dtype`` (the vision encoders into ``vision_dtype``
+    when given; peak memory: the model plus one tensor); ``quantize="int8"`` quantizes the LLM's
+    linear layers as they are read."""
     from transformers.modeling_utils import no_init_weights
 
     from medmvl_core.model.stream_load import shard_files, stream_into
@@ -108,7 +113,9 @@ def load_medmvl_folder(path: Path, dtype: torch.dtype = torch.float32,
     with no_init_weights():  # never touched, so the skeleton's memory is never committed
         model = MedMVLForConditionalGeneration(config)
     optional = ("llm.lm_head.weight",) if not has_head else ()
-    stream_into(model, files, dtype, skip_prefixes=UNUSED_PREFIXES, quantize=quantize, optional=optional)
+    dtype_for = dtype if vision_dtype is None else (
+        lambda name: vision_dtype if name.startswith(VISION_PREFIXES) else dtype)
+    stream_into(model, files, dtype_for, skip_prefixes=UNUSED_PREFIXES, quantize=quantize, optional=optional)
     model.tie_weights()
     if quantize == "int8":
         from medmvl_core.engine.quantize import quantize_int8_head
@@ -161,8 +168,8 @@ def _check_device(device: str | torch.device) -> None:
 
 
 def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu",
-                             dtype: torch.dtype | str | None = None,
-                             quantize: str = "none") -> tuple[MedMVLForConditionalGeneration, Any]:
+                             dtype: torch.dtype | str | None = None, quantize: str = "none",
+                             vision_dtype: torch.dtype | None = None) -> tuple[MedMVLForConditionalGeneration, Any]:
     """Like :func:`load_checkpoint` but returns ``(model, tokenizer)``."""
     path = Path(path)
     check_checkpoint_folder(path)
@@ -185,13 +192,18 @@ def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu
 
             model = quantize_int8(model)
     else:
-        model, imported = load_medmvl_folder(path, dtype=dtype, quantize="int8" if quantize == "int8" else "none")
+        model, imported = load_medmvl_folder(path, dtype=dtype, quantize="int8" if quantize == "int8" else "none",
+                                             vision_dtype=vision_dtype)
         tok_dirs = imported.tokenizer_dirs
     if quantize in ("8bit", "4bit"):
         from medmvl_core.engine.quantize import quantize_model
 
         model = quantize_model(model, quantize, device=device)
     model = model.to(device=device, dtype=dtype).eval() if quantize == "none" else model.to(device).eval()
+    if vision_dtype is not None:  # our own format loads whole; a MedM-VL folder was read so already
+        for name in ("encoder_image", "encoder_image3d"):
+            if getattr(model, name, None) is not None:
+                getattr(model, name).to(vision_dtype)
     tokenizer = _load_tokenizer(tok_dirs, model.config.model_max_length, model.config.padding_side)
     if fmt != "medmvl":
         _medmvl_pad_rules(tokenizer, model.config.source.get("llm_type"))
@@ -219,16 +231,19 @@ def _medmvl_pad_rules(tokenizer: Any, llm_type: str | None) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | str | None = None,
-                    quantize: str = "none") -> tuple[MedMVLForConditionalGeneration, Any]:
+                    dtype: torch.dtype | str | None = None, quantize: str = "none",
+                    vision_dtype: torch.dtype | None = None) -> tuple[MedMVLForConditionalGeneration, Any]:
     """Load a checkpoint folder and return ``(model, processor)`` in eval mode.
 
     ``path``: our format, or a MedM-VL folder (HEAD ``lvlm_*`` or v1.0 schema), auto-detected.
     ``dtype``: default float32 on CPU, bfloat16 on a GPU that supports it.
-    ``quantize``: "none", "int8" (torch dynamic int8, CPU), "8bit" / "4bit" (bitsandbytes).
+    ``quantize``: "none", "int8" (CPU: torch dynamic int8 with float32, weight-only int8 with bf16),
+    "8bit" / "4bit" (bitsandbytes). ``vision_dtype``: the vision encoders' dtype when it differs
+    (bf16 vision with an int8 LLM on a CPU; read so, never held in ``dtype``).
     Works offline: base models come from local folders, the HF cache or shipped presets.
     """
-    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype=dtype, quantize=quantize)
+    model, tokenizer = load_model_and_tokenizer(path, device=device, dtype=dtype, quantize=quantize,
+                                                vision_dtype=vision_dtype)
     return model, make_processor(model, tokenizer)
 
 

@@ -17,7 +17,7 @@ import json
 import logging
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -78,9 +78,11 @@ def _read_converted(fh, nbytes: int, st: torch.dtype, shape: list, dtype: torch.
     return out
 
 
-def iter_tensors(path: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(path: Path, dtype: torch.dtype | Callable[[str], torch.dtype | None] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of one safetensors file, in file order, each read into
-    its own buffer and converted to ``dtype`` (floating tensors only)."""
+    its own buffer and converted to ``dtype`` (floating tensors only; a callable gives the dtype
+    per tensor name)."""
     with open(path, "rb", buffering=0) as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(n))
@@ -94,16 +96,17 @@ def iter_tensors(path: Path, dtype: torch.dtype | None = None) -> Iterator[tuple
             start, end = meta["data_offsets"]
             fh.seek(base + start)
             shape = meta["shape"]
-            convert = dtype is not None and st.is_floating_point and st != dtype
+            want = dtype(name) if callable(dtype) else dtype
+            convert = want is not None and st.is_floating_point and st != want
             if convert and end - start > CHUNK_BYTES:
-                t = _read_converted(fh, end - start, st, shape, dtype, f"{path.name}: {name}")
+                t = _read_converted(fh, end - start, st, shape, want, f"{path.name}: {name}")
             else:
                 buf = torch.empty(end - start, dtype=torch.uint8)
                 _read_into(fh, buf, f"{path.name}: {name}")
                 t = buf.view(st).reshape(shape) if end > start else torch.empty(shape, dtype=st)
                 del buf  # t holds the storage
                 if convert:
-                    t = t.to(dtype)
+                    t = t.to(want)
             yield name, t
             del t
 
@@ -122,9 +125,9 @@ def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
         mod._buffers[attr] = t
 
 
-def stream_into(model: nn.Module, files: list[Path], dtype: torch.dtype, skip_prefixes: tuple[str, ...] = (),
-                quantize: str = "none", optional: tuple[str, ...] = ()) -> None:
-    """Assign every tensor of ``files`` into ``model`` (converted to ``dtype``); raises
+def stream_into(model: nn.Module, files: list[Path], dtype: torch.dtype | Callable[[str], torch.dtype],
+                skip_prefixes: tuple[str, ...] = (), quantize: str = "none", optional: tuple[str, ...] = ()) -> None:
+    """Assign every tensor of ``files`` into ``model`` (converted to ``dtype``, or to ``dtype(name)``); raises
     ``CheckpointError`` naming missing and unexpected tensors. ``optional``: model keys the
     files may lack (a tied head). ``quantize="int8"``: LLM linear layers quantized as they fill."""
     from medmvl_core.engine.quantize import Int8Filler

@@ -39,22 +39,6 @@ def cpu_has_bf16_units() -> bool:
     return False
 
 
-def vision_to_bf16(model: Any) -> int:
-    """Cast the vision encoders of a CPU model to bf16 (the CPU default with int8 LLM weights on a
-    CPU with bf16 units): the encoder is compute-bound (a 3B CT model encodes 32 SigLIP slices per
-    volume) and bf16 matrix units run it ~2x faster than float32; the connector and the LLM keep
-    their dtype (the encoder output is cast to the connector's). Returns the parameters cast."""
-    import torch
-    n = 0
-    for name in ("encoder_image", "encoder_image3d"):
-        enc = getattr(model, name, None)
-        if enc is not None:
-            enc.to(torch.bfloat16)
-            n += sum(p.numel() for p in enc.parameters())
-    logger.info("vision encoders in bf16 (%d parameters); LLM int8, float32 elsewhere", n)
-    return n
-
-
 def resolve_dtype(dtype: str | None, device: str):
     """The torch dtype for ``dtype`` (None: the device's default: bf16 / fp16 on a GPU, float32 on
     the CPU)."""
@@ -120,11 +104,14 @@ def load_model(checkpoint: str | Path, device: str = "auto", dtype: str | None =
     dev = resolve_device(device)
     quantize = resolve_quantize(quantize, dev, dtype, path)
     torch_dtype = resolve_dtype(dtype, dev)
+    import torch
+
     from medmvl_core.model import load_checkpoint
     if quantize in ("none", "int8"):  # int8: each layer quantized as it is read (no float copy of the model)
-        model, proc = load_checkpoint(str(path), device=dev, dtype=torch_dtype, quantize=quantize)
-        if quantize == "int8" and dtype is None and cpu_has_bf16_units():
-            vision_to_bf16(model)
+        vision = torch.bfloat16 if quantize == "int8" and dtype is None and cpu_has_bf16_units() else None
+        model, proc = load_checkpoint(str(path), device=dev, dtype=torch_dtype, quantize=quantize, vision_dtype=vision)
+        if vision is not None:
+            logger.info("vision encoders in bf16 (CPU bf16 units); LLM int8")
         return model.eval(), proc
     from medmvl_core.engine.quantize import quantize_model
     model, proc = load_checkpoint(str(path), device="cpu", dtype=torch_dtype)
