@@ -218,3 +218,39 @@ def test_load_engine_warms_up_a_large_model_on_cpu(ckpt, monkeypatch, threshold,
     monkeypatch.setattr(Engine, "warmup", lambda self, **kw: calls.append(kw) or 0.0)
     loading.load_engine(ckpt, "cpu", quantize="none")
     assert bool(calls) is warmed
+
+
+def test_warmup_works_with_min_max_preprocessing_and_skips_huge_inputs(tmp_path, monkeypatch):
+    from medmvl_core.engine import Engine, engine as engine_mod
+    from medmvl_core.model import load_checkpoint
+
+    out = tmp_path / "ct-3b"
+    replica.write_replica("ct-3b", out, scale="tiny")  # M3D-CLIP: min-max normalised volumes
+    model, proc = load_checkpoint(out)
+    eng = Engine(model, proc)
+    asked = []
+    real_answer = eng.answer
+    monkeypatch.setattr(eng, "answer", lambda *a, **kw: asked.append(kw.get("question")) or real_answer(*a, **kw))
+    eng.warmup()  # a constant warm-up image made this raise "the volume is constant"
+    assert asked == ["Warm-up.", "And a follow-up question?"] and not eng.sessions
+    asked.clear()
+    monkeypatch.setattr(engine_mod, "WARMUP_MAX_IMAGE_TOKENS", 0)
+    eng.warmup()
+    assert asked == []
+
+
+def test_a_failing_warmup_does_not_stop_the_worker_loading(ckpt, monkeypatch, caplog):
+    import logging
+
+    from medmvl_core.engine import Engine
+    from medmvl_core.worker import loading
+
+    monkeypatch.setattr(loading, "AUTO_INT8_MIN_PARAMS", 1)
+
+    def broken(self, **kw):
+        raise RuntimeError("kernel creation failed")
+
+    monkeypatch.setattr(Engine, "warmup", broken)
+    with caplog.at_level(logging.WARNING, logger="medmvl_core.worker.loading"):
+        eng = loading.load_engine(ckpt, "cpu", quantize="none")
+    assert isinstance(eng, Engine) and any("warm-up failed" in r.getMessage() for r in caplog.records)

@@ -135,5 +135,8 @@ def load_engine(checkpoint: str | Path, device: str = "auto", dtype: str | None 
         # LLM's shapes (CPU: a first encode of a full-size model is ~2x slower) now rather than in the
         # first user's question
         sizes = tuple(range(1, max(1, warmup_batch) + 1))
-        logger.info("warm-up took %.1f s", engine.warmup(batch_sizes=sizes))
+        try:
+            logger.info("warm-up took %.1f s", engine.warmup(batch_sizes=sizes))
+        except Exception as exc:  # noqa: BLE001 - a warm-up is an optimisation: never a reason not to serve
+            logger.warning("warm-up failed (%s: %s); the first question will be slower", type(exc).__name__, exc)
     return engine
