@@ -67,6 +67,21 @@ def losses(run_dir: Path, key: str = "loss") -> list[float]:
     return [r[key] for r in rows if r.get("split", "train") == "train" and key in r]
 
 
+def run_overrides(data: Path, ratio: int, steps: int) -> list[str]:
+    """Config overrides of the multi-process tests: ``data`` at ``ratio``, micro-batch 1, ``steps``
+    steps, a loss per step in metrics.jsonl, nothing else written during the run."""
+    return [f"data.datasets.0.path={data}", f"data.datasets.0.image_dir={INPUTS}", f"data.datasets.0.ratio={ratio}",
+            "train.micro_batch_size=1", f"train.max_steps={steps}", "log.progress_bar=false", "log.every=1",
+            "log.loss_curve=false", "log.tensorboard=false", "train.save_every=0"]
+
+
+def assert_close_rel(a: list[float], b: list[float], rel: float = 1e-5) -> None:
+    """Same length and each value of ``a`` within ``rel`` (relative) of ``b``'s."""
+    assert len(a) == len(b), (a, b)
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rel * abs(y), (a, b)
+
+
 SBATCH = REPO_ROOT / "training" / "slurm" / "launch.sbatch"
 _FAKE_SRUN = """#!/bin/bash
 # stand-in for srun: the task once per node on this machine, as SLURM would start it on each node

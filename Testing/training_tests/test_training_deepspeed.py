@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 
 from training.config import load_config
 from training.recipe import run
-from training.testing import CONFIGS, INPUTS, REPO_ROOT, launch, losses, write_dataset
+from training.testing import CONFIGS, REPO_ROOT, launch, losses, write_dataset
+from training.testing import assert_close_rel as _close
+from training.testing import run_overrides as _common
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -26,18 +28,6 @@ pytestmark = [pytest.mark.slow,
                                         "pip install --no-build-isolation deepspeed)")]
 ACC = REPO_ROOT / "training" / "accelerate"
 ENV = {"DS_ACCELERATOR": "cpu"}
-
-
-def _common(data, ratio, steps):
-    return [f"data.datasets.0.path={data}", f"data.datasets.0.image_dir={INPUTS}", f"data.datasets.0.ratio={ratio}",
-            "train.micro_batch_size=1", f"train.max_steps={steps}", "log.progress_bar=false", "log.every=1",
-            "log.loss_curve=false", "log.tensorboard=false", "train.save_every=0"]
-
-
-def _close(a, b, rel=1e-5):
-    assert len(a) == len(b), (a, b)
-    for x, y in zip(a, b):
-        assert abs(x - y) <= rel * abs(y), (a, b)
 
 
 def test_zero3_full_finetune_resume_and_gathered_save(tmp_path):
