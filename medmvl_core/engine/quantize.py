@@ -228,9 +228,7 @@ def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None,
     w = weight.detach().to(torch.float32)
     out_f, in_f = w.shape
     if INT8_PER_CHANNEL:
-        # row maxima in blocks: no full-size |w| temporary (the LM head is 1.2 GB in float32)
-        amax = torch.cat([blk.abs().amax(dim=1) for blk in w.split(4096, dim=0)])
-        scales = (amax / 127.0).clamp(min=1e-12).to(torch.float64)
+        scales = row_scales(w).to(torch.float64)
         qw = torch.quantize_per_channel(w, scales, torch.zeros(out_f, dtype=torch.long), 0, torch.qint8)
     else:
         qw = torch.quantize_per_tensor(w, max(float(w.abs().max()) / 127.0, 1e-12), 0, torch.qint8)

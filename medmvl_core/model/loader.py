@@ -201,9 +201,9 @@ def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu
         model = quantize_model(model, quantize, device=device)
     model = model.to(device=device, dtype=dtype).eval() if quantize == "none" else model.to(device).eval()
     if vision_dtype is not None:  # our own format loads whole; a MedM-VL folder was read so already
-        for name in ("encoder_image", "encoder_image3d"):
-            if getattr(model, name, None) is not None:
-                getattr(model, name).to(vision_dtype)
+        for prefix in VISION_PREFIXES:
+            if getattr(model, prefix.rstrip("."), None) is not None:
+                getattr(model, prefix.rstrip(".")).to(vision_dtype)
     tokenizer = _load_tokenizer(tok_dirs, model.config.model_max_length, model.config.padding_side)
     if fmt != "medmvl":
         _medmvl_pad_rules(tokenizer, model.config.source.get("llm_type"))

@@ -156,19 +156,18 @@ class MedMVLForConditionalGeneration(MedMVLPreTrainedModel):
 
     def project(self, kind: str, features: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Connector output [B, N, hidden] for ``vision_features(kind, x)``."""
-        connector = self.connector_image if kind == "image" or self.encoder_image3d is None else self.connector_image3d
+        per_slice = kind == "image3d" and self.encoder_image3d is None  # a 2D encoder run slice by slice
+        connector = self.connector_image if kind == "image" or per_slice else self.connector_image3d
         param = next(connector.parameters(), None)
         if param is not None and param.is_floating_point() and features.dtype != param.dtype:
             features = features.to(param.dtype)  # an encoder kept in another dtype (bf16 vision on a CPU)
-        if kind == "image":
-            return self.connector_image(features)
-        if self.encoder_image3d is not None:
-            return self.connector_image3d(features)
+        if not per_slice:
+            return connector(features)
         b = batch_size or 1
         self._check_per_slice_connector()
         if self.config.image3d_slice_fusion == "concat":
-            return self.connector_image(features.reshape(b, -1, features.shape[-1]))
-        out = self.connector_image(features)
+            return connector(features.reshape(b, -1, features.shape[-1]))
+        out = connector(features)
         return out.reshape(b, -1, *out.shape[1:]).mean(dim=1)
 
     def encode_images(

@@ -127,7 +127,7 @@ def load_engine(checkpoint: str | Path, device: str = "auto", dtype: str | None 
     dev = resolve_device(device)
     quant = resolve_quantize(quantize, dev, dtype, checkpoint)
     admit(checkpoint, dev, resolve_dtype(dtype, dev), quant, int(engine_kwargs.get("kv_cache_bytes", 4 << 30)))
-    model, proc = load_model(checkpoint, device, dtype, quantize)
+    model, proc = load_model(checkpoint, device, dtype, quant)  # resolved once: its auto rule reads the headers
     engine = Engine(model, proc, **engine_kwargs)
     params = llm_linear_params(checkpoint)
     if engine.fast_path.enabled or (params is not None and params >= AUTO_INT8_MIN_PARAMS):
