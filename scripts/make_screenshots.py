@@ -16,6 +16,7 @@ picture in which a text field shows an absolute path of this machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -78,27 +79,41 @@ def _check_no_paths(win, tmp: Path) -> None:
         raise RuntimeError(f"a machine path is visible: {leaks[0][:200]!r}")
 
 
-def make_radiograph(out_dir: Path, timeout: float = 300.0) -> Path:
-    """The radiograph scenario: report + find on an unseen radiograph phantom; returns the PNG."""
+@contextlib.contextmanager
+def _viewer(phantom, size: tuple[int, int], checkpoint: str, timeout: float):
+    """(app, window, temp folder) with ``phantom`` written and loaded and a local worker on
+    ``checkpoint`` ready; the window, worker and folder are gone afterwards."""
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    os.chdir(REPO)
+    os.chdir(REPO)  # relative model / interpreter paths: nothing of this machine on screen
     from qtpy import QtWidgets
 
-    from medmvl_core.data.phantom_tasks import KIND_TEXT
-    from medmvl_core.data.phantoms import make_xray_phantom, write_phantom
+    from medmvl_core.data.phantoms import write_phantom
     from medmvl_core.viewer.window import ViewerWindow
 
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
     tmp = Path(tempfile.mkdtemp(prefix="medmvl-shots-"))
-    ph = make_xray_phantom(0, *XRAY_PHANTOM)
-    name = write_phantom(ph, tmp)
+    name = write_phantom(phantom, tmp)
     win = ViewerWindow()
-    win.resize(1280, 760)
+    win.resize(*size)
     win.show()
     try:
         win.load_path(tmp / name)
-        _start(app, win, "Resources/demo_model_2d", timeout)
+        _start(app, win, checkpoint, timeout)
         win.controller.max_new_tokens = 96
+        yield app, win, tmp
+    finally:
+        win.close()
+        win.controller.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_radiograph(out_dir: Path, timeout: float = 300.0) -> Path:
+    """The radiograph scenario: report + find on an unseen radiograph phantom; returns the PNG."""
+    from medmvl_core.data.phantom_tasks import KIND_TEXT
+    from medmvl_core.data.phantoms import make_xray_phantom
+
+    ph = make_xray_phantom(0, *XRAY_PHANTOM)
+    with _viewer(ph, (1280, 760), "Resources/demo_model_2d", timeout) as (app, win, tmp):
         _ask(app, win, "report", "", timeout)
         _ask(app, win, "find", KIND_TEXT[ph.findings[0].kind], timeout)
         app.processEvents()
@@ -107,31 +122,13 @@ def make_radiograph(out_dir: Path, timeout: float = 300.0) -> Path:
         shot = out_dir / "viewer_radiograph_find.png"
         win.grab().save(str(shot))
         return shot
-    finally:
-        win.close()
-        win.controller.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make(out_dir: Path, timeout: float = 300.0) -> list[Path]:
     """Run the CT scenario and write both PNGs into ``out_dir``; returns their paths."""
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    os.chdir(REPO)  # relative model / interpreter paths: nothing of this machine on screen
-    from qtpy import QtWidgets
+    from medmvl_core.data.phantoms import make_ct_phantom
 
-    from medmvl_core.data.phantoms import make_ct_phantom, write_phantom
-    from medmvl_core.viewer.window import ViewerWindow
-
-    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication(sys.argv[:1])
-    tmp = Path(tempfile.mkdtemp(prefix="medmvl-shots-"))
-    name = write_phantom(make_ct_phantom(0, *PHANTOM), tmp)
-    win = ViewerWindow()
-    win.resize(1500, 900)
-    win.show()
-    try:
-        win.load_path(tmp / name)
-        _start(app, win, "Resources/demo_model", timeout)
-        win.controller.max_new_tokens = 96
+    with _viewer(make_ct_phantom(0, *PHANTOM), (1500, 900), "Resources/demo_model", timeout) as (app, win, tmp):
         for task, question in (("report", ""), ("find", "nodule")):
             _ask(app, win, task, question, timeout)
         found = [o.box for o in win.view.overlays if o.kind == "found"]
@@ -153,10 +150,6 @@ def make(out_dir: Path, timeout: float = 300.0) -> list[Path]:
         win.grab().save(str(shots[0]))
         win.panel.grab().save(str(shots[1]))
         return shots
-    finally:
-        win.close()
-        win.controller.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:
