@@ -82,6 +82,20 @@ def assert_close_rel(a: list[float], b: list[float], rel: float = 1e-5) -> None:
         assert abs(x - y) <= rel * abs(y), (a, b)
 
 
+
+def assert_same_adapter(run_a: Path, run_b: Path, atol: float = 1e-5) -> None:
+    """The LoRA adapters two runs saved (``final/adapter_model.safetensors``) hold the same tensors,
+    equal within ``atol``."""
+    import torch
+    from safetensors.torch import load_file
+
+    wa = load_file(str(run_a / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(run_b / "final" / "adapter_model.safetensors"))
+    assert set(wa) == set(wb) and wa
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=atol), k
+
+
 SBATCH = REPO_ROOT / "training" / "slurm" / "launch.sbatch"
 _FAKE_SRUN = """#!/bin/bash
 # stand-in for srun: the task once per node on this machine, as SLURM would start it on each node

@@ -20,6 +20,7 @@ from training.config import load_config
 from training.recipe import run
 from training.testing import CONFIGS, REPO_ROOT, launch, losses, write_dataset
 from training.testing import assert_close_rel as _close
+from training.testing import assert_same_adapter
 from training.testing import run_overrides as _common
 
 pytestmark = [pytest.mark.slow,
@@ -70,8 +71,4 @@ def test_zero2_lora_matches_one_process(tmp_path):
     one = tmp_path / "one"
     run(load_config(cfg, common + ["train.grad_accum=2", f"train.output_dir={one}"]))
     _close(losses(out), losses(one))
-    wa = load_file(str(out / "final" / "adapter_model.safetensors"))
-    wb = load_file(str(one / "final" / "adapter_model.safetensors"))
-    assert set(wa) == set(wb) and wa
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert_same_adapter(out, one)

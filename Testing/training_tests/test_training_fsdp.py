@@ -19,6 +19,7 @@ from training.config import load_config
 from training.recipe import run
 from training.testing import CONFIGS, INPUTS, REPO_ROOT, launch, losses, write_dataset
 from training.testing import assert_close_rel as _close
+from training.testing import assert_same_adapter
 from training.testing import run_overrides as _common
 
 FSDP_CPU = REPO_ROOT / "training" / "accelerate" / "fsdp_cpu_test.yaml"
@@ -67,11 +68,7 @@ def test_fsdp_lora_matches_one_process_and_merges(tmp_path):
     one = tmp_path / "one"
     run(load_config(cfg, common + ["train.grad_accum=2", f"train.output_dir={one}"]))
     _close(losses(out), losses(one))
-    wa = load_file(str(out / "final" / "adapter_model.safetensors"))
-    wb = load_file(str(one / "final" / "adapter_model.safetensors"))
-    assert set(wa) == set(wb) and wa
-    for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert_same_adapter(out, one)
     # the adapter written under FSDP merges and answers like any other
     from medmvl_core.cli import main as medmvl
     from training.cli import main as medmvl_train

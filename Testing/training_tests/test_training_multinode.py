@@ -17,7 +17,8 @@ import pytest
 
 from training.config import load_config
 from training.recipe import run
-from training.testing import CONFIGS, INPUTS, REFERENCE, REPO_ROOT, SBATCH, losses, sbatch_locally, write_dataset
+from training.testing import (CONFIGS, INPUTS, REFERENCE, REPO_ROOT, SBATCH, assert_close_rel, losses, run_overrides,
+                              sbatch_locally, write_dataset)
 
 pytestmark = pytest.mark.slow
 
@@ -29,17 +30,16 @@ def _sbatch(tmp_path, args: list):
 def test_two_node_training_equals_one_process(tmp_path):
     data = write_dataset(tmp_path / "data", "image", n=4)
     cfg = CONFIGS / "tiny_2d_lora_cpu.yaml"
-    common = [f"data.datasets.0.path={data}", f"data.datasets.0.image_dir={INPUTS}", "data.datasets.0.ratio=1",
-              "train.micro_batch_size=1", "train.max_steps=2", "log.progress_bar=false", "log.every=1",
-              "log.loss_curve=false", "log.tensorboard=false"]
+    common = run_overrides(data, 1, 2)
     proc = _sbatch(tmp_path, ["-m", "training.cli", "--config", str(cfg), *common,
                               f"train.output_dir={tmp_path / 'two'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 node(s) x 1 process(es), rendezvous 127.0.0.1" in proc.stderr
     one = tmp_path / "one"
     run(load_config(cfg, common + ["train.grad_accum=2", f"train.output_dir={one}"]))
-    two_l, one_l = losses(tmp_path / "two"), losses(one)
-    assert len(two_l) == 2 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(two_l, one_l)), (two_l, one_l)
+    two_l = losses(tmp_path / "two")
+    assert len(two_l) == 2
+    assert_close_rel(two_l, losses(one))
     assert (tmp_path / "two" / "final" / "adapter_model.safetensors").is_file()
 
 
@@ -71,9 +71,7 @@ def test_two_node_deepspeed_through_accelerate(tmp_path):
     launcher): ZeRO-2 over two nodes equals one process."""
     data = write_dataset(tmp_path / "data", "image", n=4)
     cfg = CONFIGS / "tiny_scratch_cpu.yaml"
-    common = [f"data.datasets.0.path={data}", f"data.datasets.0.image_dir={INPUTS}", "data.datasets.0.ratio=1",
-              "train.micro_batch_size=1", "train.max_steps=2", "log.progress_bar=false", "log.every=1",
-              "log.loss_curve=false", "log.tensorboard=false", "train.save_final=false"]
+    common = run_overrides(data, 1, 2) + ["train.save_final=false"]
     acc_cfg = REPO_ROOT / "training" / "accelerate" / "deepspeed_zero2_cpu_test.yaml"
     proc = sbatch_locally(tmp_path, ["-m", "training.cli", "--config", str(cfg), *common,
                                      f"train.output_dir={tmp_path / 'two'}"],
@@ -82,5 +80,6 @@ def test_two_node_deepspeed_through_accelerate(tmp_path):
     assert "DeepSpeed ZeRO-2 on CPU processes" in proc.stderr
     one = tmp_path / "one"
     run(load_config(cfg, common + ["train.grad_accum=2", f"train.output_dir={one}"]))
-    two_l, one_l = losses(tmp_path / "two"), losses(one)
-    assert len(two_l) == 2 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(two_l, one_l)), (two_l, one_l)
+    two_l = losses(tmp_path / "two")
+    assert len(two_l) == 2
+    assert_close_rel(two_l, losses(one))
